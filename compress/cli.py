@@ -1,0 +1,205 @@
+"""The ``compress`` command line. Exit codes: 0 ok, 2 invalid input, 3 a gate failed, 1 a bug.
+Invalid input never prints a traceback: one line naming the field or file."""
+from __future__ import annotations
+
+import json
+import sys
+import traceback
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from .errors import GateError, InputError, ModelBreakError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Prune, 2:4-sparsify, distil, export and benchmark PyTorch models from a recipe.")
+
+EXIT_OK, EXIT_BUG, EXIT_INPUT, EXIT_GATE = 0, 1, 2, 3
+
+
+def _err(msg: str) -> None:
+    typer.echo(f"error: {msg}", err=True)
+
+
+def _guard(fn):
+    """Map exceptions to exit codes; no traceback for the user's mistakes."""
+    try:
+        return fn()
+    except InputError as exc:
+        _err(str(exc))
+        raise typer.Exit(EXIT_INPUT)
+    except ModelBreakError as exc:
+        _err(str(exc))
+        raise typer.Exit(EXIT_INPUT)
+    except GateError as exc:
+        _err(f"gates failed: {exc}")
+        raise typer.Exit(EXIT_GATE)
+    except typer.Exit:
+        raise
+    except KeyboardInterrupt:
+        _err("interrupted")
+        raise typer.Exit(130)
+    except Exception:
+        traceback.print_exc()
+        raise typer.Exit(EXIT_BUG)
+
+
+@app.callback()
+def _main(quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bars or stage logs (CI)")):
+    from .core.progress import set_quiet
+
+    set_quiet(quiet)
+
+
+@app.command()
+def run(
+    recipe: Path = typer.Argument(..., help="recipe YAML"),
+    out: Optional[Path] = typer.Option(None, "--out", help="run directory (default runs/<name>)"),
+    resume: bool = typer.Option(False, "--resume", help="skip completed stages and continue"),
+    set_: List[str] = typer.Option([], "--set", help="override a field: PATH=VALUE, e.g. stages.1.ratio=0.3"),
+    device: Optional[str] = typer.Option(None, "--device", help="auto | cpu | cuda (overrides the recipe)"),
+):
+    """Run a recipe end to end."""
+
+    def go():
+        from .recipe import load_recipe
+        from .runner import run_recipe
+
+        overrides = list(set_) + ([f"device={device}"] if device else [])
+        r = load_recipe(recipe, overrides)
+        run_dir = out or Path("runs") / r.name
+        summary = run_recipe(r, run_dir, resume=resume)
+        _print_summary(summary, run_dir)
+
+    _guard(go)
+
+
+def _print_summary(summary: dict, run_dir: Path) -> None:
+    from .core.progress import console, is_quiet
+
+    d, f = summary["dense"], summary["final"]
+    lines = [f"{summary['name']}: {summary['status']}",
+             f"  accuracy {d['accuracy']:.2f}% -> {f['accuracy']:.2f}%   params {d['params']:,} -> {f['params']:,}"
+             f"   MACs {d['macs']:,} -> {f['macs']:,}"]
+    for r in summary.get("benchmark", []):
+        if "speedup" in r:
+            lines.append(f"  {r['backend']} batch {r['batch_size']}: {r['dense_ms_p50']:.3f} ms -> "
+                         f"{r['compressed_ms_p50']:.3f} ms ({r['speedup']:.2f}x)")
+    lines.append(f"  run directory: {run_dir}")
+    if is_quiet():
+        typer.echo("\n".join(lines))
+    else:
+        console.print("\n".join(lines), highlight=False)
+
+
+@app.command()
+def validate(recipe: Path = typer.Argument(...),
+             set_: List[str] = typer.Option([], "--set", help="override a field: PATH=VALUE")):
+    """Check a recipe against the schema (nothing is run)."""
+
+    def go():
+        from .recipe import load_recipe
+
+        r = load_recipe(recipe, list(set_))
+        typer.echo(f"{recipe}: ok ({len(r.stages)} stages: {', '.join(s.kind for s in r.stages)})")
+
+    _guard(go)
+
+
+@app.command()
+def inspect(recipe: Path = typer.Argument(...),
+            format: str = typer.Option("text", "--format", help="text | json"),
+            set_: List[str] = typer.Option([], "--set")):
+    """Model summary: params, MACs and the prunable channel groups (coupled layers)."""
+
+    def go():
+        import torch
+
+        from .core.metrics import count_macs, count_params
+        from .core.model_io import build_model, load_weights
+        from .core.pruning import describe_groups
+        from .recipe import load_recipe
+
+        if format not in ("text", "json"):
+            raise InputError("must be text or json", field="--format")
+        r = load_recipe(recipe, list(set_))
+        model = build_model(r.model.factory, r.model.kwargs).eval()
+        if r.model.checkpoint:
+            load_weights(model, r.model.checkpoint)
+        shape = tuple(r.model.input_shape)
+        prune_cfg = next((s for s in r.stages if s.kind == "prune"), None)
+        ignore = prune_cfg.ignore if prune_cfg is not None else None
+        groups = describe_groups(model, torch.randn(1, *shape), ignore)
+        info = {"model": r.model.factory, "params": count_params(model), "macs": count_macs(model, shape),
+                "input_shape": list(shape), "groups": groups}
+        if format == "json":
+            typer.echo(json.dumps(info, indent=2))
+            return
+        typer.echo(f"model {info['model']}: {info['params']:,} params, {info['macs']:,} MACs per sample, "
+                   f"input {info['input_shape']}")
+        typer.echo(f"{len(groups)} prunable channel groups:")
+        for i, g in enumerate(groups):
+            typer.echo(f"  group {i}: {g['channels']} ch: {', '.join(g['members'])}")
+
+    _guard(go)
+
+
+@app.command()
+def schema(out: Optional[Path] = typer.Option(None, "--out", help="write to a file instead of stdout")):
+    """Print the recipe's JSON Schema (for editor completion)."""
+
+    def go():
+        from .core.model_io import atomic_write_text
+        from .recipe import recipe_schema
+
+        text = json.dumps(recipe_schema(), indent=2)
+        if out:
+            atomic_write_text(out, text + "\n")
+        else:
+            typer.echo(text)
+
+    _guard(go)
+
+
+@app.command("check-sparsity")
+def check_sparsity_cmd(onnx_file: Path = typer.Argument(..., help="model.onnx"),
+                       pattern: str = typer.Option("2:4", "--pattern"),
+                       format: str = typer.Option("text", "--format", help="text | json")):
+    """Report, per Conv/Gemm/MatMul, whether the ONNX weight holds N:M along TensorRT's reduction axis."""
+
+    def go():
+        from .core.onnx_io import check_sparsity
+
+        if not onnx_file.is_file():
+            raise InputError(f"file {str(onnx_file)!r} does not exist", field="onnx_file")
+        try:
+            n, m = (int(p) for p in pattern.split(":"))
+        except ValueError:
+            raise InputError("must look like N:M", field="--pattern") from None
+        try:
+            rep = check_sparsity(onnx_file, n, m)
+        except Exception as exc:  # not an ONNX file
+            raise InputError(f"cannot read {str(onnx_file)!r} as ONNX: {str(exc).splitlines()[0][:200]}",
+                             field="onnx_file") from None
+        if format == "json":
+            typer.echo(json.dumps(rep, indent=2))
+            return
+        for layer in rep["layers"]:
+            mark = "2:4" if layer["sparse_2_4"] else ("dense" if layer["eligible"] else "n/a")
+            why = f" ({layer['reason']})" if "reason" in layer else ""
+            typer.echo(f"  {mark:6s} {layer['op']:6s} {layer['node']} {layer['shape']} axis {layer['axis']}{why}")
+        typer.echo(f"{rep['sparse_layers']} of {rep['total_layers']} layers hold {rep['pattern']}")
+
+    _guard(go)
+
+
+def main() -> None:
+    try:
+        app()
+    except SystemExit as exc:
+        sys.exit(exc.code)
+
+
+if __name__ == "__main__":
+    main()

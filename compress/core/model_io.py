@@ -1,0 +1,200 @@
+"""Building models from recipe specs, loading user checkpoints safely, and the portable
+checkpoint format: ``arch.json`` (factory, kwargs, per-module structural attributes) plus
+``model.safetensors``. A pruned model is rebuilt from the factory, its modules' structural
+attributes are restored, tensors are re-allocated at their saved shapes, and the weights loaded:
+no pickle anywhere."""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..errors import InputError
+from ..registry import import_callable
+
+ARCH_FORMAT = 1
+_SIMPLE = (int, float, bool, str)
+
+
+def resolve_factory(spec: str, field: str = "model.factory"):
+    from .. import zoo
+
+    if ":" not in spec:
+        return zoo.MODELS.get(spec, field=field)
+    return import_callable(spec, field=field)
+
+
+def factory_path(spec: str) -> str:
+    """Canonical ``module:callable`` for a factory spec (bare zoo names expand)."""
+    return spec if ":" in spec else f"compress.zoo:{spec}"
+
+
+def build_model(spec: str, kwargs: dict[str, Any] | None = None, field: str = "model.factory") -> nn.Module:
+    fn = resolve_factory(spec, field)
+    try:
+        model = fn(**(kwargs or {}))
+    except TypeError as exc:
+        raise InputError(f"factory {spec!r} rejected its kwargs: {exc}", field="model.kwargs") from None
+    if not isinstance(model, nn.Module):
+        raise InputError(f"factory {spec!r} did not return an nn.Module", field=field)
+    return model
+
+
+def read_state_dict(path: str | Path, field: str = "model.checkpoint") -> dict[str, torch.Tensor]:
+    """Load weights without unpickling arbitrary objects: safetensors, or torch.load(weights_only=True)."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"file {str(path)!r} does not exist", field=field)
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            sd = load_file(str(path))
+        else:
+            sd = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise InputError(f"cannot read {str(path)!r} safely: {first}", field=field) from None
+    if isinstance(sd, dict) and "state_dict" in sd and isinstance(sd["state_dict"], dict):
+        sd = sd["state_dict"]
+    elif isinstance(sd, dict) and "model" in sd and isinstance(sd["model"], dict):
+        sd = sd["model"]
+    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise InputError(f"{str(path)!r} does not hold a state dict of tensors", field=field)
+    return sd
+
+
+def load_weights(model: nn.Module, path: str | Path, field: str = "model.checkpoint") -> None:
+    sd = read_state_dict(path, field)
+    sd = {k.removeprefix("module."): v for k, v in sd.items()}
+    try:
+        model.load_state_dict(sd, strict=True)
+    except RuntimeError as exc:
+        first = str(exc).strip().splitlines()
+        msg = " ".join(line.strip() for line in first[:2])
+        raise InputError(f"weights in {str(path)!r} do not fit the model: {msg[:300]}", field=field) from None
+
+
+def structural_attrs(model: nn.Module) -> dict[str, dict[str, Any]]:
+    """Simple attributes of every module (channel counts, head counts, shapes): what pruning edits."""
+    out: dict[str, dict[str, Any]] = {}
+    for name, mod in model.named_modules():
+        attrs = {}
+        for k, v in vars(mod).items():
+            if k.startswith("_") and k != "_qkv_same_embed_dim" or k == "training":
+                continue
+            if isinstance(v, _SIMPLE) or (
+                isinstance(v, (tuple, list)) and all(isinstance(i, _SIMPLE) for i in v)
+            ):
+                attrs[k] = list(v) if isinstance(v, tuple) else v
+        if attrs:
+            out[name] = attrs
+    return out
+
+
+def _restore_attrs(model: nn.Module, attrs: dict[str, dict[str, Any]]) -> None:
+    modules = dict(model.named_modules())
+    for name, record in attrs.items():
+        mod = modules.get(name)
+        if mod is None:
+            continue
+        for k, v in record.items():
+            if not hasattr(mod, k):
+                continue
+            cur = getattr(mod, k)
+            setattr(mod, k, tuple(v) if isinstance(cur, tuple) else v)
+
+
+def _reshape_to(model: nn.Module, sd: dict[str, torch.Tensor]) -> None:
+    """Re-allocate parameters/buffers whose saved shape differs (pruned), register missing buffers
+    (masks), so ``load_state_dict(strict=True)`` then fills every tensor."""
+    modules = dict(model.named_modules())
+    for key, tensor in sd.items():
+        mod_name, _, leaf = key.rpartition(".")
+        mod = modules.get(mod_name)
+        if mod is None:
+            continue
+        if leaf in mod._parameters and mod._parameters[leaf] is not None:
+            p = mod._parameters[leaf]
+            if p.shape != tensor.shape:
+                mod._parameters[leaf] = nn.Parameter(torch.empty_like(tensor), requires_grad=p.requires_grad)
+        elif leaf in mod._buffers and mod._buffers[leaf] is not None:
+            if mod._buffers[leaf].shape != tensor.shape:
+                mod._buffers[leaf] = torch.empty_like(tensor)
+        elif not hasattr(mod, leaf):
+            mod.register_buffer(leaf, torch.empty_like(tensor))
+
+
+def _atomic_write_bytes(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    _atomic_write_bytes(Path(path), text.encode())
+
+
+def atomic_write_json(path: str | Path, obj: Any) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=_json_default) + "\n")
+
+
+def _json_default(o: Any):
+    if isinstance(o, torch.Tensor):
+        return o.tolist()
+    if hasattr(o, "item"):
+        return o.item()
+    if isinstance(o, Path):
+        return str(o)
+    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+
+
+def save_portable(model: nn.Module, directory: str | Path, factory: str, kwargs: dict[str, Any],
+                  input_shape: list[int] | None, extra: dict[str, Any] | None = None) -> None:
+    """Write ``arch.json`` + ``model.safetensors`` (atomically, weights first)."""
+    from safetensors.torch import save
+
+    directory = Path(directory)
+    sd = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    _atomic_write_bytes(directory / "model.safetensors", save(sd))
+    arch = {
+        "format": ARCH_FORMAT,
+        "factory": factory_path(factory),
+        "kwargs": kwargs,
+        "input_shape": input_shape,
+        "modules": structural_attrs(model),
+        "extra": extra or {},
+    }
+    atomic_write_json(directory / "arch.json", arch)
+
+
+def load_portable(directory: str | Path) -> nn.Module:
+    """Rebuild a (possibly pruned, masked) model from a portable checkpoint directory."""
+    from safetensors.torch import load_file
+
+    directory = Path(directory)
+    arch_path, weights = directory / "arch.json", directory / "model.safetensors"
+    for p in (arch_path, weights):
+        if not p.is_file():
+            raise InputError(f"file {str(p)!r} does not exist", field="checkpoint")
+    arch = json.loads(arch_path.read_text())
+    if arch.get("format") != ARCH_FORMAT:
+        raise InputError(f"unsupported arch.json format {arch.get('format')!r}", field="checkpoint")
+    model = build_model(arch["factory"], arch.get("kwargs") or {}, field="arch.factory")
+    _restore_attrs(model, arch.get("modules", {}))
+    sd = load_file(str(weights))
+    _reshape_to(model, sd)
+    model.load_state_dict(sd, strict=True)
+    model.eval()
+    return model

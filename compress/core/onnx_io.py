@@ -1,0 +1,180 @@
+"""ONNX export, ONNX Runtime sessions and parity checks, and the 2:4 check on ONNX initializers."""
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import tempfile
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from .metrics import logits_of
+
+
+class _LogitsOnly(nn.Module):
+    """Export wrapper: HF models return output objects; ONNX wants a tensor."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x):
+        return logits_of(self.model(x))
+
+
+def export_onnx(model: nn.Module, input_shape, path: str | Path, opset: int = 17, dynamic_batch: bool = True,
+                exporter: str = "torchscript", external_data: bool | None = None, batch: int = 1) -> Path:
+    """Export to ``path`` atomically (temp file + rename). ``external_data`` defaults to on for
+    models over 1.5 GB (the 2 GB protobuf limit)."""
+    import onnx
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    model = model.eval().cpu()
+    wrapped = _LogitsOnly(model).eval()
+    example = torch.randn(batch, *input_shape)
+    tmpdir = tempfile.mkdtemp(dir=path.parent, prefix=".onnx-")
+    tmp = Path(tmpdir) / path.name
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+            warnings.simplefilter("ignore")
+            if exporter == "dynamo":
+                dyn = {"x": {0: torch.export.Dim("batch", min=1, max=4096)}} if dynamic_batch else None
+                torch.onnx.export(wrapped, (example,), str(tmp), opset_version=opset, dynamo=True,
+                                  input_names=["input"], output_names=["logits"], dynamic_shapes=dyn)
+            else:
+                axes = {"input": {0: "batch"}, "logits": {0: "batch"}} if dynamic_batch else None
+                torch.onnx.export(wrapped, (example,), str(tmp), opset_version=opset, dynamo=False,
+                                  input_names=["input"], output_names=["logits"], dynamic_axes=axes,
+                                  do_constant_folding=True)
+        proto = onnx.load(str(tmp))
+        size = sum(t.ByteSize() for t in proto.graph.initializer)
+        use_external = external_data if external_data is not None else size > 1_500_000_000
+        if use_external:
+            data_name = path.name + ".data"
+            onnx.save_model(proto, str(tmp), save_as_external_data=True, all_tensors_to_one_file=True,
+                            location=data_name)
+            os.replace(Path(tmpdir) / data_name, path.parent / data_name)
+        else:
+            onnx.save_model(proto, str(tmp))
+        onnx.checker.check_model(str(tmp))
+        os.replace(tmp, path)
+    finally:
+        for f in Path(tmpdir).glob("*"):
+            f.unlink()
+        os.rmdir(tmpdir)
+    return path
+
+
+def ort_session(path: str | Path, threads: int = 1, sequential: bool = True):
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    so.inter_op_num_threads = 1
+    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL if sequential else ort.ExecutionMode.ORT_PARALLEL
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    so.log_severity_level = 3
+    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+
+
+@torch.no_grad()
+def parity(model: nn.Module, onnx_path: str | Path, x: torch.Tensor, threads: int = 1) -> dict[str, float]:
+    """Compare torch and ONNX Runtime on real inputs ``x``: max/mean abs error, top-1 agreement."""
+    model = model.eval().cpu()
+    ref = logits_of(model(x)).numpy()
+    sess = ort_session(onnx_path, threads)
+    got = sess.run(None, {sess.get_inputs()[0].name: x.numpy().astype(np.float32)})[0]
+    err = np.abs(ref - got)
+    return {
+        "parity_max_abs_error": float(err.max()),
+        "parity_mean_abs_error": float(err.mean()),
+        "parity_top1_agreement": float((ref.argmax(-1) == got.argmax(-1)).mean() * 100.0),
+        "parity_samples": int(len(x)),
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# 2:4 check on ONNX initializers, along the axis TensorRT reads.
+
+_PASS_THROUGH = {"Identity", "Transpose", "Cast", "DequantizeLinear", "Reshape", "Unsqueeze", "Squeeze"}
+
+
+def _trace_initializer(name: str, producers: dict, inits: dict):
+    """Follow Transpose/Cast/DequantizeLinear/Identity back to an initializer; return the array as
+    the consuming node sees it (transposes applied), or None when it is not a constant."""
+    from onnx import numpy_helper
+
+    if name in inits:
+        return numpy_helper.to_array(inits[name])
+    node = producers.get(name)
+    if node is None or node.op_type not in _PASS_THROUGH and node.op_type != "Constant":
+        return None
+    if node.op_type == "Constant":
+        for a in node.attribute:
+            if a.name == "value":
+                return numpy_helper.to_array(a.t)
+        return None
+    src = _trace_initializer(node.input[0], producers, inits)
+    if src is None:
+        return None
+    if node.op_type == "Transpose":
+        perm = next((list(a.ints) for a in node.attribute if a.name == "perm"), None)
+        return np.transpose(src, perm)
+    if node.op_type == "DequantizeLinear":
+        return src.astype(np.float32)  # zeros stay zeros; scale does not change the pattern
+    if node.op_type in ("Reshape", "Unsqueeze", "Squeeze"):
+        return None if node.op_type == "Reshape" else src
+    return src
+
+
+def _n_m_ok(arr: np.ndarray, axis: int, n: int = 2, m: int = 4) -> tuple[bool, float]:
+    t = np.moveaxis(arr, axis, -1)
+    c = t.shape[-1]
+    if c % m:
+        return False, 0.0
+    groups = t.reshape(-1, c // m, m)
+    zeros = (groups == 0).sum(-1)
+    return bool((zeros >= n).all()), float((zeros >= n).mean())
+
+
+def check_sparsity(path: str | Path, n: int = 2, m: int = 4) -> dict:
+    """For every Conv/Gemm/MatMul with a constant weight: does it hold n:m along the reduction axis
+    TensorRT reads (Conv axis 1; Gemm axis 1 if transB=1 else 0; MatMul second input axis 0)?"""
+    import onnx
+
+    proto = onnx.load(str(path))
+    g = proto.graph
+    inits = {i.name: i for i in g.initializer}
+    producers = {o: node for node in g.node for o in node.output}
+    layers = []
+    for node in g.node:
+        if node.op_type not in ("Conv", "Gemm", "MatMul"):
+            continue
+        w = _trace_initializer(node.input[1], producers, inits) if len(node.input) > 1 else None
+        if w is None or w.ndim < 2:
+            continue
+        if node.op_type == "Conv":
+            axis = 1
+            group = next((a.i for a in node.attribute if a.name == "group"), 1)
+            if group > 1 and w.shape[1] == 1:
+                layers.append({"node": node.name, "op": "Conv", "shape": list(w.shape), "axis": 1,
+                               "sparse_2_4": False, "eligible": False, "reason": "depthwise"})
+                continue
+        elif node.op_type == "Gemm":
+            trans_b = next((a.i for a in node.attribute if a.name == "transB"), 0)
+            axis = 1 if trans_b else 0
+        else:
+            axis = w.ndim - 2  # MatMul: B is [.., K, N]; K (the reduction) is the second-to-last
+        ok, frac = _n_m_ok(w, axis, n, m)
+        eligible = w.shape[axis] % m == 0
+        layers.append({"node": node.name, "op": node.op_type, "shape": list(w.shape), "axis": axis,
+                       "sparse_2_4": ok, "fraction_groups_ok": round(frac, 4), "eligible": eligible,
+                       **({} if eligible else {"reason": f"reduction dim {w.shape[axis]} % {m} != 0"})})
+    n_sparse = sum(1 for layer in layers if layer["sparse_2_4"])
+    return {"file": str(path), "pattern": f"{n}:{m}", "layers": layers, "sparse_layers": n_sparse,
+            "total_layers": len(layers)}

@@ -1,0 +1,126 @@
+"""One training loop for dense training, fine-tuning, distillation and masked (sparse) training."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from . import masks
+from .metrics import evaluate, logits_of
+from .progress import task
+
+
+@dataclass
+class TrainResult:
+    steps: int = 0
+    epochs_run: int = 0
+    history: list[dict] = field(default_factory=list)
+
+
+def make_optimizer(model: nn.Module, cfg) -> torch.optim.Optimizer:
+    """SGD/Adam/AdamW; no weight decay on biases and norm parameters (1-D tensors)."""
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (no_decay if p.dim() <= 1 else decay).append(p)
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if cfg.name == "sgd":
+        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov and cfg.momentum > 0)
+    if cfg.name == "adam":
+        return torch.optim.Adam(groups, lr=cfg.lr)
+    return torch.optim.AdamW(groups, lr=cfg.lr)
+
+
+def lr_factor(step: int, total: int, warmup: int, cfg) -> float:
+    """Linear warm-up for ``warmup`` steps, then the schedule over the remaining steps."""
+    if warmup and step < warmup:
+        return (step + 1) / warmup
+    t = (step - warmup) / max(1, total - warmup)
+    if cfg.schedule == "cosine":
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
+    if cfg.schedule == "step":
+        return cfg.step_gamma ** sum(t >= m for m in cfg.step_milestones)
+    return 1.0
+
+
+def distill_loss(student_logits, teacher_logits, targets, alpha: float, temperature: float,
+                 label_smoothing: float = 0.0) -> torch.Tensor:
+    """Hinton et al. 2015: alpha * T^2 * KL(softmax(t/T) || softmax(s/T)) + (1 - alpha) * CE(s, y)."""
+    t = temperature
+    kd = F.kl_div(F.log_softmax(student_logits / t, 1), F.log_softmax(teacher_logits / t, 1),
+                  reduction="batchmean", log_target=True) * (t * t)
+    ce = F.cross_entropy(student_logits, targets, label_smoothing=label_smoothing)
+    return alpha * kd + (1 - alpha) * ce
+
+
+def train(model: nn.Module, loader, cfg, device: torch.device | str = "cpu", teacher: nn.Module | None = None,
+          distill=None, description: str = "train", eval_fn: Callable[[nn.Module], dict] | None = None,
+          on_step: Callable[[int, nn.Module, torch.optim.Optimizer], None] | None = None) -> TrainResult:
+    """Train ``model`` in place for ``cfg.epochs`` epochs (or ``cfg.max_steps`` steps).
+
+    Masks (``*_mask`` buffers) are honoured: gradients are masked before and weights after every
+    step, and optimizer state at masked positions is zeroed, so pruned weights stay exactly zero.
+    """
+    model.to(device)
+    opt = make_optimizer(model, cfg.optimizer)
+    masks.mask_optimizer_state(opt, model)
+    steps_per_epoch = max(1, len(loader))
+    total = cfg.epochs * steps_per_epoch
+    if cfg.max_steps:
+        total = min(total, cfg.max_steps) if cfg.epochs else cfg.max_steps
+    warmup = int(round(cfg.warmup_epochs * steps_per_epoch))
+    base_lrs = [g["lr"] for g in opt.param_groups]
+    if teacher is not None:
+        teacher.to(device).eval()
+    result = TrainResult()
+    use_masks = masks.has_masks(model)
+    if total == 0:
+        return result
+    epochs = math.ceil(total / steps_per_epoch)
+    with task(description, total) as bar:
+        for epoch in range(epochs):
+            model.train()
+            loss_sum, seen = 0.0, 0
+            for xb, yb in loader:
+                if result.steps >= total:
+                    break
+                f = lr_factor(result.steps, total, warmup, cfg.optimizer)
+                for g, lr in zip(opt.param_groups, base_lrs):
+                    g["lr"] = lr * f
+                xb, yb = xb.to(device), yb.to(device)
+                out = logits_of(model(xb))
+                if teacher is not None and distill is not None:
+                    with torch.no_grad():
+                        t_out = logits_of(teacher(xb))
+                    loss = distill_loss(out, t_out, yb, distill.alpha, distill.temperature, cfg.label_smoothing)
+                else:
+                    loss = F.cross_entropy(out, yb, label_smoothing=cfg.label_smoothing)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                if use_masks:
+                    masks.mask_gradients(model)
+                if cfg.grad_clip:
+                    nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+                opt.step()
+                if use_masks:
+                    masks.apply_masks(model)
+                result.steps += 1
+                loss_sum += loss.item() * len(xb)
+                seen += len(xb)
+                if on_step is not None:
+                    on_step(result.steps, model, opt)
+                bar.advance(1, info=f"epoch {epoch + 1}/{epochs} loss {loss.item():.3f}")
+            record = {"epoch": epoch + 1, "steps": result.steps, "train_loss": loss_sum / max(1, seen)}
+            if eval_fn is not None:
+                record.update(eval_fn(model))
+            result.history.append(record)
+            result.epochs_run = epoch + 1
+    model.eval()
+    return result
+
+
+__all__ = ["train", "make_optimizer", "lr_factor", "distill_loss", "evaluate", "TrainResult"]

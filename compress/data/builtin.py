@@ -1,0 +1,243 @@
+"""The built-in datasets: digits, synthetic, mnist, fashion_mnist, cifar10, imagefolder."""
+from __future__ import annotations
+
+import gzip
+import io
+import pickle
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..errors import InputError
+from .base import DATASETS, DataBundle
+from .download import fetch, md5_of
+
+# Official file names and md5 sums; recipes can override the URL (mirrors) and the sums.
+MNIST_FILES = {
+    "train-images-idx3-ubyte.gz": "f68b3c2dcbeaaa9fbdd348bbdeb94873",
+    "train-labels-idx1-ubyte.gz": "d53e105ee54ea40749a09fcbcd1e9432",
+    "t10k-images-idx3-ubyte.gz": "9fb629c4189551a2d022fa330f9573f3",
+    "t10k-labels-idx1-ubyte.gz": "ec29112dd5afa0611ce80d1b7f02629c",
+}
+FASHION_FILES = {
+    "train-images-idx3-ubyte.gz": "8d4fb7e6c68d591d4c3dfef9ec88bf0d",
+    "train-labels-idx1-ubyte.gz": "25c81989df183df01b3e8a0aad5dffbe",
+    "t10k-images-idx3-ubyte.gz": "bef4ecab320f06d8554ea6380940ec79",
+    "t10k-labels-idx1-ubyte.gz": "bb300cfdad3c16e7a12a480ee83cd310",
+}
+CIFAR10_ARCHIVE = ("cifar-10-python.tar.gz", "c58f30108f718f92721af3b95e74349a")
+DEFAULT_URLS = {
+    "mnist": "https://ossci-datasets.s3.amazonaws.com/mnist/",
+    "fashion_mnist": "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/",
+    "cifar10": "https://www.cs.toronto.edu/~kriz/",
+}
+STATS = {  # per-dataset normalisation (mean, std), per channel
+    "mnist": ((0.1307,), (0.3081,)),
+    "fashion_mnist": ((0.2860,), (0.3530,)),
+    "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
+}
+
+
+def _normalise(x: torch.Tensor, mean, std) -> torch.Tensor:
+    m = torch.tensor(mean, dtype=x.dtype).view(1, -1, 1, 1)
+    s = torch.tensor(std, dtype=x.dtype).view(1, -1, 1, 1)
+    return (x - m) / s
+
+
+def _require_root(cfg, name: str) -> Path:
+    if cfg.root is None:
+        raise InputError(f"dataset {name!r} needs data.root", field="data.root")
+    root = Path(cfg.root).expanduser()
+    if not root.exists() and not cfg.download:
+        raise InputError(f"directory {str(root)!r} does not exist", field="data.root")
+    return root
+
+
+@DATASETS.register("digits")
+def digits(cfg, input_shape=None, seed: int = 0) -> DataBundle:
+    """scikit-learn's bundled 8x8 digits (1797 images), stratified 80/20 split fixed by ``seed``."""
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    d = load_digits()
+    x = (d.images.astype(np.float32) / 16.0 - 0.5) / 0.5
+    y = d.target.astype(np.int64)
+    xtr, xte, ytr, yte = train_test_split(x, y, test_size=0.2, random_state=seed, stratify=y)
+    t = lambda a: torch.from_numpy(np.ascontiguousarray(a))  # noqa: E731
+    return DataBundle(t(xtr).unsqueeze(1), t(ytr), t(xte).unsqueeze(1), t(yte), 10)
+
+
+@DATASETS.register("synthetic")
+def synthetic(cfg, input_shape=None, seed: int = 0) -> DataBundle:
+    """Gaussian inputs of ``model.input_shape`` plus a class-dependent pattern, so a model can learn
+    something real and accuracy is meaningful (not 1/num_classes noise)."""
+    if input_shape is None:
+        raise InputError("synthetic data needs model.input_shape", field="model.input_shape")
+    g = torch.Generator().manual_seed(seed)
+    k = cfg.num_classes
+    prototypes = torch.randn(k, *input_shape, generator=g)
+
+    def draw(n: int):
+        y = torch.randint(0, k, (n,), generator=g)
+        x = 0.8 * prototypes[y] + torch.randn(n, *input_shape, generator=g)
+        return x, y
+
+    xtr, ytr = draw(cfg.train_size)
+    xte, yte = draw(cfg.val_size)
+    return DataBundle(xtr, ytr, xte, yte, k)
+
+
+def _read_idx(path: Path) -> np.ndarray:
+    with gzip.open(path, "rb") as f:
+        data = f.read()
+    if len(data) < 4 or data[0] != 0 or data[1] != 0:
+        raise InputError(f"{str(path)!r} is not an IDX file", field="data.root")
+    ndim = data[3]
+    dims = [int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim)]
+    arr = np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim)
+    if arr.size != int(np.prod(dims)):
+        raise InputError(f"{str(path)!r} is truncated", field="data.root")
+    return arr.reshape(dims)
+
+
+def _idx_dataset(cfg, name: str, files: dict[str, str]) -> DataBundle:
+    root = _require_root(cfg, name)
+    sums = {**files, **(cfg.md5 or {})}
+    for fname, md5 in sums.items():
+        path = root / fname
+        if not path.exists():
+            if not cfg.download:
+                raise InputError(f"missing file {str(path)!r} (set data.download: true to fetch it)",
+                                 field="data.root")
+            fetch((cfg.url or DEFAULT_URLS[name]) + fname, path, md5)
+        elif cfg.verify_md5 and md5_of(path) != md5:
+            raise InputError(f"md5 mismatch for {str(path)!r}", field="data.root")
+    arr = {f: _read_idx(root / f) for f in files}
+    to_x = lambda a: _normalise(torch.from_numpy(a.astype(np.float32) / 255.0).unsqueeze(1), *STATS[name])  # noqa: E731
+    to_y = lambda a: torch.from_numpy(a.astype(np.int64))  # noqa: E731
+    return DataBundle(
+        to_x(arr["train-images-idx3-ubyte.gz"]), to_y(arr["train-labels-idx1-ubyte.gz"]),
+        to_x(arr["t10k-images-idx3-ubyte.gz"]), to_y(arr["t10k-labels-idx1-ubyte.gz"]), 10,
+    )
+
+
+@DATASETS.register("mnist")
+def mnist(cfg, input_shape=None, seed: int = 0) -> DataBundle:
+    return _idx_dataset(cfg, "mnist", MNIST_FILES)
+
+
+@DATASETS.register("fashion_mnist")
+def fashion_mnist(cfg, input_shape=None, seed: int = 0) -> DataBundle:
+    return _idx_dataset(cfg, "fashion_mnist", FASHION_FILES)
+
+
+class _ArrayOnlyUnpickler(pickle.Unpickler):
+    """CIFAR-10's python batches are pickles of dicts of numpy arrays. Allow exactly the globals
+    that numpy arrays need and nothing else, so a crafted file cannot run code."""
+
+    _ALLOWED = {
+        ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy", "ndarray"), ("numpy", "dtype"), ("numpy.core.multiarray", "scalar"),
+        ("numpy._core.multiarray", "scalar"), ("_codecs", "encode"),
+    }
+
+    def find_class(self, module, name):
+        if (module, name) in self._ALLOWED:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"refusing to load {module}.{name} from a data file")
+
+
+def _load_cifar_python(blob: bytes) -> tuple[np.ndarray, np.ndarray]:
+    d = _ArrayOnlyUnpickler(io.BytesIO(blob), encoding="bytes").load()
+    x = np.asarray(d[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32)
+    return x, np.asarray(d[b"labels"], dtype=np.int64)
+
+
+@DATASETS.register("cifar10")
+def cifar10(cfg, input_shape=None, seed: int = 0) -> DataBundle:
+    """CIFAR-10 from ``root``: the python batches (``cifar-10-batches-py/`` or the .tar.gz), or an
+    image-folder tree ``train|test/<class>/*.jpg`` (e.g. a JPEG re-encoding)."""
+    root = _require_root(cfg, "cifar10")
+    if (root / "train").is_dir() and (root / "test").is_dir():
+        return imagefolder(cfg, input_shape, seed, stats=STATS["cifar10"])
+    archive = root / CIFAR10_ARCHIVE[0]
+    batch_dir = root / "cifar-10-batches-py"
+    if not batch_dir.is_dir() and not archive.exists():
+        if not cfg.download:
+            raise InputError(f"no CIFAR-10 data under {str(root)!r}", field="data.root")
+        md5 = (cfg.md5 or {}).get(CIFAR10_ARCHIVE[0], CIFAR10_ARCHIVE[1])
+        fetch((cfg.url or DEFAULT_URLS["cifar10"]) + CIFAR10_ARCHIVE[0], archive, md5)
+    names = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]
+    blobs: dict[str, bytes] = {}
+    if batch_dir.is_dir():
+        for n in names:
+            blobs[n] = (batch_dir / n).read_bytes()
+    else:
+        with tarfile.open(archive, "r:gz") as tar:
+            for m in tar.getmembers():
+                base = m.name.rsplit("/", 1)[-1]
+                if base in names and m.isfile():
+                    blobs[base] = tar.extractfile(m).read()
+    missing = [n for n in names if n not in blobs]
+    if missing:
+        raise InputError(f"CIFAR-10 batches missing under {str(root)!r}: {missing}", field="data.root")
+    parts = [_load_cifar_python(blobs[n]) for n in names]
+    xtr = np.concatenate([p[0] for p in parts[:5]])
+    ytr = np.concatenate([p[1] for p in parts[:5]])
+    xte, yte = parts[5]
+    to_x = lambda a: _normalise(torch.from_numpy(a.astype(np.float32) / 255.0), *STATS["cifar10"])  # noqa: E731
+    return DataBundle(to_x(xtr), torch.from_numpy(ytr), to_x(xte), torch.from_numpy(yte), 10)
+
+
+_IMAGE_EXT = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
+
+
+def _read_split(split_dir: Path, classes: list[str], size, mode: str):
+    from PIL import Image
+
+    xs, ys = [], []
+    for label, cls in enumerate(classes):
+        cdir = split_dir / cls
+        if not cdir.is_dir():
+            continue
+        for f in sorted(cdir.iterdir()):
+            if f.suffix.lower() not in _IMAGE_EXT:
+                continue
+            with Image.open(f) as im:
+                im = im.convert(mode)
+                if size is not None and im.size != (size[1], size[0]):
+                    im = im.resize((size[1], size[0]), Image.BILINEAR)
+                xs.append(np.asarray(im, dtype=np.uint8))
+            ys.append(label)
+    if not xs:
+        raise InputError(f"no images under {str(split_dir)!r}", field="data.root")
+    x = np.stack(xs)
+    x = x[:, None] if x.ndim == 3 else x.transpose(0, 3, 1, 2)
+    return x, np.asarray(ys, dtype=np.int64)
+
+
+@DATASETS.register("imagefolder")
+def imagefolder(cfg, input_shape=None, seed: int = 0, stats=None) -> DataBundle:
+    """``root/train/<class>/*`` and ``root/test/<class>/*`` (JPEG/PNG via Pillow). Images are
+    resized to ``model.input_shape``'s H x W; channels (1 or 3) follow it too."""
+    root = _require_root(cfg, "imagefolder")
+    train_dir, test_dir = root / "train", root / "test"
+    for d in (train_dir, test_dir):
+        if not d.is_dir():
+            raise InputError(f"directory {str(d)!r} does not exist", field="data.root")
+    classes = sorted(p.name for p in train_dir.iterdir() if p.is_dir())
+    channels = input_shape[0] if input_shape else 3
+    size = tuple(input_shape[1:]) if input_shape else None
+    mode = "L" if channels == 1 else "RGB"
+    xtr, ytr = _read_split(train_dir, classes, size, mode)
+    xte, yte = _read_split(test_dir, classes, size, mode)
+    to_x = lambda a: torch.from_numpy(a.astype(np.float32) / 255.0)  # noqa: E731
+    xtr_t, xte_t = to_x(xtr), to_x(xte)
+    if stats is None:  # per-channel statistics of the training split
+        mean = tuple(xtr_t.mean(dim=(0, 2, 3)).tolist())
+        std = tuple(xtr_t.std(dim=(0, 2, 3)).clamp_min(1e-6).tolist())
+        stats = (mean, std)
+    return DataBundle(_normalise(xtr_t, *stats), torch.from_numpy(ytr), _normalise(xte_t, *stats),
+                      torch.from_numpy(yte), len(classes))

@@ -1,0 +1,231 @@
+"""The recipe: a YAML file validated into pydantic models. This is the contract CI and other tools
+rely on; extend it, never rename fields.
+
+Errors name the field path (``stages[2].ratio``) and the YAML line, in one line."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any, Literal, Optional, Union
+
+import yaml
+from pydantic import Field, TypeAdapter, ValidationError, field_validator, model_validator
+
+from .config import Strict
+from .errors import InputError
+from .stages import STAGES
+
+
+class ModelConfig(Strict):
+    factory: str = Field(..., description="'module:callable', or a bare name from compress.zoo")
+    kwargs: dict[str, Any] = Field(default_factory=dict)
+    checkpoint: Optional[str] = Field(None, description="trained weights: .safetensors, or .pt loaded weights_only")
+    input_shape: list[int] = Field(..., description="one sample, no batch dim, e.g. [3, 32, 32]")
+
+    @field_validator("factory")
+    @classmethod
+    def _factory(cls, v: str) -> str:
+        from . import zoo
+
+        if ":" in v:
+            mod, _, attr = v.partition(":")
+            if not mod or not attr:
+                raise ValueError(f"expected 'module:callable', got {v!r}")
+        elif v not in zoo.MODELS:
+            raise ValueError(f"unknown zoo model {v!r} (known: {', '.join(zoo.MODELS.names())})")
+        return v
+
+    @field_validator("input_shape")
+    @classmethod
+    def _shape(cls, v: list[int]) -> list[int]:
+        if not v or any(d < 1 for d in v):
+            raise ValueError("must be a non-empty list of positive ints")
+        return v
+
+
+class DataConfig(Strict):
+    dataset: str = "digits"
+    root: Optional[str] = None
+    batch_size: int = Field(64, ge=1)
+    download: bool = False
+    url: Optional[str] = Field(None, description="base URL for download (a mirror); default: the official one")
+    md5: Optional[dict[str, str]] = Field(None, description="file name -> md5, overrides the official sums")
+    verify_md5: bool = Field(False, description="check md5 of files already present")
+    limit_train: Optional[int] = Field(None, ge=1, description="use a fixed random subset of the training split")
+    limit_test: Optional[int] = Field(None, ge=1)
+    # synthetic
+    num_classes: int = Field(10, ge=2)
+    train_size: int = Field(1024, ge=1)
+    val_size: int = Field(256, ge=1)
+
+    @field_validator("dataset")
+    @classmethod
+    def _dataset(cls, v: str) -> str:
+        from .data import DATASETS
+
+        if ":" not in v and v not in DATASETS:
+            raise ValueError(f"unknown dataset {v!r} (known: {', '.join(DATASETS.names())}, or 'module:callable')")
+        return v
+
+
+class Gates(Strict):
+    max_accuracy_drop: Optional[float] = Field(None, ge=0, description="percentage points vs the dense model")
+    min_speedup: Optional[float] = Field(None, gt=0, description="compressed vs dense, first backend, first batch size")
+    max_parity_error: Optional[float] = Field(None, gt=0, description="max |ONNX Runtime - torch|")
+
+
+def _stage_union():
+    configs = tuple(STAGES.get(k).config for k in STAGES.names())
+    return Annotated[Union[configs], Field(discriminator="kind")]  # type: ignore[valid-type]
+
+
+StageUnion = _stage_union()
+
+
+class Recipe(Strict):
+    name: str = Field(..., min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
+    seed: int = 0
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    model: ModelConfig
+    data: DataConfig = Field(default_factory=DataConfig)
+    stages: list[StageUnion] = Field(default_factory=list)  # type: ignore[valid-type]
+    gates: Gates = Field(default_factory=Gates)
+
+    @model_validator(mode="after")
+    def _checks(self):
+        if self.model.checkpoint is not None and not Path(self.model.checkpoint).expanduser().is_file():
+            raise InputError(f"file {self.model.checkpoint!r} does not exist", field="model.checkpoint")
+        return self
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading, overrides, and error messages with field paths and YAML lines.
+
+def _loc_to_path(loc: tuple) -> list[Any]:
+    """Pydantic locations include discriminator tags (``stages.2.prune.ratio``); drop them."""
+    out: list[Any] = []
+    for i, part in enumerate(loc):
+        if isinstance(part, str) and out and out[-1] is not None and isinstance(out[-1], int) and \
+                len(out) >= 2 and out[-2] == "stages" and part in STAGES:
+            continue
+        if isinstance(part, str) and part.startswith("function-"):
+            continue
+        out.append(part)
+    return out
+
+
+def field_path(parts: list[Any]) -> str:
+    s = ""
+    for p in parts:
+        s += f"[{p}]" if isinstance(p, int) else (f".{p}" if s else str(p))
+    return s
+
+
+def _yaml_line(node: yaml.Node | None, parts: list[Any]) -> int | None:
+    """Line (1-based) of the deepest node along ``parts`` in the composed YAML tree."""
+    line = None
+    for p in parts:
+        if node is None:
+            break
+        line = node.start_mark.line + 1
+        nxt = None
+        if isinstance(node, yaml.MappingNode) and isinstance(p, str):
+            for k, v in node.value:
+                if k.value == p:
+                    nxt = v
+                    line = k.start_mark.line + 1
+                    break
+        elif isinstance(node, yaml.SequenceNode) and isinstance(p, int) and p < len(node.value):
+            nxt = node.value[p]
+        node = nxt
+    if node is not None:
+        line = node.start_mark.line + 1
+    return line
+
+
+def _clean_msg(msg: str) -> str:
+    for prefix in ("Value error, ", "Assertion failed, "):
+        msg = msg.removeprefix(prefix)
+    return msg
+
+
+def _set_path(data: dict, dotted: str, value: Any) -> None:
+    keys: list[Any] = [int(k) if k.lstrip("-").isdigit() else k for k in dotted.split(".")]
+    cur: Any = data
+    for i, k in enumerate(keys[:-1]):
+        nxt_key = keys[i + 1]
+        if isinstance(cur, list):
+            if not isinstance(k, int) or not -len(cur) <= k < len(cur):
+                raise InputError(f"no list element {k}", field=field_path(keys[: i + 1]))
+            cur = cur[k]
+        else:
+            if k not in cur or cur[k] is None:
+                cur[k] = [] if isinstance(nxt_key, int) else {}
+            cur = cur[k]
+    last = keys[-1]
+    if isinstance(cur, list):
+        if not isinstance(last, int) or not -len(cur) <= last < len(cur):
+            raise InputError(f"no list element {last}", field=field_path(keys))
+        cur[last] = value
+    elif isinstance(cur, dict):
+        cur[last] = value
+    else:
+        raise InputError("cannot set a field inside a scalar", field=field_path(keys))
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    for item in overrides or []:
+        if "=" not in item:
+            raise InputError(f"--set expects PATH=VALUE, got {item!r}", field="--set")
+        path, _, raw = item.partition("=")
+        try:
+            value = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError:
+            value = raw
+        _set_path(data, path.strip(), value)
+    return data
+
+
+def validate_data(data: Any, root_node: yaml.Node | None = None, source: str = "recipe") -> Recipe:
+    if not isinstance(data, dict):
+        raise InputError("a recipe must be a YAML mapping", field=source)
+    try:
+        return Recipe.model_validate(data)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        parts = _loc_to_path(err["loc"])
+        more = len(exc.errors()) - 1
+        msg = _clean_msg(err["msg"])
+        if err["type"] == "extra_forbidden":
+            msg = "unknown field"
+        elif err["type"] == "union_tag_invalid":
+            msg = f"unknown stage kind {err.get('input', {}).get('kind')!r} (known: {', '.join(STAGES.names())})"
+            parts = parts[:2] + ["kind"] if len(parts) >= 2 else parts
+        if more:
+            msg += f" (+{more} more error{'s' if more > 1 else ''})"
+        raise InputError(msg, field=field_path(parts) or source, line=_yaml_line(root_node, parts)) from None
+
+
+def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
+    """Read, override and validate a recipe file; any problem is an :class:`InputError`."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"file {str(path)!r} does not exist", field="recipe")
+    text = path.read_text()
+    try:
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        line = mark.line + 1 if mark else None
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise InputError(f"invalid YAML: {problem}", field=str(path), line=line) from None
+    if data is None:
+        data = {}
+    if overrides:
+        data = apply_overrides(data, overrides)
+    return validate_data(data, node if not overrides else node)
+
+
+def recipe_schema() -> dict:
+    """JSON Schema of the recipe, for editor completion."""
+    return TypeAdapter(Recipe).json_schema()

@@ -1,0 +1,103 @@
+"""What a stage sees (:class:`StageContext`) and what it returns (:class:`StageOutput`).
+
+A stage is one module with a pydantic ``Config`` (its recipe block, ``kind: <name>``) and one
+entry point ``run(cfg, ctx) -> StageOutput``, registered in ``STAGES``. Stages edit ``ctx.model``
+in place or replace it; the runner checkpoints the model after every stage.
+"""
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..core.metrics import evaluate, model_stats
+from ..data import DataBundle, make_loader
+from ..registry import Registry
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ..recipe import Recipe
+
+
+@dataclass
+class StageOutput:
+    """``metrics`` go to the stage's entry in ``summary.stages``; ``summary`` keys are merged into
+    the top level of ``summary.json`` (e.g. ``export``, ``benchmark``)."""
+
+    metrics: dict[str, Any] = field(default_factory=dict)
+    summary: dict[str, Any] = field(default_factory=dict)
+    skipped: str | None = None
+
+
+@dataclass
+class StageSpec:
+    config: type
+    run: Callable[[Any, "StageContext"], StageOutput]
+    doc: str = ""
+
+
+STAGES: Registry[StageSpec] = Registry("stage kind")
+
+
+def register_stage(kind: str, config: type, doc: str = ""):
+    def deco(fn):
+        STAGES.add(kind, StageSpec(config, fn, doc or (fn.__doc__ or "").strip().split("\n")[0]))
+        return fn
+
+    return deco
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
+
+
+@dataclass
+class StageContext:
+    recipe: "Recipe"
+    run_dir: Path
+    device: torch.device
+    data: DataBundle
+    model: nn.Module
+    dense: nn.Module | None = None          # the teacher: the model before the first structural change
+    summary: dict[str, Any] = field(default_factory=dict)
+    index: int = 0
+    stage_dir: Path | None = None
+
+    @property
+    def seed(self) -> int:
+        """Per-stage seed: resuming at stage k reproduces what an uninterrupted run does there."""
+        return self.recipe.seed * 1000 + self.index
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        return tuple(self.recipe.model.input_shape)
+
+    def train_loader(self, batch_size: int | None = None, seed_offset: int = 0, shuffle: bool = True):
+        bs = batch_size or self.recipe.data.batch_size
+        return make_loader(self.data.train_x, self.data.train_y, bs, shuffle=shuffle,
+                           seed=self.seed + seed_offset, drop_last=shuffle)
+
+    def calibration_batches(self, n: int, batch_size: int | None = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """``n`` fixed batches from the training split (for data-aware criteria, SparseGPT)."""
+        bs = batch_size or self.recipe.data.batch_size
+        g = torch.Generator().manual_seed(self.seed + 7)
+        idx = torch.randperm(len(self.data.train_x), generator=g)[: n * bs]
+        return [(self.data.train_x[idx[i: i + bs]], self.data.train_y[idx[i: i + bs]])
+                for i in range(0, len(idx), bs)]
+
+    def evaluate(self, model: nn.Module | None = None) -> dict[str, float]:
+        m = model if model is not None else self.model
+        return evaluate(m, self.data.test_x, self.data.test_y, batch_size=256, device=self.device)
+
+    def stats(self, model: nn.Module | None = None) -> dict[str, int]:
+        m = model if model is not None else self.model
+        return model_stats(m, self.input_shape, self.device)
+
+    def example_inputs(self, batch: int = 1) -> torch.Tensor:
+        return self.data.test_x[:batch].to(self.device)

@@ -1,0 +1,79 @@
+"""``benchmark``: dense vs compressed latency on each backend and batch size, interleaved in one
+process, medians and tails."""
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, field_validator
+
+from ..config import StageConfig
+from ..core.latency import BACKENDS, BackendUnavailable, time_interleaved
+from ..core.onnx_io import export_onnx
+from ..core.progress import log
+from .base import StageOutput, register_stage
+
+
+class Config(StageConfig):
+    kind: Literal["benchmark"] = "benchmark"
+    backends: list[str] = Field(default_factory=lambda: ["onnxruntime"])
+    batch_sizes: list[int] = Field(default_factory=lambda: [1, 32])
+    threads: int = Field(1, ge=1, description="intra-op threads (fixed, so numbers are comparable)")
+    warmup: int = Field(10, ge=0)
+    iters: int = Field(100, ge=1, description="timed calls per model per batch size")
+    rounds: int = Field(10, ge=1, description="interleaving rounds (order flips each round)")
+
+    @field_validator("backends")
+    @classmethod
+    def _backends(cls, v: list[str]) -> list[str]:
+        for b in v:
+            if b not in BACKENDS:
+                raise ValueError(f"unknown backend {b!r} (known: {', '.join(BACKENDS.names())})")
+        if not v:
+            raise ValueError("needs at least one backend")
+        return v
+
+    @field_validator("batch_sizes")
+    @classmethod
+    def _bs(cls, v: list[int]) -> list[int]:
+        if not v or any(b < 1 for b in v):
+            raise ValueError("needs one or more batch sizes >= 1")
+        return v
+
+
+@register_stage("benchmark", Config)
+def run(cfg: Config, ctx) -> StageOutput:
+    """Time dense and compressed models on each backend and batch size."""
+    exp = ctx.summary.get("export", {})
+    compressed_onnx = ctx.run_dir / exp["onnx"] if "onnx" in exp else None
+    dense_onnx = ctx.run_dir / exp["dense_onnx"] if "dense_onnx" in exp else None
+    if compressed_onnx is None or not compressed_onnx.exists():
+        compressed_onnx = export_onnx(ctx.model, ctx.input_shape, ctx.stage_dir / "compressed.onnx")
+    if ctx.dense is not None and (dense_onnx is None or not dense_onnx.exists()):
+        dense_onnx = export_onnx(ctx.dense, ctx.input_shape, ctx.stage_dir / "dense.onnx")
+    rows, skipped = [], []
+    for backend in cfg.backends:
+        factory = BACKENDS.get(backend)
+        for bs in cfg.batch_sizes:
+            opts = {"threads": cfg.threads, "device": str(ctx.device)}
+            try:
+                runners = {"compressed": factory(compressed_onnx, ctx.model, ctx.input_shape, bs, opts)}
+                if dense_onnx is not None:
+                    runners["dense"] = factory(dense_onnx, ctx.dense, ctx.input_shape, bs, opts)
+            except BackendUnavailable as exc:
+                if not cfg.optional:
+                    raise
+                skipped.append({"backend": backend, "reason": str(exc)})
+                log(f"[yellow]benchmark: {backend} unavailable here ({exc}); skipped[/]")
+                break
+            t = time_interleaved(runners, warmup=cfg.warmup, iters=cfg.iters, rounds=cfg.rounds)
+            row = {"backend": backend, "batch_size": bs, "threads": cfg.threads,
+                   "compressed_ms_p50": t["compressed"]["p50"], "compressed_ms_p90": t["compressed"]["p90"],
+                   "compressed_ms_p99": t["compressed"]["p99"],
+                   "compressed_throughput": bs * 1000.0 / t["compressed"]["p50"]}
+            if "dense" in t:
+                row.update({"dense_ms_p50": t["dense"]["p50"], "dense_ms_p90": t["dense"]["p90"],
+                            "dense_ms_p99": t["dense"]["p99"], "dense_throughput": bs * 1000.0 / t["dense"]["p50"],
+                            "speedup": t["dense"]["p50"] / t["compressed"]["p50"]})
+            rows.append(row)
+    return StageOutput(metrics={"rows": len(rows), "skipped": skipped},
+                       summary={"benchmark": rows, **({"benchmark_skipped": skipped} if skipped else {})})

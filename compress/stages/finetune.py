@@ -1,0 +1,39 @@
+"""``finetune``: recover accuracy after a structural change, optionally distilling from the dense
+teacher; masks from ``sparsify`` (or any other mask) stay fixed throughout."""
+from __future__ import annotations
+
+from typing import Literal, Optional
+
+from ..config import DistillConfig, OptimizerConfig, StageConfig, TrainLoopConfig
+from ..core.training import train as train_loop
+from .base import StageOutput, register_stage
+
+
+class FinetuneBlock(TrainLoopConfig):
+    """The fine-tune fields, reusable inside other stages (``prune.finetune_between``)."""
+
+    epochs: int = 5
+    optimizer: OptimizerConfig = OptimizerConfig(lr=0.01, momentum=0.9)
+    distill: Optional[DistillConfig] = None
+
+
+class Config(StageConfig, FinetuneBlock):
+    kind: Literal["finetune"] = "finetune"
+
+
+def finetune(block: FinetuneBlock, ctx, description: str = "finetune") -> dict:
+    teacher = ctx.dense if block.distill is not None else None
+    res = train_loop(ctx.model, ctx.train_loader(block.batch_size), block, ctx.device, teacher=teacher,
+                     distill=block.distill, description=description)
+    return {"steps": res.steps, "epochs": res.epochs_run, "distilled": teacher is not None,
+            "train_loss": res.history[-1]["train_loss"] if res.history else None}
+
+
+@register_stage("finetune", Config)
+def run(cfg: Config, ctx) -> StageOutput:
+    """Fine-tune the current model (distilled from the dense teacher when ``distill`` is set)."""
+    if cfg.distill is not None and ctx.dense is None:
+        raise RuntimeError("distillation needs the dense teacher, which was not recorded")
+    metrics = finetune(cfg, ctx)
+    metrics["accuracy"] = ctx.evaluate()["accuracy"]
+    return StageOutput(metrics=metrics)

@@ -1,0 +1,91 @@
+"""``sparsify``: N:M (2:4) semi-structured weight masks along the reduction (input-channel) dim,
+the layout TensorRT's sparse tensor-core kernels read. Masks stay fixed through later fine-tunes."""
+from __future__ import annotations
+
+from typing import Literal, Optional
+
+from pydantic import Field, field_validator
+from torch import nn
+
+from ..config import StageConfig
+from ..core import masks
+from ..core.pruning import match_any, output_layer
+from .base import StageOutput, register_stage
+
+SPARSIFY_METHODS = ("magnitude",)
+
+
+class Config(StageConfig):
+    kind: Literal["sparsify"] = "sparsify"
+    pattern: str = "2:4"
+    method: str = "magnitude"
+    ignore: Optional[list[str]] = Field(None, description="module-name patterns left dense; default: none")
+    asp_rule: bool = Field(False, description="only layers with out % 8 == 0 and in % 16 == 0 (NVIDIA ASP)")
+    calibration_batches: int = Field(8, ge=1)
+
+    @field_validator("pattern")
+    @classmethod
+    def _pattern(cls, v: str) -> str:
+        try:
+            n, m = (int(p) for p in v.split(":"))
+        except ValueError:
+            raise ValueError("must look like 'N:M', e.g. '2:4'") from None
+        if not 0 < n < m:
+            raise ValueError("needs 0 < N < M")
+        return v
+
+    @field_validator("method")
+    @classmethod
+    def _method(cls, v: str) -> str:
+        if v not in SPARSIFY_METHODS:
+            raise ValueError(f"unknown method {v!r} (known: {', '.join(SPARSIFY_METHODS)})")
+        return v
+
+    @property
+    def n_m(self) -> tuple[int, int]:
+        n, m = (int(p) for p in self.pattern.split(":"))
+        return n, m
+
+
+def eligible_layers(model: nn.Module, m: int, ignore, asp_rule: bool) -> tuple[list[tuple[str, nn.Module]], list[dict]]:
+    """Layers whose reduction dim can hold the pattern; the others, with the reason they were skipped."""
+    take, skipped = [], []
+    for name, mod in model.named_modules():
+        if not isinstance(mod, (nn.Conv2d, nn.Linear)):
+            continue
+        if ignore and match_any(name, ignore):
+            skipped.append({"layer": name, "reason": "ignored by recipe"})
+            continue
+        if isinstance(mod, nn.Conv2d):
+            cin, cout = mod.in_channels // mod.groups, mod.out_channels
+            if mod.groups > 1 and cin == 1:
+                skipped.append({"layer": name, "reason": "depthwise conv"})
+                continue
+        else:
+            cin, cout = mod.in_features, mod.out_features
+        if cin % m:
+            skipped.append({"layer": name, "reason": f"input channels {cin} not a multiple of {m}"})
+            continue
+        if asp_rule and (cout % 8 or cin % 16):
+            skipped.append({"layer": name, "reason": f"ASP rule (out % 8, in % 16) fails for {cout}x{cin}"})
+            continue
+        take.append((name, mod))
+    return take, skipped
+
+
+@register_stage("sparsify", Config)
+def run(cfg: Config, ctx) -> StageOutput:
+    """Attach N:M masks to every eligible Conv/Linear weight."""
+    n, m = cfg.n_m
+    ignore = cfg.ignore
+    layers, skipped = eligible_layers(ctx.model, m, ignore, cfg.asp_rule)
+    for name, mod in layers:
+        masks.set_mask(mod, masks.n_m_mask(mod.weight, n, m))
+    total = sum(mod.weight.numel() for _, mod in layers)
+    zeros = sum(int((mod.weight == 0).sum()) for _, mod in layers)
+    acc = ctx.evaluate()["accuracy"]
+    return StageOutput(metrics={
+        "pattern": cfg.pattern, "method": cfg.method, "layers_sparsified": [nm for nm, _ in layers],
+        "layers_skipped": skipped, "sparsity_in_sparsified_layers": zeros / max(1, total),
+        "accuracy_after_sparsify": acc, "classifier": output_layer(ctx.model),
+    })

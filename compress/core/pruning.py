@@ -28,6 +28,9 @@ class Criterion:
     build: Callable[..., tp.importance.Importance]
     needs: str | None = None
     doc: str = ""
+    # Optional custom calibration: (importance, model, batches, device) -> None. Used instead of
+    # accumulate_gradients for criteria that need activations/curvature (kfac, obs).
+    calibrate: Callable[..., None] | None = None
 
 
 IMPORTANCES: Registry[Criterion] = Registry("importance")
@@ -60,6 +63,14 @@ def ignored_modules(model: nn.Module, patterns: Iterable[str] | None) -> list[nn
         out = output_layer(model)
         pats = [out] if out else []
     return [m for n, m in model.named_modules() if n and match_any(n, pats)]
+
+
+def calibrate(criterion: Criterion, importance, model: nn.Module, batches, device) -> None:
+    """Prepare a data-aware criterion on calibration batches (no-op for data-free ones)."""
+    if criterion.calibrate is not None:
+        criterion.calibrate(importance, model, batches, device)
+    elif criterion.needs:
+        accumulate_gradients(model, batches, device, criterion.needs, importance)
 
 
 def accumulate_gradients(model: nn.Module, batches, device, needs: str, imp=None) -> None:

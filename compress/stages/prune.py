@@ -73,11 +73,10 @@ def run(cfg: Config, ctx) -> StageOutput:
     pruner = pruning.build_pruner(model, example, importance, ratio=cfg.ratio, scope=cfg.scope,
                                   steps=cfg.steps, round_to=cfg.round_to, ignore=cfg.ignore,
                                   per_layer=cfg.ratios, max_ratio=cfg.max_ratio)
-    calib = ctx.calibration_batches(cfg.calibration_batches) if criterion.needs else []
+    calib = ctx.calibration_batches(cfg.calibration_batches) if (criterion.needs or criterion.calibrate) else []
     step_metrics = []
     for step in range(cfg.steps):
-        if criterion.needs:
-            pruning.accumulate_gradients(model, calib, ctx.device, criterion.needs, importance)
+        pruning.calibrate(criterion, importance, model, calib, ctx.device)
         pruner.step()
         model.zero_grad(set_to_none=True)
         try:

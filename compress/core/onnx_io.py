@@ -54,20 +54,47 @@ def export_onnx(model: nn.Module, input_shape, path: str | Path, opset: int = 17
         proto = onnx.load(str(tmp))
         size = sum(t.ByteSize() for t in proto.graph.initializer)
         use_external = external_data if external_data is not None else size > 1_500_000_000
+        data_name = path.name + ".data"
         if use_external:
-            data_name = path.name + ".data"
             onnx.save_model(proto, str(tmp), save_as_external_data=True, all_tensors_to_one_file=True,
                             location=data_name)
-            os.replace(Path(tmpdir) / data_name, path.parent / data_name)
         else:
             onnx.save_model(proto, str(tmp))
-        onnx.checker.check_model(str(tmp))
+        onnx.checker.check_model(str(tmp))  # by path: the checker finds the external data beside it
+        if use_external:  # data first, graph last: a model.onnx that exists always has its weights
+            os.replace(Path(tmpdir) / data_name, path.parent / data_name)
+        elif (path.parent / data_name).exists():
+            (path.parent / data_name).unlink()  # stale data from an earlier external-data export
         os.replace(tmp, path)
     finally:
         for f in Path(tmpdir).glob("*"):
             f.unlink()
         os.rmdir(tmpdir)
     return path
+
+
+def _topological_sort(graph) -> None:
+    """Reorder ``graph.node`` so every node comes after the producers of its inputs (stable)."""
+    ready = {i.name for i in graph.input} | {t.name for t in graph.initializer} | {""}
+    pending = list(graph.node)
+    ordered = []
+    while pending:
+        rest = []
+        for node in pending:
+            if all(i in ready for i in node.input):
+                ordered.append(node)
+                ready.update(node.output)
+            else:
+                rest.append(node)
+        if len(rest) == len(pending):  # a cycle or an input nobody produces: leave for the checker
+            ordered += rest
+            break
+        pending = rest
+    copies = [type(n)() for n in ordered]
+    for c, n in zip(copies, ordered):
+        c.CopyFrom(n)
+    del graph.node[:]
+    graph.node.extend(copies)
 
 
 def export_fp16_onnx(src: str | Path, dst: str | Path) -> Path:
@@ -80,6 +107,7 @@ def export_fp16_onnx(src: str | Path, dst: str | Path) -> Path:
     src, dst = Path(src), Path(dst)
     proto = onnx.load(str(src))
     half = convert_float_to_float16(proto, keep_io_types=True, disable_shape_infer=False)
+    _topological_sort(half.graph)  # the converter appends its input Casts after their consumers
     size = sum(t.ByteSize() for t in half.graph.initializer)
     external = any(t.data_location == onnx.TensorProto.EXTERNAL for t in proto.graph.initializer) \
         or (src.parent / (src.name + ".data")).exists() or size > 1_500_000_000

@@ -104,7 +104,9 @@ def _torch_runner(model, input_shape, batch_size: int, options: dict, compiled: 
             semi_structured_linears(m)
     x = torch.randn(batch_size, *input_shape, generator=torch.Generator().manual_seed(0)).to(device, dtype)
     if compiled:
-        m = torch.compile(m, mode=options.get("compile_mode", "default"), dynamic=False)
+        backend = options.get("compile_backend", "inductor")
+        mode = options.get("compile_mode", "default") if backend == "inductor" else None
+        m = torch.compile(m, backend=backend, mode=mode, dynamic=False)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     with torch.inference_mode():
         m(x)  # compile (and autotune) here, not inside the timed calls

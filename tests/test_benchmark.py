@@ -202,3 +202,17 @@ def test_semi_structured_linear_on_cuda():
     done, skipped = semi_structured_linears(model)
     assert done == ["0", "2"], skipped
     torch.testing.assert_close(model(x), ref, atol=2e-2, rtol=2e-2)
+
+
+@pytest.mark.skipif(HAS_CUDA, reason="checks the no-GPU exit; on a GPU the script really measures")
+def test_gpu_sparse_script_exits_cleanly_without_gpu(tmp_path):
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+
+    out = tmp_path / "gpu_sparse.md"
+    r = subprocess.run([sys.executable, str(REPO / "benchmarks" / "gpu_sparse.py"), "--out", str(out)],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and "no CUDA GPU" in r.stderr and "Traceback" not in r.stderr
+    assert not out.exists()

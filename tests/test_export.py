@@ -22,7 +22,7 @@ def run_dir(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("e2e")
     r = tiny_recipe()
     stages = r["stages"]
-    stages[0]["epochs"] = 1
+    stages[0].update(epochs=1, max_steps=10)
     stages[2]["max_steps"] = 8  # the fine-tunes only have to run (masks through them), not converge
     stages[4]["max_steps"] = 8
     stages[3] = {"kind": "sparsify", "pattern": "2:4", "method": "sparsegpt", "calibration_batches": 2}

@@ -52,16 +52,36 @@ def export_onnx(model: nn.Module, input_shape, path: str | Path, opset: int = 17
                                   input_names=["input"], output_names=["logits"], dynamic_axes=axes,
                                   do_constant_folding=True)
         proto = onnx.load(str(tmp))
-        size = sum(t.ByteSize() for t in proto.graph.initializer)
-        use_external = external_data if external_data is not None else size > 1_500_000_000
-        data_name = path.name + ".data"
+    finally:
+        for f in Path(tmpdir).glob("*"):
+            f.unlink()
+        os.rmdir(tmpdir)
+    return save_onnx(proto, path, external_data)
+
+
+EXTERNAL_DATA_OVER = 1_500_000_000  # bytes of initializers: protobuf's hard limit is 2 GB
+
+
+def save_onnx(proto, path: str | Path, external_data: bool | None = None) -> Path:
+    """Check and write ``proto`` to ``path`` atomically. ``external_data`` (default: on above
+    1.5 GB) puts the weights in ``<name>.data`` beside it, written before the graph, so a
+    ``model.onnx`` that exists always has its weights."""
+    import onnx
+
+    path = Path(path)
+    size = sum(t.ByteSize() for t in proto.graph.initializer)
+    use_external = external_data if external_data is not None else size > EXTERNAL_DATA_OVER
+    data_name = path.name + ".data"
+    tmpdir = tempfile.mkdtemp(dir=path.parent, prefix=".onnx-")
+    tmp = Path(tmpdir) / path.name
+    try:
         if use_external:
             onnx.save_model(proto, str(tmp), save_as_external_data=True, all_tensors_to_one_file=True,
                             location=data_name)
         else:
             onnx.save_model(proto, str(tmp))
         onnx.checker.check_model(str(tmp))  # by path: the checker finds the external data beside it
-        if use_external:  # data first, graph last: a model.onnx that exists always has its weights
+        if use_external:
             os.replace(Path(tmpdir) / data_name, path.parent / data_name)
         elif (path.parent / data_name).exists():
             (path.parent / data_name).unlink()  # stale data from an earlier external-data export
@@ -108,27 +128,8 @@ def export_fp16_onnx(src: str | Path, dst: str | Path) -> Path:
     proto = onnx.load(str(src))
     half = convert_float_to_float16(proto, keep_io_types=True, disable_shape_infer=False)
     _topological_sort(half.graph)  # the converter appends its input Casts after their consumers
-    size = sum(t.ByteSize() for t in half.graph.initializer)
-    external = any(t.data_location == onnx.TensorProto.EXTERNAL for t in proto.graph.initializer) \
-        or (src.parent / (src.name + ".data")).exists() or size > 1_500_000_000
-    tmpdir = tempfile.mkdtemp(dir=dst.parent, prefix=".onnx-")
-    tmp = Path(tmpdir) / dst.name
-    try:
-        if external:
-            data_name = dst.name + ".data"
-            onnx.save_model(half, str(tmp), save_as_external_data=True, all_tensors_to_one_file=True,
-                            location=data_name)
-            onnx.checker.check_model(str(tmp))
-            os.replace(Path(tmpdir) / data_name, dst.parent / data_name)
-        else:
-            onnx.save_model(half, str(tmp))
-            onnx.checker.check_model(str(tmp))
-        os.replace(tmp, dst)
-    finally:
-        for f in Path(tmpdir).glob("*"):
-            f.unlink()
-        os.rmdir(tmpdir)
-    return dst
+    external = (src.parent / (src.name + ".data")).exists() or None  # follow the fp32 file's layout
+    return save_onnx(half, dst, external)
 
 
 def export_pt2(model: nn.Module, input_shape, path: str | Path, dynamic_batch: bool = True) -> Path:

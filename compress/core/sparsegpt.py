@@ -53,7 +53,8 @@ def _to_weight(module: nn.Module, rows: list[torch.Tensor]) -> torch.Tensor:
 
 
 class HessianCollector:
-    """Forward pre-hooks that accumulate ``X^T X`` per layer (and per conv group) in float64."""
+    """Forward pre-hooks that accumulate ``X^T X`` per layer (and per conv group) on the input's
+    device: float64 on CPU (exact for small models), float32 on GPU (as the reference does)."""
 
     def __init__(self, modules: dict[str, nn.Module]):
         self.modules = modules
@@ -65,9 +66,11 @@ class HessianCollector:
         def hook(module, args):
             x = args[0].detach()
             mats = _conv_columns(module, x) if isinstance(module, nn.Conv2d) else [x.reshape(-1, x.shape[-1])]
-            acc = self.h.setdefault(name, [torch.zeros(a.shape[1], a.shape[1], dtype=torch.float64) for a in mats])
+            dtype = torch.float64 if x.device.type == "cpu" else torch.float32
+            acc = self.h.setdefault(name, [torch.zeros(a.shape[1], a.shape[1], dtype=dtype, device=x.device)
+                                           for a in mats])
             for i, a in enumerate(mats):
-                a = a.double().cpu()
+                a = a.to(dtype)
                 acc[i] += a.T @ a
             self.count[name] = self.count.get(name, 0) + mats[0].shape[0]
 
@@ -91,12 +94,13 @@ def prune_matrix(w: torch.Tensor, h: torch.Tensor, n: int, m: int, block: int = 
         raise ValueError(f"reduction dim {cols} is not a multiple of {m}")
     block = max(m, block - block % m)
     dtype = w.dtype
-    w = w.double().clone()
-    h = h.double().clone()
+    work = h.dtype if h.dtype in (torch.float32, torch.float64) else torch.float32
+    w = w.to(work).clone()
+    h = h.to(device=w.device, dtype=work).clone()
     dead = torch.diag(h) == 0
     h[dead, dead] = 1.0
     w[:, dead] = 0.0
-    h += damp * torch.mean(torch.diag(h)) * torch.eye(cols, dtype=h.dtype)
+    h += damp * torch.mean(torch.diag(h)) * torch.eye(cols, dtype=h.dtype, device=h.device)
     # upper Cholesky factor of H^-1: row j holds the OBS update for column j given columns < j fixed
     hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
     mask = torch.ones_like(w, dtype=torch.bool)
@@ -145,7 +149,7 @@ def sparsegpt_masks(model: nn.Module, layers: dict[str, nn.Module], batches: Ite
             raise ValueError(f"layer {name!r} saw no calibration input")
         pruned, masks_ = [], []
         for wr, h in zip(_weight_rows(mod), collector.hessians(name)):
-            pw, pm = prune_matrix(wr.cpu(), h, n, m, block=block, damp=damp)
+            pw, pm = prune_matrix(wr.to(h.device), h, n, m, block=block, damp=damp)
             pruned.append(pw)
             masks_.append(pm)
         mod.weight.copy_(_to_weight(mod, pruned).to(mod.weight.device))

@@ -163,3 +163,14 @@ def test_schema_command_is_json_schema():
     assert set(schema["properties"]) >= {"name", "seed", "model", "data", "stages", "gates"}
     # the stage union is discriminated by kind so editors can complete each stage's fields
     assert "prune" in json.dumps(schema["$defs"])
+
+
+def test_every_shipped_recipe_validates():
+    from conftest import REPO
+
+    from compress.recipe import load_recipe
+
+    recipes = sorted((REPO / "recipes").glob("*.yaml"))
+    assert recipes
+    for p in recipes:
+        load_recipe(p)  # raises InputError with the field on failure

@@ -216,3 +216,19 @@ def test_gpu_sparse_script_exits_cleanly_without_gpu(tmp_path):
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and "no CUDA GPU" in r.stderr and "Traceback" not in r.stderr
     assert not out.exists()
+
+
+def test_onnx_for_precision_strong_fp16_uses_fp16_export(tmp_path):
+    import onnx
+
+    path = export_onnx(_mlp(0), (16,), tmp_path / "model.onnx")
+    assert trb.onnx_for_precision(path, "fp16", strong=False) == path
+    assert trb.onnx_for_precision(path, "fp32", strong=True) == path
+    half = trb.onnx_for_precision(path, "fp16", strong=True)
+    assert half.name == "model.fp16.onnx"
+    types = {t.data_type for t in onnx.load(str(half)).graph.initializer}
+    assert onnx.TensorProto.FLOAT16 in types and onnx.TensorProto.FLOAT not in types
+    x = np.random.default_rng(0).standard_normal((3, 16)).astype(np.float32)  # fp32 in and out
+    np.testing.assert_allclose(ort_session(half).run(None, {"input": x})[0], ort_session(path).run(None, {"input": x})[0],
+                               atol=1e-2)
+    assert trb.onnx_for_precision(half, "fp16", strong=True) == half

@@ -138,12 +138,12 @@ def tensorrt_runner(onnx_path, model, input_shape, batch_size: int, options: dic
     cached beside it per batch size. Each call runs once and waits for the stream."""
     from . import tensorrt_backend as trb
 
-    trb.require_tensorrt()
-    onnx_path = Path(onnx_path)
+    trt = trb.require_tensorrt()
     opts = trb.BuildOptions(precision=options.get("precision", "fp16"), sparse_weights=True,
                             min_batch=1, opt_batch=batch_size, max_batch=batch_size,
-                            timing_cache=str(onnx_path.parent / "trt.timing.cache"))
-    name = f"{onnx_path.stem}.{opts.precision}.b{batch_size}"
+                            timing_cache=str(Path(onnx_path).parent / "trt.timing.cache"))
+    onnx_path = trb.onnx_for_precision(onnx_path, opts.precision, trb.use_strong_typing(trt, opts.typing))
+    name = f"{Path(onnx_path).stem}.{opts.precision}.b{batch_size}"
     built = trb.build_engine(onnx_path, onnx_path.parent, name, opts)
     return trb.EngineRunner(built.engine, batch_size, cuda_graph=options.get("cuda_graph", False))
 

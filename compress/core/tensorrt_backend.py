@@ -116,6 +116,20 @@ def use_strong_typing(trt, typing: str) -> bool:
     return typing == "strong"
 
 
+def onnx_for_precision(path: str | Path, precision: str, strong: bool) -> Path:
+    """Strongly typed networks take their precision from the ONNX types: fp16 (and ``best``)
+    builds read ``<stem>.fp16.onnx`` beside ``path``, written on first use."""
+    path = Path(path)
+    if not (strong and precision in ("fp16", "best")) or path.stem.endswith(".fp16"):
+        return path
+    half = path.with_name(path.stem + ".fp16.onnx")
+    if not half.exists():
+        from .onnx_io import export_fp16_onnx
+
+        export_fp16_onnx(path, half)
+    return half
+
+
 def _make_logger(trt, lines: list[str]):
     """An ILogger that keeps INFO-and-worse messages (the sparsity lines are INFO)."""
 

@@ -14,7 +14,6 @@ from pydantic import Field, model_validator
 
 from ..config import StageConfig
 from ..core.latency import BackendUnavailable
-from ..core.onnx_io import export_fp16_onnx
 from ..core.progress import log
 from ..errors import InputError
 from .base import StageOutput, register_stage
@@ -50,18 +49,14 @@ class Config(StageConfig):
 
 
 def _onnx_for(ctx, role: str, cfg: Config, strong: bool):
-    """The ONNX file an engine is built from; strongly typed fp16 needs the fp16 export."""
+    """The ONNX file an engine is built from (the fp16 export for strongly typed fp16 builds)."""
+    from ..core.tensorrt_backend import onnx_for_precision
+
     exp = ctx.summary.get("export", {})
     key = "dense_onnx" if role == "dense" else "onnx"
     if key not in exp:
         raise InputError("the tensorrt stage needs an export stage before it", field=f"stages[{ctx.index}].kind")
-    path = ctx.run_dir / exp[key]
-    if strong and cfg.precision in ("fp16", "best"):
-        half = path.with_name(path.stem + ".fp16.onnx")
-        if not half.exists():
-            export_fp16_onnx(path, half)
-        path = half
-    return path
+    return onnx_for_precision(ctx.run_dir / exp[key], cfg.precision, strong)
 
 
 @register_stage("tensorrt", Config)

@@ -232,3 +232,20 @@ def test_onnx_for_precision_strong_fp16_uses_fp16_export(tmp_path):
     np.testing.assert_allclose(ort_session(half).run(None, {"input": x})[0], ort_session(path).run(None, {"input": x})[0],
                                atol=1e-2)
     assert trb.onnx_for_precision(half, "fp16", strong=True) == half
+
+
+def test_report_tensorrt_section_from_build_report():
+    from compress.report import render
+
+    sp = trb.sparsity_report(SAMPLE_LOG.splitlines(), SAMPLE_INSPECTOR)
+    timings = [{"engine": e, "batch_size": 32, "gpu_ms_p50": ms, "gpu_ms_p90": ms * 1.1, "gpu_ms_p99": ms * 1.3,
+                "throughput": 32000 / ms} for e, ms in (("compressed_dense_math", 2.0), ("compressed", 1.6))]
+    summary = {"name": "t", "status": "passed", "seed": 0, "device": "cuda", "torch": "x",
+               "dense": {"accuracy": 90.0}, "final": {"accuracy": 89.5}, "stages": [],
+               "tensorrt": {"version": "10.13.0", "strongly_typed": True, "precision": "fp16", "cuda_graph": True,
+                            "timings": timings, "sparsity": sp},
+               "gates": {"passed": True, "failures": [], "checked": {}}}
+    text = render(summary)
+    assert "layers eligible for sparse math: 3; picked sparse tactics: 1" in text
+    assert "eligible but dense tactic was faster: /model/stage3/conv1/Conv, /model/fc/Gemm" in text
+    assert "| compressed | 32 | 1.6000 |" in text and "strongly typed, CUDA graph" in text

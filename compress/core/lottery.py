@@ -216,10 +216,13 @@ class TrainPlan:
 
 def train_level(net: nn.Module, plan: TrainPlan, evalsets: Evalsets, start: RewindState | None = None,
                 capture_at: int | None = None, description: str = "level"):
-    """Train ``net`` (weights and masks already set) from ``start``; evaluate validation and test
-    every ``eval_every`` iterations. Returns ``(history, captured RewindState or None)``."""
+    """Train ``net`` (weights and masks already set) from ``start``; evaluate the validation split
+    every ``eval_every`` iterations and keep the weights at the minimum validation loss (early
+    stopping), so the test split is evaluated only twice: at early stop and at the end.
+    Returns ``(record, captured RewindState or None)``."""
     history: list[dict] = []
     captured: list[RewindState] = []
+    best: dict = {}
     start_step = start.step if start is not None else 0
 
     def on_step(step: int, model: nn.Module, opt) -> None:
@@ -227,22 +230,22 @@ def train_level(net: nn.Module, plan: TrainPlan, evalsets: Evalsets, start: Rewi
             captured.append(RewindState.capture(step, model, opt))
         if step % plan.eval_every == 0 or step == plan.total:
             v = evaluate(model, *evalsets.val, batch_size=1000, device=plan.device)
-            t = evaluate(model, *evalsets.test, batch_size=1000, device=plan.device)
-            history.append({"iteration": step, "val_loss": round(v["loss"], 6), "val_accuracy": round(v["accuracy"], 4),
-                            "test_accuracy": round(t["accuracy"], 4)})
+            history.append({"iteration": step, "val_loss": round(v["loss"], 6), "val_accuracy": round(v["accuracy"], 4)})
+            if not best or v["loss"] < best["val_loss"]:  # first minimum wins on ties
+                best.update(iteration=step, val_loss=v["loss"], weights=weights_of(model))
             model.train()
 
     train(net, plan.batches, plan.loop, plan.device, description=description, on_step=on_step,
           start_step=start_step, optimizer_state=start.optimizer if start is not None else None)
-    return history, (captured[0] if captured else None)
-
-
-def summarise(history: list[dict]) -> dict:
-    """Early stopping = the evaluation with minimum validation loss (first one on ties)."""
-    best = min(history, key=lambda h: h["val_loss"])
-    return {"early_stop_iteration": best["iteration"], "early_stop_test_accuracy": best["test_accuracy"],
-            "min_val_loss": best["val_loss"], "final_test_accuracy": history[-1]["test_accuracy"],
-            "final_iteration": history[-1]["iteration"]}
+    final = evaluate(net, *evalsets.test, batch_size=1000, device=plan.device)["accuracy"]
+    trained = weights_of(net)
+    net.load_state_dict(best["weights"], strict=False)
+    at_best = evaluate(net, *evalsets.test, batch_size=1000, device=plan.device)["accuracy"]
+    net.load_state_dict(trained, strict=False)  # the level's trained network is the final one
+    record = {"early_stop_iteration": best["iteration"], "early_stop_test_accuracy": round(at_best, 4),
+              "min_val_loss": round(best["val_loss"], 6), "final_test_accuracy": round(final, 4),
+              "final_iteration": history[-1]["iteration"], "history": history}
+    return record, (captured[0] if captured else None)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -338,7 +341,7 @@ def run_lottery(model: nn.Module, spec: LotterySpec, plan: TrainPlan, evalsets: 
             t0 = time.perf_counter()
             if level == 0 and spec.rewind_step > 0:  # late rewinding: θ_k comes from the dense run
                 net = network(weights_of(base), level_masks)
-                history, captured = train_level(net, plan, evalsets, None, capture_at=spec.rewind_step,
+                record, captured = train_level(net, plan, evalsets, None, capture_at=spec.rewind_step,
                                                 description=f"level {level} imp")
                 if captured is None:
                     raise ValueError(f"rewind step {spec.rewind_step} is past the end of training ({plan.total})")
@@ -347,7 +350,7 @@ def run_lottery(model: nn.Module, spec: LotterySpec, plan: TrainPlan, evalsets: 
             else:
                 start = load_rewind()
                 net = network(start.weights, level_masks)
-                history, _ = train_level(net, plan, evalsets, start if start.step else None,
+                record, _ = train_level(net, plan, evalsets, start if start.step else None,
                                          description=f"level {level} imp")
             save_tensors(work / "ticket.pt", {"level": level, "weights": weights_of(net)})
             if pos + 1 < len(levels):
@@ -355,7 +358,7 @@ def run_lottery(model: nn.Module, spec: LotterySpec, plan: TrainPlan, evalsets: 
                 new_masks = magnitude_prune(net, level_masks, spec.rate, spec.rates, spec.scope, rounds=nxt - level)
                 save_tensors(_masks_path(work, nxt), new_masks)
             row = {"level": level, "variant": "imp", "percent_remaining": round(pct, 3),
-                   **summarise(history), "seconds": round(time.perf_counter() - t0, 2), "history": history}
+                   **record, "seconds": round(time.perf_counter() - t0, 2)}
             atomic_write_json(upath, row)  # written last: the unit counts as done only now
             log(f"  level {level} imp: {pct:.1f}% remaining, early-stop test acc "
                 f"{row['early_stop_test_accuracy']:.2f} @ {row['early_stop_iteration']}")
@@ -367,16 +370,16 @@ def run_lottery(model: nn.Module, spec: LotterySpec, plan: TrainPlan, evalsets: 
             if variant == "random_reinit":  # same mask, fresh weights; trains from iteration 0
                 fresh = fresh_init(spec.seed * 7919 + level).cpu()
                 net = network(weights_of(fresh), level_masks)
-                history, _ = train_level(net, plan, evalsets, None, description=f"level {level} {variant}")
+                record, _ = train_level(net, plan, evalsets, None, description=f"level {level} {variant}")
             elif variant == "random_prune":  # same per-layer density, random positions, original init
                 start = load_rewind()
                 net = network(start.weights, random_masks_like(level_masks, spec.seed * 7919 + level))
-                history, _ = train_level(net, plan, evalsets, start if start.step else None,
+                record, _ = train_level(net, plan, evalsets, start if start.step else None,
                                          description=f"level {level} {variant}")
             else:
                 raise ValueError(f"unknown control {variant!r}")
             row = {"level": level, "variant": variant, "percent_remaining": round(pct, 3),
-                   **summarise(history), "seconds": round(time.perf_counter() - t0, 2), "history": history}
+                   **record, "seconds": round(time.perf_counter() - t0, 2)}
             atomic_write_json(cpath, row)
             log(f"  level {level} {variant}: early-stop test acc {row['early_stop_test_accuracy']:.2f} "
                 f"@ {row['early_stop_iteration']}")

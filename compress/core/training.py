@@ -1,6 +1,7 @@
 """One training loop for dense training, fine-tuning, distillation and masked (sparse) training."""
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import dataclass, field
 from typing import Callable
@@ -74,7 +75,7 @@ def train(model: nn.Module, loader, cfg, device: torch.device | str = "cpu", tea
     opt = make_optimizer(model, cfg.optimizer)
     base_lrs = [g["lr"] for g in opt.param_groups]  # before a loaded state overwrites them
     if optimizer_state is not None:
-        opt.load_state_dict(optimizer_state)
+        opt.load_state_dict(copy.deepcopy(optimizer_state))  # load_state_dict may alias the caller's tensors
     masks.mask_optimizer_state(opt, model)
     steps_per_epoch = max(1, len(loader))
     total = cfg.epochs * steps_per_epoch

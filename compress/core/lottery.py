@@ -265,6 +265,7 @@ class LotterySpec:
     controls: list[str] = field(default_factory=list)
     control_rounds: list[int] | None = None  # default: every pruned level
     seed: int = 0
+    method: str = "imp"                     # or a pruning-at-init method: snip | grasp | synflow
 
     def levels(self) -> list[int]:
         """Level r = pruned r times. One-shot has only the dense level and the final one."""
@@ -293,12 +294,15 @@ def _masks_path(work: Path, level: int) -> Path:
 
 
 def run_lottery(model: nn.Module, spec: LotterySpec, plan: TrainPlan, evalsets: Evalsets, work: Path,
-                fresh_init: Callable[[int], nn.Module]) -> LotteryResult:
+                fresh_init: Callable[[int], nn.Module], init_batches=None,
+                input_shape: tuple[int, ...] | None = None) -> LotteryResult:
     """Run IMP (and the controls) level by level; each finished unit is on disk in ``work``.
 
     ``model`` carries θ0 (its current weights). ``fresh_init(seed)`` builds a new model drawn from
     the same initial distribution (the random-reinit control). Order per level: the IMP unit
     (train, record, derive the next level's masks from the trained weights), then its controls.
+    With ``spec.method`` a pruning-at-init method, every level's masks come from θ0 instead (at the
+    density the IMP schedule reaches there; ``init_batches`` feed SNIP / GraSP).
     """
     work = Path(work)
     work.mkdir(parents=True, exist_ok=True)
@@ -336,7 +340,7 @@ def run_lottery(model: nn.Module, spec: LotterySpec, plan: TrainPlan, evalsets: 
     for pos, level in enumerate(levels):
         level_masks = load_tensors(_masks_path(work, level))
         pct = percent_remaining(level_masks)
-        upath = _unit_path(work, level, "imp")
+        upath = _unit_path(work, level, spec.method)
         if not upath.exists():
             t0 = time.perf_counter()
             if level == 0 and spec.rewind_step > 0:  # late rewinding: θ_k comes from the dense run
@@ -355,12 +359,21 @@ def run_lottery(model: nn.Module, spec: LotterySpec, plan: TrainPlan, evalsets: 
             save_tensors(work / "ticket.pt", {"level": level, "weights": weights_of(net)})
             if pos + 1 < len(levels):
                 nxt = levels[pos + 1]
-                new_masks = magnitude_prune(net, level_masks, spec.rate, spec.rates, spec.scope, rounds=nxt - level)
+                if spec.method == "imp":
+                    new_masks = magnitude_prune(net, level_masks, spec.rate, spec.rates, spec.scope, rounds=nxt - level)
+                else:
+                    from .pruning_at_init import prune_at_init
+
+                    ones = {n: torch.ones_like(m) for n, m in level_masks.items()}
+                    schedule = magnitude_prune(base, ones, spec.rate, spec.rates, spec.scope, rounds=nxt)
+                    init_net = network(load_rewind().weights, ones)
+                    new_masks = prune_at_init(init_net.cpu(), ones, spec.method, percent_remaining(schedule) / 100,
+                                              init_batches, input_shape)
                 save_tensors(_masks_path(work, nxt), new_masks)
-            row = {"level": level, "variant": "imp", "percent_remaining": round(pct, 3),
+            row = {"level": level, "variant": spec.method, "percent_remaining": round(pct, 3),
                    **record, "seconds": round(time.perf_counter() - t0, 2)}
             atomic_write_json(upath, row)  # written last: the unit counts as done only now
-            log(f"  level {level} imp: {pct:.1f}% remaining, early-stop test acc "
+            log(f"  level {level} {spec.method}: {pct:.1f}% remaining, early-stop test acc "
                 f"{row['early_stop_test_accuracy']:.2f} @ {row['early_stop_iteration']}")
         for variant in spec.controls_at(level):
             cpath = _unit_path(work, level, variant)
@@ -387,7 +400,7 @@ def run_lottery(model: nn.Module, spec: LotterySpec, plan: TrainPlan, evalsets: 
     saved = load_tensors(work / "ticket.pt")
     ticket = network(saved["weights"], load_tensors(_masks_path(work, saved["level"])))
     rows = [json.loads(p.read_text()) for p in sorted(work.glob("level-*.json"))]
-    rows.sort(key=lambda r: (r["level"], (["imp", *CONTROLS]).index(r["variant"])))
+    rows.sort(key=lambda r: (r["level"], ([spec.method, *CONTROLS]).index(r["variant"])))
     return LotteryResult(rows, ticket.eval())
 
 
@@ -399,8 +412,9 @@ def plot(rows: list[dict], path: Path, title: str = "") -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    for variant in ["imp", *CONTROLS]:
-        rs = sorted((r for r in rows if r["variant"] == variant or (r["level"] == 0 and variant != "imp")),
+    main = rows[0]["variant"]  # level 0: the dense run of the main method
+    for variant in [main, *CONTROLS]:
+        rs = sorted((r for r in rows if r["variant"] == variant or (r["level"] == 0 and variant != main)),
                     key=lambda r: -r["percent_remaining"])
         if not any(r["variant"] == variant for r in rs):
             continue

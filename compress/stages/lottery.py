@@ -58,6 +58,9 @@ class Config(StageConfig):
     ignore: list[str] = Field(default_factory=list, description="module/tensor patterns never pruned")
     mode: Literal["iterative", "one_shot"] = "iterative"
     rewind: Union[int, RewindConfig] = Field(0, description="0: rewind to init; an int or {iterations|epochs}: late")
+    method: Literal["imp", "snip", "grasp", "synflow"] = Field(
+        "imp", description="imp: magnitude after training; snip/grasp/synflow: masks from θ0 at the same densities")
+    init_batches: int = Field(10, ge=1, description="SNIP/GraSP: training batches scored at init")
     controls: list[Literal["random_reinit", "random_prune"]] = Field(default_factory=list)
     control_rounds: Optional[list[int]] = Field(None, description="levels the controls run at (default: all)")
     train: TrainBlock
@@ -102,7 +105,8 @@ def run(cfg: Config, ctx) -> StageOutput:
     plan = lottery.TrainPlan(loop, batches, total, t.eval_every, ctx.device)
     spec = lottery.LotterySpec(rounds=cfg.rounds, rate=cfg.rate, rates=dict(cfg.rates), scope=cfg.scope,
                                ignore=list(cfg.ignore), mode=cfg.mode, rewind_step=rewind,
-                               controls=list(cfg.controls), control_rounds=cfg.control_rounds, seed=ctx.seed)
+                               controls=list(cfg.controls), control_rounds=cfg.control_rounds, seed=ctx.seed,
+                               method=cfg.method)
     m = ctx.recipe.model
 
     def fresh_init(seed: int):
@@ -115,16 +119,18 @@ def run(cfg: Config, ctx) -> StageOutput:
         raise InputError("no prunable tensors left after `ignore`", field="ignore")
     work = ctx.run_dir / "lottery" / f"{ctx.index:02d}"
     result = lottery.run_lottery(ctx.model, spec, plan, lottery.Evalsets(val, (ctx.data.test_x, ctx.data.test_y)),
-                                 work, fresh_init)
+                                 work, fresh_init, init_batches=ctx.calibration_batches(cfg.init_batches, t.batch_size)
+                                 if cfg.method in ("snip", "grasp") else None, input_shape=ctx.input_shape)
     ctx.model = result.ticket.to(ctx.device)
     table = [{k: v for k, v in r.items() if k != "history"} for r in result.rows]
     plot_path = ctx.run_dir / f"lottery-{ctx.index:02d}.png"
-    lottery.plot(result.rows, plot_path, title=f"{ctx.recipe.name}: {cfg.mode}, rewind to iteration {rewind}")
+    lottery.plot(result.rows, plot_path, title=f"{ctx.recipe.name}: {cfg.method} {cfg.mode}, rewind to {rewind}")
     atomic_write_json(work / "table.json", table)
-    imp = [r for r in table if r["variant"] == "imp"]
+    imp = [r for r in table if r["variant"] == cfg.method]
     return StageOutput(
         metrics={"levels": len(imp), "percent_remaining": imp[-1]["percent_remaining"],
                  "early_stop_test_accuracy": imp[-1]["early_stop_test_accuracy"],
                  "iterations_per_level": total, "rewind_iteration": rewind},
         summary={"lottery": {"rows": table, "plot": plot_path.name, "work_dir": str(work.relative_to(ctx.run_dir)),
-                             "iterations": total, "rewind_iteration": rewind, "mode": cfg.mode}})
+                             "iterations": total, "rewind_iteration": rewind, "mode": cfg.mode,
+                             "method": cfg.method}})

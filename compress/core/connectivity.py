@@ -5,16 +5,14 @@ different data orders. barrier = max error on the path − mean of the two endpo
 from __future__ import annotations
 
 import copy
-import io
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from . import masks as mask_core
-from .lottery import RewindState, ShuffledBatches, weights_of
+from .lottery import RewindState, ShuffledBatches, save_figure, weights_of
 from .metrics import evaluate
-from .model_io import _atomic_write_bytes
 from .training import train
 
 
@@ -107,8 +105,4 @@ def plot_curves(curves: dict[str, list[dict]], path: Path, title: str = "") -> N
     ax.legend()
     if title:
         ax.set_title(title)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110)
-    plt.close(fig)
-    _atomic_write_bytes(Path(path), buf.getvalue())
+    save_figure(fig, path)

@@ -97,6 +97,19 @@ def _keep_largest(scores: torch.Tensor, mask: torch.Tensor, keep: int) -> torch.
     return out.view_as(mask)
 
 
+def keep_largest_global(scores: dict[str, torch.Tensor], masks: Masks, keep: int) -> Masks:
+    """One ranking over all tensors: keep the ``keep`` highest scores among unmasked weights."""
+    names = list(masks)
+    big = torch.cat([scores[n].flatten().cpu() for n in names])
+    kept = _keep_largest(big, torch.cat([masks[n].flatten() for n in names]), keep)
+    out, i = {}, 0
+    for n in names:
+        k = masks[n].numel()
+        out[n] = kept[i: i + k].view_as(masks[n]).clone()
+        i += k
+    return out
+
+
 def magnitude_prune(model: nn.Module, masks: Masks, rate: float, rates: dict[str, float] | None = None,
                     scope: str = "layer", rounds: int = 1) -> Masks:
     """Remove, by |w|, the fraction of the weights that *remain* under ``masks``, ``rounds`` times
@@ -108,18 +121,8 @@ def magnitude_prune(model: nn.Module, masks: Masks, rate: float, rates: dict[str
     rates = rates or {}
     scores = {n: getattr(*_get(model, n)).detach().abs().cpu() for n in masks}
     if scope == "global":
-        remaining = {n: int(m.sum()) for n, m in masks.items()}
-        keep_total = int(round(sum(remaining.values()) * (1 - rate) ** rounds))
-        names = list(masks)
-        big = torch.cat([scores[n].flatten() for n in names])
-        big_mask = torch.cat([masks[n].flatten() for n in names])
-        kept = _keep_largest(big, big_mask, keep_total)
-        out, i = {}, 0
-        for n in names:
-            k = masks[n].numel()
-            out[n] = kept[i: i + k].view_as(masks[n]).clone()
-            i += k
-        return out
+        remaining = sum(int(m.sum()) for m in masks.values())
+        return keep_largest_global(scores, masks, int(round(remaining * (1 - rate) ** rounds)))
     out = {}
     for n, m in masks.items():
         keep = int(round(int(m.sum()) * (1 - rate_of(n, rate, rates)) ** rounds))
@@ -430,6 +433,13 @@ def plot(rows: list[dict], path: Path, title: str = "") -> None:
         ax.legend()
     if title:
         fig.suptitle(title)
+    save_figure(fig, path)
+
+
+def save_figure(fig, path: Path) -> None:
+    """Write a matplotlib figure as PNG atomically and close it."""
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110)

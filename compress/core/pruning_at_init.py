@@ -16,7 +16,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .lottery import Masks, _get, _keep_largest, apply
+from .lottery import Masks, _get, apply, keep_largest_global
 from .metrics import logits_of
 
 METHODS = ("snip", "grasp", "synflow")
@@ -28,18 +28,7 @@ def _params(model: nn.Module, names: list[str]) -> list[torch.Tensor]:
 
 def _keep_global(scores: dict[str, torch.Tensor], masks: Masks, density: float) -> Masks:
     """Keep the top ``density`` fraction (of all weights in ``masks``) by score, among unmasked ones."""
-    names = list(masks)
-    total = sum(masks[n].numel() for n in names)
-    keep = int(round(total * density))
-    big = torch.cat([scores[n].flatten().cpu() for n in names])
-    big_mask = torch.cat([masks[n].flatten() for n in names])
-    kept = _keep_largest(big, big_mask, keep)
-    out, i = {}, 0
-    for n in names:
-        k = masks[n].numel()
-        out[n] = kept[i: i + k].view_as(masks[n]).clone()
-        i += k
-    return out
+    return keep_largest_global(scores, masks, int(round(sum(m.numel() for m in masks.values()) * density)))
 
 
 def snip_scores(model: nn.Module, names: list[str], batches) -> dict[str, torch.Tensor]:

@@ -218,7 +218,7 @@ class TrainPlan:
 
 
 def train_level(net: nn.Module, plan: TrainPlan, evalsets: Evalsets, start: RewindState | None = None,
-                capture_at: int | None = None, description: str = "level"):
+                capture_at: int | None = None, description: str = "level", extra_step=None):
     """Train ``net`` (weights and masks already set) from ``start``; evaluate the validation split
     every ``eval_every`` iterations and keep the weights at the minimum validation loss (early
     stopping), so the test split is evaluated only twice: at early stop and at the end.
@@ -229,6 +229,8 @@ def train_level(net: nn.Module, plan: TrainPlan, evalsets: Evalsets, start: Rewi
     start_step = start.step if start is not None else 0
 
     def on_step(step: int, model: nn.Module, opt) -> None:
+        if extra_step is not None:  # e.g. dynamic sparse training's mask updates
+            extra_step(step, model, opt)
         if capture_at is not None and step == capture_at:
             captured.append(RewindState.capture(step, model, opt))
         if step % plan.eval_every == 0 or step == plan.total:
@@ -268,7 +270,9 @@ class LotterySpec:
     controls: list[str] = field(default_factory=list)
     control_rounds: list[int] | None = None  # default: every pruned level
     seed: int = 0
-    method: str = "imp"                     # or a pruning-at-init method: snip | grasp | synflow
+    method: str = "imp"                     # or snip | grasp | synflow (at init) or set | rigl (dynamic)
+    dst_every: int = 100                    # set / rigl: steps between mask updates
+    dst_alpha: float = 0.3                  # set / rigl: initial fraction updated (cosine-decayed)
 
     def levels(self) -> list[int]:
         """Level r = pruned r times. One-shot has only the dense level and the final one."""
@@ -357,21 +361,33 @@ def run_lottery(model: nn.Module, spec: LotterySpec, plan: TrainPlan, evalsets: 
             else:
                 start = load_rewind()
                 net = network(start.weights, level_masks)
+                dynamic = None
+                if spec.method in ("set", "rigl") and level > 0:
+                    from .sparse_training import DynamicSparsity
+
+                    it = iter(ShuffledBatches(plan.batches.x, plan.batches.y, plan.batches.batch_size, spec.seed + 1))
+                    dynamic = DynamicSparsity(list(level_masks), spec.method, spec.dst_every,
+                                              int(0.75 * plan.total), spec.dst_alpha, spec.seed + level,
+                                              grad_batch=lambda: next(it))
                 record, _ = train_level(net, plan, evalsets, start if start.step else None,
-                                         description=f"level {level} imp")
-            save_tensors(work / "ticket.pt", {"level": level, "weights": weights_of(net)})
+                                         description=f"level {level} {spec.method}", extra_step=dynamic)
+            save_tensors(work / "ticket.pt", {"level": level, "weights": weights_of(net),  # masks: set/rigl move them
+                                              "masks": current_masks(net, list(level_masks))})
             if pos + 1 < len(levels):
                 nxt = levels[pos + 1]
                 if spec.method == "imp":
                     new_masks = magnitude_prune(net, level_masks, spec.rate, spec.rates, spec.scope, rounds=nxt - level)
-                else:
-                    from .pruning_at_init import prune_at_init
-
+                else:  # masks that do not depend on this level's training, at the IMP schedule's density
                     ones = {n: torch.ones_like(m) for n, m in level_masks.items()}
                     schedule = magnitude_prune(base, ones, spec.rate, spec.rates, spec.scope, rounds=nxt)
-                    init_net = network(load_rewind().weights, ones)
-                    new_masks = prune_at_init(init_net.cpu(), ones, spec.method, percent_remaining(schedule) / 100,
-                                              init_batches, input_shape)
+                    if spec.method in ("set", "rigl"):  # random start mask, the schedule's per-layer density
+                        new_masks = random_masks_like(schedule, spec.seed * 7919 + nxt + 1)
+                    else:
+                        from .pruning_at_init import prune_at_init
+
+                        init_net = network(load_rewind().weights, ones)
+                        new_masks = prune_at_init(init_net.cpu(), ones, spec.method,
+                                                  percent_remaining(schedule) / 100, init_batches, input_shape)
                 save_tensors(_masks_path(work, nxt), new_masks)
             row = {"level": level, "variant": spec.method, "percent_remaining": round(pct, 3),
                    **record, "seconds": round(time.perf_counter() - t0, 2)}
@@ -401,7 +417,7 @@ def run_lottery(model: nn.Module, spec: LotterySpec, plan: TrainPlan, evalsets: 
                 f"@ {row['early_stop_iteration']}")
 
     saved = load_tensors(work / "ticket.pt")
-    ticket = network(saved["weights"], load_tensors(_masks_path(work, saved["level"])))
+    ticket = network(saved["weights"], saved["masks"])
     rows = [json.loads(p.read_text()) for p in sorted(work.glob("level-*.json"))]
     rows.sort(key=lambda r: (r["level"], ([spec.method, *CONTROLS]).index(r["variant"])))
     return LotteryResult(rows, ticket.eval())

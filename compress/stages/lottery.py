@@ -58,8 +58,11 @@ class Config(StageConfig):
     ignore: list[str] = Field(default_factory=list, description="module/tensor patterns never pruned")
     mode: Literal["iterative", "one_shot"] = "iterative"
     rewind: Union[int, RewindConfig] = Field(0, description="0: rewind to init; an int or {iterations|epochs}: late")
-    method: Literal["imp", "snip", "grasp", "synflow"] = Field(
-        "imp", description="imp: magnitude after training; snip/grasp/synflow: masks from θ0 at the same densities")
+    method: Literal["imp", "snip", "grasp", "synflow", "set", "rigl"] = Field(
+        "imp", description="imp: magnitude after training; snip/grasp/synflow: masks from θ0; set/rigl: dynamic "
+                           "sparse training from a random mask; all at the same densities")
+    update_every: int = Field(100, ge=1, description="set/rigl: iterations between drop/grow updates")
+    update_fraction: float = Field(0.3, gt=0, lt=1, description="set/rigl: initial drop/grow fraction (cosine decay)")
     init_batches: int = Field(10, ge=1, description="SNIP/GraSP: training batches scored at init")
     controls: list[Literal["random_reinit", "random_prune"]] = Field(default_factory=list)
     control_rounds: Optional[list[int]] = Field(None, description="levels the controls run at (default: all)")
@@ -106,7 +109,7 @@ def run(cfg: Config, ctx) -> StageOutput:
     spec = lottery.LotterySpec(rounds=cfg.rounds, rate=cfg.rate, rates=dict(cfg.rates), scope=cfg.scope,
                                ignore=list(cfg.ignore), mode=cfg.mode, rewind_step=rewind,
                                controls=list(cfg.controls), control_rounds=cfg.control_rounds, seed=ctx.seed,
-                               method=cfg.method)
+                               method=cfg.method, dst_every=cfg.update_every, dst_alpha=cfg.update_fraction)
     m = ctx.recipe.model
 
     def fresh_init(seed: int):

@@ -196,18 +196,23 @@ def write_markdown(args, table: list[dict], wall: float | None, path: Path, png:
         lines.append(f"| {t['percent_remaining']:.1f} | {variant} | {t['n']} | {_ms(t['early_stop_test_accuracy'])} | "
                      f"{_ms(t['early_stop_iteration'], '{:.0f}')} | {_ms(t['final_test_accuracy'])} |")
     lines += ["", f"![accuracy and early-stop iteration vs weights remaining]({png.name})", ""]
-    longs = sorted(args.out.glob("long-seed-*.json"))
+    longs = [row for f in sorted(args.out.glob("long-seed-*.json")) for row in json.loads(f.read_text())]
     if longs:
-        lines += ["## Longer budget: the IMP masks above, retrained from θ0", "",
-                  "| seed | % remaining | early-stop iteration | test acc. at early stop (%) | final test acc. (%) "
-                  "| iterations |", "|---:|---:|---:|---:|---:|---:|"]
-        for f in longs:
-            for row in json.loads(f.read_text()):
-                lines.append(f"| {f.stem.split('-')[2]} | {row['percent_remaining']:.1f} | {row['early_stop_iteration']} | "
-                             f"{row['early_stop_test_accuracy']:.2f} | {row['final_test_accuracy']:.2f} | "
-                             f"{row['final_iteration']} |")
+        lines += ["## Longer budget: the IMP masks above retrained from θ0 (same split and data order)", "",
+                  "`--long-budget 5000 --long-levels L` per seed and level.", "",
+                  "| % remaining | seeds | iterations | early-stop iteration | test acc. at early stop (%) "
+                  "| final test acc. (%) |", "|---:|---:|---:|---:|---:|---:|"]
+        for level in sorted({r["level"] for r in longs}):
+            rs = [r for r in longs if r["level"] == level]
+            lines.append(f"| {rs[0]['percent_remaining']:.1f} | {len(rs)} | {rs[0]['final_iteration']} | "
+                         f"{_ms([r['early_stop_iteration'] for r in rs], '{:.0f}')} | "
+                         f"{_ms([r['early_stop_test_accuracy'] for r in rs])} | "
+                         f"{_ms([r['final_test_accuracy'] for r in rs])} |")
         lines.append("")
-    path.write_text("\n".join(lines) + "\n")
+    marker = "<!-- hand-written analysis below: kept when this file is regenerated -->"
+    old = path.read_text() if path.exists() else ""
+    tail = old[old.index(marker):] if marker in old else marker + "\n"
+    path.write_text("\n".join(lines) + "\n" + tail)
 
 
 def main() -> None:

@@ -84,3 +84,20 @@ def test_cli_instability_and_interpolate(tmp_path, write_recipe):
     assert r.returncode == 2 and "--rewind" in r.stderr and "Traceback" not in r.stderr
     r = cli("analyze", "interpolate", str(tmp_path / "nope"), str(tmp_path / "nope"), "--recipe", str(recipe))
     assert r.returncode == 2 and "Traceback" not in r.stderr
+
+    # dense vs 90 % sparse, from two portable checkpoints
+    from compress.core.model_io import save_portable
+
+    dense, sparse = _mlp(0), _mlp(1)
+    names = lottery.prunable_tensors(sparse)
+    lottery.apply(sparse, lottery.magnitude_prune(sparse, lottery.current_masks(sparse, names), 0.9))
+    kwargs = {"num_classes": 10, "in_channels": 1, "image_size": 8}
+    save_portable(dense, tmp_path / "a", "lenet_300_100", kwargs, [1, 8, 8])
+    save_portable(sparse, tmp_path / "b", "lenet_300_100", kwargs, [1, 8, 8])
+    out = tmp_path / "interp"
+    r = cli("--quiet", "analyze", "interpolate", str(tmp_path / "a"), str(tmp_path / "b"), "--recipe", str(recipe),
+            "--points", "4", "--out", str(out))
+    assert r.returncode == 0, r.stderr
+    res = json.loads((out / "interpolation.json").read_text())
+    assert len(res["curve"]) == 4 and res["barrier"] == pytest.approx(connectivity.barrier(res["curve"]))
+    assert (out / "interpolation.png").is_file()

@@ -23,15 +23,7 @@ from compress.zoo import lenet_300_100
 from conftest import REPO, cli
 
 
-@pytest.fixture(autouse=True)
-def one_thread(monkeypatch):
-    """Tiny MLPs: one thread is faster than two fighting for a shared, loaded CPU (here and in the
-    CLI subprocesses, which inherit the environment)."""
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _mlp(seed: int = 0) -> nn.Module:

@@ -13,12 +13,7 @@ from compress.core.training import train
 from compress.zoo import lenet_300_100
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _sparse_model():

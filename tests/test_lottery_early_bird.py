@@ -9,6 +9,8 @@ from compress.config import OptimizerConfig, TrainLoopConfig
 from compress.core.early_bird import EarlyBird, channel_mask, split_mask, train_until_early_bird
 from compress.core.lottery import ShuffledBatches
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 
 def _net():
     torch.manual_seed(0)
@@ -42,7 +44,6 @@ def test_ticket_emerges_when_masks_stop_changing():
 
 
 def test_training_stops_at_the_early_bird_epoch():
-    torch.set_num_threads(1)
     x, y = torch.randn(128, 1, 8, 8), torch.randint(0, 10, (128,))
     cfg = TrainLoopConfig(epochs=30, optimizer=OptimizerConfig(name="sgd", lr=1e-4))  # γ barely move
     eb = train_until_early_bird(_net(), ShuffledBatches(x, y, 32, 0), cfg, EarlyBird(ratio=0.5, window=3))

@@ -199,6 +199,105 @@ def check_sparsity_cmd(onnx_file: Path = typer.Argument(..., help="model.onnx"),
     _guard(go)
 
 
+analyze_app = typer.Typer(no_args_is_help=True, help="Analyses: linear mode connectivity, instability.")
+app.add_typer(analyze_app, name="analyze")
+
+
+def _load_any(path: Path):
+    """A portable checkpoint folder (arch.json) or a run directory (its final model)."""
+    from .api import load
+    from .core.model_io import load_portable
+
+    if (path / "arch.json").is_file():
+        return load_portable(path)
+    if path.is_dir():
+        return load(path)
+    raise InputError(f"{str(path)!r} is neither a run directory nor a checkpoint folder", field="checkpoint")
+
+
+@analyze_app.command("interpolate")
+def analyze_interpolate(a: Path = typer.Argument(..., help="run directory or checkpoint folder"),
+                        b: Path = typer.Argument(..., help="run directory or checkpoint folder"),
+                        recipe: Path = typer.Option(..., "--recipe", help="recipe whose data block gives the test set"),
+                        points: int = typer.Option(30, "--points", min=2),
+                        out: Path = typer.Option(Path("runs/interpolate"), "--out"),
+                        set_: List[str] = typer.Option([], "--set")):
+    """Test error along the straight line between two networks and its barrier (e.g. dense vs sparse)."""
+
+    def go():
+        from .core import connectivity
+        from .core.model_io import atomic_write_json
+        from .data import build_data
+        from .recipe import load_recipe
+
+        r = load_recipe(recipe, list(set_))
+        data = build_data(r.data, tuple(r.model.input_shape), r.seed)
+        curve = connectivity.interpolation_curve(_load_any(a), _load_any(b), data.test_x, data.test_y, points)
+        out.mkdir(parents=True, exist_ok=True)
+        res = {"a": str(a), "b": str(b), "points": points, "barrier": connectivity.barrier(curve), "curve": curve}
+        atomic_write_json(out / "interpolation.json", res)
+        connectivity.plot_curves({f"{a.name} -> {b.name}": curve}, out / "interpolation.png")
+        typer.echo(f"error {curve[0]['error']:.2f}% -> {curve[-1]['error']:.2f}%, "
+                   f"barrier {res['barrier']:.2f} pp; wrote {out / 'interpolation.json'}")
+
+    _guard(go)
+
+
+@analyze_app.command("instability")
+def analyze_instability(recipe: Path = typer.Argument(..., help="recipe with a lottery stage (its train block)"),
+                        rewind: int = typer.Option(0, "--rewind", min=0, help="iteration k of the shared θ_k"),
+                        run_dir: Optional[Path] = typer.Option(None, "--run", help="lottery run: use its θ0 and masks"),
+                        level: int = typer.Option(0, "--level", min=0, help="with --run: the level's masks"),
+                        points: int = typer.Option(30, "--points", min=2),
+                        out: Path = typer.Option(Path("runs/instability"), "--out"),
+                        set_: List[str] = typer.Option([], "--set")):
+    """Train two copies from the same θ_k with different data orders; report the error barrier."""
+
+    def go():
+        from .config import TrainLoopConfig
+        from .core import connectivity, lottery
+        from .core.model_io import atomic_write_json, build_model
+        from .data import build_data
+        from .recipe import load_recipe
+        from .stages.base import seed_everything
+
+        r = load_recipe(recipe, list(set_))
+        index = next((i for i, st in enumerate(r.stages) if st.kind == "lottery"), None)
+        if index is None:
+            raise InputError("the recipe has no lottery stage (its train block is used)", field="recipe")
+        t = r.stages[index].train
+        seed = r.seed * 1000 + index  # the lottery stage's seed: same validation split and data order
+        seed_everything(r.seed)
+        data = build_data(r.data, tuple(r.model.input_shape), r.seed)
+        train_data, _ = data.split_validation(t.validation, seed)
+        net = build_model(r.model.factory, r.model.kwargs)
+        if run_dir is not None:
+            work = run_dir / "lottery" / f"{index:02d}"
+            mask_file = work / f"masks-{level:02d}.pt"
+            if not mask_file.is_file():
+                raise InputError(f"{str(mask_file)!r} does not exist", field="--level")
+            net.load_state_dict(lottery.load_tensors(work / "init.pt"))
+            lottery.apply(net, lottery.load_tensors(mask_file))
+        batches = lottery.ShuffledBatches(train_data.train_x, train_data.train_y, t.batch_size, seed)
+        total = t.iterations if t.iterations is not None else int(round(t.epochs * len(batches)))
+        if rewind >= total:
+            raise InputError(f"must be below the training length ({total})", field="--rewind")
+        loop = TrainLoopConfig(epochs=0, max_steps=total, optimizer=t.optimizer)
+        start = connectivity.state_at(net, rewind, loop, batches) if rewind else None
+        a, b = connectivity.train_two_copies(net, start, loop, train_data.train_x, train_data.train_y,
+                                             t.batch_size, seeds=(seed + 1, seed + 2))
+        curve = connectivity.interpolation_curve(a, b, data.test_x, data.test_y, points)
+        out.mkdir(parents=True, exist_ok=True)
+        res = {"rewind_iteration": rewind, "iterations": total, "level": level if run_dir else None,
+               "barrier": connectivity.barrier(curve), "curve": curve}
+        atomic_write_json(out / "instability.json", res)
+        connectivity.plot_curves({f"k={rewind}": curve}, out / "instability.png", title="instability")
+        typer.echo(f"rewind {rewind}: barrier {res['barrier']:.2f} pp (endpoint errors {curve[0]['error']:.2f}, "
+                   f"{curve[-1]['error']:.2f}); wrote {out / 'instability.json'}")
+
+    _guard(go)
+
+
 def main() -> None:
     try:
         app()

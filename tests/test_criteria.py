@@ -7,7 +7,7 @@ import torch
 import torch_pruning as tp
 from torch import nn
 
-from compress.api import load
+from compress.api import final_checkpoint, load
 from compress.core import criteria, pruning
 from compress.recipe import validate_data
 from compress.runner import run_recipe
@@ -173,15 +173,27 @@ def test_obs_update_compensates_the_surviving_columns():
 CASES = [(name, {}) for name in sorted(pruning.IMPORTANCES.names())] + [("obs", {"obs_update": True})]
 
 
-@pytest.mark.parametrize("importance,extra", CASES, ids=[c[0] + ("+update" if c[1] else "") for c in CASES])
-def test_prune_stage_end_to_end(tmp_path, importance, extra):
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A small_cnn trained once on digits (1 epoch); one thread, the CI box is shared."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
     r = tiny_recipe()
     r["model"]["kwargs"]["width"] = 8
-    r["stages"] = [
-        {"kind": "train", "epochs": 1, "optimizer": {"name": "sgd", "lr": 0.1}},
+    r["stages"] = [{"kind": "train", "epochs": 1, "optimizer": {"name": "sgd", "lr": 0.1}}]
+    run_dir = tmp_path_factory.mktemp("dense") / "run"
+    run_recipe(validate_data(r), run_dir)
+    r["model"]["checkpoint"] = str(final_checkpoint(run_dir) / "model.safetensors")
+    yield r
+    torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("importance,extra", CASES, ids=[c[0] + ("+update" if c[1] else "") for c in CASES])
+def test_prune_stage_end_to_end(tmp_path, trained, importance, extra):
+    r = {**trained, "stages": [
         {"kind": "prune", "importance": importance, "ratio": 0.5, "scope": "uniform", "round_to": None,
          "calibration_batches": 2, **extra},
-    ]
+    ]}
     summary = run_recipe(validate_data(r), tmp_path / "run")
     model = load(tmp_path / "run")
     # stem 8 -> 4, conv1 + residual 16 -> 8, conv2 32 -> 16; the classifier keeps its 10 outputs
@@ -190,5 +202,6 @@ def test_prune_stage_end_to_end(tmp_path, importance, extra):
     assert model.conv2[0].out_channels == 16
     assert model.fc.out_features == 10 and model.fc.in_features == 16
     assert model(torch.randn(2, 1, 8, 8)).shape == (2, 10)
-    prune = summary["stages"][1]
+    prune = summary["stages"][0]
     assert prune["importance"] == importance and prune["params_after"] < prune["params_before"]
+    assert 0.0 <= prune["accuracy_after_prune"] <= 100.0

@@ -205,3 +205,15 @@ def test_prune_stage_end_to_end(tmp_path, trained, importance, extra):
     prune = summary["stages"][0]
     assert prune["importance"] == importance and prune["params_after"] < prune["params_before"]
     assert 0.0 <= prune["accuracy_after_prune"] <= 100.0
+
+
+def test_obs_update_returns_the_inverse_fisher_of_the_survivors():
+    """After removing columns S, the next update (a consumer fed by several groups) needs (F_RR)^-1."""
+    g = torch.Generator().manual_seed(3)
+    X = torch.randn(20, 6, generator=g)
+    Fm = X.T @ X / 20 + 0.1 * torch.eye(6)
+    weight = torch.randn(3, 3, 2, generator=g)          # a "conv1d-like" layer: 3 channels x 2 taps
+    survivors_inverse = criteria.obs_update(weight, torch.linalg.inv(Fm).double(), [1], in_features=3)
+    keep = [0, 1, 4, 5]
+    torch.testing.assert_close(survivors_inverse, torch.linalg.inv(Fm[keep][:, keep]).double(), rtol=1e-5, atol=1e-6)
+    assert torch.all(weight[:, 1] == 0)                 # the removed channel's columns are compensated to zero

@@ -328,17 +328,26 @@ class OBSImportance(_CurvatureImportance):
             m = dep.target.module
             if dep.handler not in _IN or m not in self.stats or not len(idxs):
                 continue
-            obs_update(m.weight, self.fisher_inverse(m), list(idxs), _in_features(m))
+            Finv = self.fisher_inverse(m)
+            if Finv.shape[0] != m.weight[0].numel():  # stale (layer changed since calibration): no update
+                continue
+            # a consumer fed by several groups (concat) is updated again later: keep the inverse of
+            # the surviving columns (OBS downdate) so the next update sees the current layer
+            self._inverse[m] = obs_update(m.weight, Finv, list(idxs), _in_features(m))
 
 
-def obs_update(weight: torch.Tensor, fisher_inverse: torch.Tensor, channels: list[int], in_features: int) -> None:
-    """``W <- W - W_S [(F^-1)_SS]^-1 (F^-1)_S,:`` with ``S`` the columns of ``channels`` (in place)."""
+def obs_update(weight: torch.Tensor, fisher_inverse: torch.Tensor, channels: list[int], in_features: int) -> torch.Tensor:
+    """``W <- W - W_S [(F^-1)_SS]^-1 (F^-1)_S,:`` with ``S`` the columns of ``channels`` (in place).
+    Returns the inverse Fisher of the surviving columns, ``(F^-1)_RR - (F^-1)_RS [(F^-1)_SS]^-1 (F^-1)_SR``."""
     W = weight.data.flatten(1)
     kk = W.shape[1] // in_features
     cols = (torch.tensor(channels, device=W.device).unsqueeze(1) * kk + torch.arange(kk, device=W.device)).flatten()
     Finv = fisher_inverse.to(W.device)
-    delta = W[:, cols].double() @ torch.linalg.solve(Finv[cols][:, cols], Finv[cols])
-    weight.data.copy_((W.double() - delta).to(W.dtype).view_as(weight))
+    solved = torch.linalg.solve(Finv[cols][:, cols], Finv[cols])                 # [(F^-1)_SS]^-1 (F^-1)_S,:
+    weight.data.copy_((W.double() - W[:, cols].double() @ solved).to(W.dtype).view_as(weight))
+    keep = torch.ones(Finv.shape[0], dtype=torch.bool, device=W.device)
+    keep[cols] = False
+    return (Finv - Finv[:, cols] @ solved)[keep][:, keep]
 
 
 def _in_features(m: nn.Module) -> int:

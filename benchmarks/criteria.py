@@ -17,6 +17,7 @@ import argparse
 import copy
 import datetime as dt
 import json
+from importlib import metadata
 import platform
 import sys
 import tempfile
@@ -29,7 +30,6 @@ sys.path.insert(0, str(REPO))
 import numpy as np  # noqa: E402
 import onnxruntime as ort  # noqa: E402
 import torch  # noqa: E402
-import torch_pruning as tp  # noqa: E402
 from torch import nn  # noqa: E402
 from torch.nn import functional as F  # noqa: E402
 
@@ -42,6 +42,9 @@ from compress.data import DataBundle, build_data  # noqa: E402
 from compress.recipe import validate_data  # noqa: E402
 from compress.stages import STAGES, StageContext  # noqa: E402
 from compress.stages.base import seed_everything  # noqa: E402
+
+
+UPDATE = "+update"  # "obs+update": the obs criterion with obs_update: true
 
 
 def run_stage(kind: str, ctx: StageContext, **fields) -> dict:
@@ -92,8 +95,9 @@ def mnist_part(args, workdir: Path) -> dict:
             seed_everything(args.seed + 1)
             ctx.model, ctx.dense = copy.deepcopy(dense), dense
             t0 = time.perf_counter()
-            pm = run_stage("prune", ctx, importance=crit, ratio=ratio, scope="global", round_to=None,
-                           calibration_batches=args.calibration_batches)
+            name, update = (crit[: -len(UPDATE)], True) if crit.endswith(UPDATE) else (crit, False)
+            pm = run_stage("prune", ctx, importance=name, ratio=ratio, scope="global", round_to=None,
+                           calibration_batches=args.calibration_batches, **({"obs_update": True} if update else {}))
             prune_s = time.perf_counter() - t0
             fm = run_stage("finetune", ctx, epochs=1, max_steps=args.ft_steps, batch_size=64,
                            optimizer={"name": "sgd", "lr": 0.01, "momentum": 0.9},
@@ -229,7 +233,7 @@ def machine() -> dict:
     import os
 
     return {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__,
-            "onnxruntime": ort.__version__, "torch_pruning": tp.__version__,
+            "onnxruntime": ort.__version__, "torch_pruning": metadata.version("torch-pruning"),  # tp.__version__ lags
             "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
 
 
@@ -307,7 +311,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--data-root", default=str(REPO.parent / "shared" / "datasets" / "mnist"))
     ap.add_argument("--dataset", default="mnist", choices=["mnist", "fashion_mnist"])
-    ap.add_argument("--criteria", nargs="+", default=sorted(pruning.IMPORTANCES.names()))
+    ap.add_argument("--criteria", nargs="+", default=sorted(pruning.IMPORTANCES.names()) + ["obs" + UPDATE],
+                    help="registry names; 'obs+update' is obs with obs_update: true")
     ap.add_argument("--ratios", nargs="+", type=float, default=[0.3, 0.5, 0.7])
     ap.add_argument("--width", type=int, default=16)
     ap.add_argument("--epochs", type=int, default=3)

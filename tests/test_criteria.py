@@ -217,3 +217,42 @@ def test_obs_update_returns_the_inverse_fisher_of_the_survivors():
     keep = [0, 1, 4, 5]
     torch.testing.assert_close(survivors_inverse, torch.linalg.inv(Fm[keep][:, keep]).double(), rtol=1e-5, atol=1e-6)
     assert torch.all(weight[:, 1] == 0)                 # the removed channel's columns are compensated to zero
+
+
+def test_obs_update_with_another_criterion_is_refused(write_recipe):
+    from compress.errors import InputError
+    from compress.recipe import load_recipe
+
+    r = tiny_recipe()
+    r["stages"] = [{"kind": "prune", "importance": "l2", "obs_update": True}]
+    with pytest.raises(InputError, match="obs_update needs importance: obs"):
+        load_recipe(write_recipe(r))
+
+
+class ConcatNet(nn.Module):
+    """Two groups (a's and b's channels) feed one consumer through a concat."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU())
+        self.b = nn.Sequential(nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU())
+        self.c = nn.Conv2d(16, 16, 3, padding=1)
+        self.fc = nn.Linear(16, 10)
+
+    def forward(self, x):
+        a = self.a(x)
+        return self.fc(self.c(torch.cat([a, self.b(a)], 1)).mean((2, 3)))
+
+
+def test_obs_update_through_a_concat_consumer():
+    torch.manual_seed(0)
+    model = ConcatNet().eval()
+    x, y = torch.randn(16, 3, 8, 8), torch.randint(0, 10, (16,))
+    crit = pruning.IMPORTANCES.get("obs")
+    imp = crit.build(obs_update=True)
+    pruner = pruning.build_pruner(model, x[:1], imp, ratio=0.5, scope="uniform", round_to=None)
+    pruning.calibrate(crit, imp, model, [(x, y)], "cpu")
+    criteria.prune_step(pruner, imp)
+    assert model.c.in_channels == 8 and model(x).shape == (16, 10)
+    # both groups updated c; after each update the inverse Fisher was downdated to the surviving columns
+    assert imp._inverse[model.c].shape == (8 * 9, 8 * 9)

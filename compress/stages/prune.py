@@ -52,6 +52,12 @@ class Config(StageConfig):
         return v
 
     @model_validator(mode="after")
+    def _obs_update_needs_obs(self):
+        if self.obs_update and self.importance != "obs":
+            raise ValueError("obs_update needs importance: obs")
+        return self
+
+    @model_validator(mode="after")
     def _per_layer_needs_ratios(self):
         if self.scope == "per_layer" and not self.ratios:
             raise ValueError("scope per_layer needs a 'ratios' map")

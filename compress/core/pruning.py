@@ -34,14 +34,6 @@ class Criterion:
 
 
 IMPORTANCES: Registry[Criterion] = Registry("importance")
-IMPORTANCES.add("l1", Criterion(lambda **kw: tp.importance.GroupMagnitudeImportance(p=1),
-                                doc="sum over the group of |w| (L1 norm)"))
-IMPORTANCES.add("l2", Criterion(lambda **kw: tp.importance.GroupMagnitudeImportance(p=2),
-                                doc="sum over the group of w^2 (squared L2 norm)"))
-IMPORTANCES.add("random", Criterion(lambda **kw: tp.importance.RandomImportance(),
-                                    doc="uniform random scores (the control)"))
-IMPORTANCES.add("taylor", Criterion(lambda **kw: tp.importance.GroupTaylorImportance(), needs="grad",
-                                    doc="first-order Taylor |w * dL/dw| summed over the group"))
 
 
 def match_any(name: str, patterns: Iterable[str]) -> bool:
@@ -78,10 +70,11 @@ def accumulate_gradients(model: nn.Module, batches, device, needs: str, imp=None
     model.zero_grad(set_to_none=True)
     was = model.training
     model.eval()  # BN statistics must not move while we score
+    if needs == "hessian" and imp is not None and hasattr(imp, "zero_grad"):
+        imp.zero_grad()  # once: the estimate is the mean over every calibration sample
     for xb, yb in batches:
         xb, yb = xb.to(device), yb.to(device)
         if needs == "hessian" and imp is not None and hasattr(imp, "accumulate_grad"):
-            imp.zero_grad()
             for i in range(len(xb)):  # per-sample squared gradients for the diagonal estimate
                 model.zero_grad(set_to_none=True)
                 loss = nn.functional.cross_entropy(logits_of(model(xb[i: i + 1])), yb[i: i + 1])
@@ -140,3 +133,6 @@ def describe_groups(model: nn.Module, example_inputs: torch.Tensor, ignore: Iter
         channels = DG.get_out_channels(root) if DG.is_out_channel_pruning_fn(group[0][0].handler) else DG.get_in_channels(root)
         groups.append({"root": name_of.get(root, "?"), "channels": int(channels or 0), "members": members})
     return groups
+
+
+from . import criteria  # noqa: E402,F401  (registers every criterion into IMPORTANCES)

@@ -7,7 +7,7 @@ import torch
 from pydantic import Field, field_validator, model_validator
 
 from ..config import StageConfig
-from ..core import pruning
+from ..core import criteria, pruning
 from ..core.metrics import logits_of
 from ..errors import ModelBreakError
 from .base import StageOutput, register_stage
@@ -26,6 +26,8 @@ class Config(StageConfig):
     max_ratio: float = Field(0.9, gt=0, le=1, description="no group loses more than this fraction (global scope)")
     calibration_batches: int = Field(4, ge=1, description="training batches for data-aware criteria")
     finetune_between: Optional[FinetuneBlock] = None
+    obs_update: bool = Field(False, description="importance obs: OBS-update the surviving weights")
+    obs_dampening: float = Field(0.01, gt=0, description="importance obs: Fisher dampening, relative to its mean diagonal")
 
     @field_validator("ratio")
     @classmethod
@@ -50,6 +52,12 @@ class Config(StageConfig):
         return v
 
     @model_validator(mode="after")
+    def _obs_update_needs_obs(self):
+        if self.obs_update and self.importance != "obs":
+            raise ValueError("obs_update needs importance: obs")
+        return self
+
+    @model_validator(mode="after")
     def _per_layer_needs_ratios(self):
         if self.scope == "per_layer" and not self.ratios:
             raise ValueError("scope per_layer needs a 'ratios' map")
@@ -69,7 +77,7 @@ def run(cfg: Config, ctx) -> StageOutput:
     before = ctx.stats()
     out_shape = _output_signature(model, example)
     criterion = pruning.IMPORTANCES.get(cfg.importance, field="importance")
-    importance = criterion.build()
+    importance = criterion.build(obs_update=cfg.obs_update, obs_dampening=cfg.obs_dampening)
     pruner = pruning.build_pruner(model, example, importance, ratio=cfg.ratio, scope=cfg.scope,
                                   steps=cfg.steps, round_to=cfg.round_to, ignore=cfg.ignore,
                                   per_layer=cfg.ratios, max_ratio=cfg.max_ratio)
@@ -77,7 +85,7 @@ def run(cfg: Config, ctx) -> StageOutput:
     step_metrics = []
     for step in range(cfg.steps):
         pruning.calibrate(criterion, importance, model, calib, ctx.device)
-        pruner.step()
+        criteria.prune_step(pruner, importance)  # plain pruner.step() unless the criterion has a hook
         model.zero_grad(set_to_none=True)
         try:
             got = _output_signature(model.eval(), example)

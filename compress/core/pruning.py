@@ -6,15 +6,19 @@ live in the ``IMPORTANCES`` registry; data-aware ones need calibration batches.
 """
 from __future__ import annotations
 
+import copy
 import fnmatch
-from dataclasses import dataclass
-from typing import Callable, Iterable
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable
 
 import torch
 import torch_pruning as tp
 from torch import nn
 
+from ..errors import InputError, ModelBreakError
 from ..registry import Registry
+from . import attention
 from .metrics import logits_of
 
 
@@ -58,8 +62,9 @@ def output_layer(model: nn.Module) -> str | None:
 
 
 def ignored_modules(model: nn.Module, patterns: Iterable[str] | None) -> list[nn.Module]:
-    pats = list(patterns) if patterns is not None else []
-    if not pats:
+    if patterns is not None:
+        pats = list(patterns)
+    else:
         out = output_layer(model)
         pats = [out] if out else []
     return [m for n, m in model.named_modules() if n and match_any(n, pats)]
@@ -139,4 +144,235 @@ def describe_groups(model: nn.Module, example_inputs: torch.Tensor, ignore: Iter
         root = group[0][0].target.module
         channels = DG.get_out_channels(root) if DG.is_out_channel_pruning_fn(group[0][0].handler) else DG.get_in_channels(root)
         groups.append({"root": name_of.get(root, "?"), "channels": int(channels or 0), "members": members})
+    return groups
+
+
+# ---------------------------------------------------------------------------------------------
+# Guards: practical limits that keep a pruned network sane, applied to every group Torch-Pruning
+# proposes before it is cut (interactive pruning), so the limit binds exactly where it matters.
+
+@dataclass
+class Guards:
+    """``first_conv_max_ratio``: the first conv keeps at least this complement of its outputs
+    (None: off). ``classifier``: the output layer keeps all outputs. ``min_channels``: no group
+    below this ("auto": max(8, original/16); None: off). ``round_to``: kept channels a multiple of it."""
+
+    first_conv_max_ratio: float | None = 0.5
+    classifier: bool = True
+    min_channels: int | str | None = "auto"
+    round_to: int | None = 8
+
+    def floor(self, original: int) -> int:
+        if self.min_channels is None:
+            return 1
+        if self.min_channels == "auto":
+            return min(original, max(8, math.ceil(original / 16)))
+        return min(original, max(1, int(self.min_channels)))
+
+
+_WEIGHTED = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
+
+
+@torch.no_grad()
+def io_layers(model: nn.Module, example: torch.Tensor) -> tuple[str | None, str | None]:
+    """(first conv, output layer) by execution order: the first Conv to run and the last
+    Conv/Linear to run (a segmentation head's 1x1 conv is as much a classifier as a Linear)."""
+    order: list[str] = []
+    hooks = [m.register_forward_hook(lambda mod, i, o, n=n: order.append(n))
+             for n, m in model.named_modules() if n and isinstance(m, _WEIGHTED)]
+    was = model.training
+    try:
+        model.eval()
+        model(example)
+    finally:
+        model.train(was)
+        for h in hooks:
+            h.remove()
+    mods = dict(model.named_modules())
+    first = next((n for n in order if isinstance(mods[n], (nn.Conv1d, nn.Conv2d, nn.Conv3d))), None)
+    return first, (order[-1] if order else None)
+
+
+def _executing_module_error(model: nn.Module, example: torch.Tensor) -> tuple[Any, str | None, BaseException | None]:
+    """Run ``model(example)``; on failure name the innermost module that was executing."""
+    stack: list[str] = []
+
+    def enter(name: str) -> None:
+        stack.append(name)
+
+    def leave() -> None:
+        if stack:
+            stack.pop()
+
+    handles = []
+    for n, m in model.named_modules():
+        if n:  # hooks must return None, or they would replace the module's output
+            handles.append(m.register_forward_pre_hook(lambda mod, i, n=n: enter(n)))
+            handles.append(m.register_forward_hook(lambda mod, i, o: leave()))
+    try:
+        with torch.no_grad():
+            return model(example), None, None
+    except Exception as exc:  # any shape error inside a module
+        return None, (stack[-1] if stack else None), exc
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def check_model_runs(model: nn.Module, example: torch.Tensor, expected_shape: tuple[int, ...],
+                     output_name: str | None = None, when: str = "after pruning") -> None:
+    """Refuse a pruned model that no longer runs or whose output shape moved (ModelBreakError
+    names the module and the shapes)."""
+    was = model.training
+    model.eval()
+    try:
+        out, where, exc = _executing_module_error(model, example)
+    finally:
+        model.train(was)
+    if exc is not None:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelBreakError(f"model no longer runs {when}: module {where or '<top level>'!r} failed: {first}")
+    got = tuple(logits_of(out).shape)
+    if got != tuple(expected_shape):
+        raise ModelBreakError(f"{when}, output shape changed {tuple(expected_shape)} -> {got} "
+                              f"(module {output_name or '?'!r} produces the output; keep the classifier guard on "
+                              f"or list it in 'ignore')")
+
+
+class GuardedPruner:
+    """Torch-Pruning's pruner plus the guards, attention patching and a record of what bound."""
+
+    def __init__(self, model: nn.Module, example: torch.Tensor, importance, *, ratio: float, scope: str,
+                 steps: int = 1, per_layer: dict[str, float] | None = None, ignore: Iterable[str] | None = None,
+                 guards: Guards | None = None, heads_ratio: float = 0.0, head_dims: bool = True,
+                 max_ratio: float = 1.0):
+        self.model = model
+        self.guards = guards or Guards()
+        first, self.output_name = io_layers(model, example)
+        modules = dict(model.named_modules())
+        self.first_conv = modules.get(first) if first and self.guards.first_conv_max_ratio is not None else None
+        self.first_conv_name = first
+        patterns = list(ignore or [])
+        if self.guards.classifier and self.output_name:
+            patterns.append(self.output_name)
+        self.sites = attention.find_attention(model)
+        if heads_ratio > 0 and not any(s.kind == "qkv" for s in self.sites):
+            where = ", ".join(s.name for s in self.sites) or "none found"
+            raise InputError("whole-head pruning needs attention with separate q/k/v projections "
+                             f"(attention modules: {where}); nn.MultiheadAttention packs q/k/v at the "
+                             "residual width, so only channels inside its heads can be pruned", field="heads.ratio")
+        self.pruner = build_pruner(model, example, importance, ratio=ratio, scope=scope, steps=steps,
+                                   round_to=None, ignore=patterns, per_layer=per_layer, max_ratio=max_ratio,
+                                   output_transform=logits_of,
+                                   **attention.pruner_kwargs(self.sites, heads_ratio, head_dims))
+        self._names = {m: n for n, m in model.named_modules()}
+        self.bound: list[dict] = []
+        if self.guards.classifier and self.output_name:
+            self.bound.append({"guard": "classifier", "group": self.output_name, "detail": "outputs kept"})
+
+    def step(self) -> list[dict]:
+        """One pruning step; returns the guard bindings of this step."""
+        start = len(self.bound)
+        for group in self.pruner.step(interactive=True):
+            group = self._apply_guards(group)
+            if group is not None:
+                group.prune()
+        attention.patch_attention(self.sites, self.pruner.num_heads)
+        attention.patch_config(self.model, self.sites)
+        return self.bound[start:]
+
+    def _apply_guards(self, group):
+        g, DG = self.guards, self.pruner.DG
+        dep0, idxs = group[0].dep, list(group[0].idxs)
+        module, handler = dep0.target.module, dep0.handler
+        is_out = DG.is_out_channel_pruning_fn(handler)
+        current = DG.get_out_channels(module) if is_out else DG.get_in_channels(module)
+        if not current or not idxs:
+            return group
+        if self.pruner._is_atten_group(group)[0]:
+            return group  # heads and head dims are cut by Torch-Pruning as whole units
+        init = (self.pruner.layer_init_out_ch if is_out else self.pruner.layer_init_in_ch).get(module, current)
+        cg = max(1, self.pruner._get_channel_groups(group))
+        size = current // cg
+        local = sorted({int(i) % size for i in idxs})
+        keep = size - len(local)
+        target, reasons = keep, []
+        floor = math.ceil(g.floor(init) / cg)
+        if floor > target:
+            target, reasons = floor, reasons + [f"min_channels {g.floor(init)}"]
+        if self.first_conv is not None and any(d.target.module is self.first_conv and DG.is_out_channel_pruning_fn(d.handler)
+                                               for d, _ in group):
+            base = self.pruner.layer_init_out_ch.get(self.first_conv, current)
+            f = math.ceil(base * (1 - g.first_conv_max_ratio) / cg)
+            if f > target:
+                target, reasons = f, reasons + [f"first_conv_max_ratio {g.first_conv_max_ratio}"]
+        if g.round_to:
+            unit = g.round_to // math.gcd(g.round_to, cg)
+            r = min(size, math.ceil(target / unit) * unit)
+            if r > target:
+                target, reasons = r, reasons + [f"round_to {g.round_to}"]
+        if target <= keep:
+            return group
+        n = size - target
+        name = self._names.get(module, "?")
+        self.bound.append({"guard": reasons[0].split()[0], "group": name, "channels": current,
+                           "proposed_keep": keep * cg, "kept": target * cg, "detail": "; ".join(reasons)})
+        if n <= 0:
+            return None
+        # rank the proposed channels by the criterion on the whole group (all channels scored)
+        imp = self.pruner.estimate_importance(DG.get_pruning_group(module, handler, list(range(current))))
+        if imp is not None and len(imp) == current:
+            per_local = imp.view(cg, size).mean(0) if cg > 1 else imp
+            chosen = sorted(local, key=lambda j: float(per_local[j]))[:n]
+        else:
+            chosen = local[:n]
+        new = sorted(j + c * size for c in range(cg) for j in chosen)
+        return DG.get_pruning_group(module, handler, new)
+
+
+def ratio_for_target(model: nn.Module, example: torch.Tensor, prepare: Callable[[nn.Module], Any],
+                     measure: Callable[[nn.Module], float], goal: float, *, iters: int = 10, hi: float = 0.95,
+                     **pruner_kw) -> tuple[float, list[dict]]:
+    """Bisection on the pruning ratio for a kept fraction (MACs or params) at or just below ``goal``.
+
+    Each trial prunes a deep copy one-shot (``prepare(copy)`` returns its importance, calibrated
+    when the criterion needs data); ``measure(copy)`` is the kept fraction. Returns the smallest
+    ratio found that reaches the goal and every trial."""
+    trials: list[dict] = []
+
+    def trial(r: float) -> float:
+        m = copy.deepcopy(model)
+        gp = GuardedPruner(m, example, prepare(m), ratio=r, steps=1, **pruner_kw)
+        gp.step()
+        kept = float(measure(m))
+        trials.append({"ratio": round(r, 6), "kept": kept})
+        return kept
+
+    if trial(hi) > goal:
+        raise InputError(f"cannot reach {goal:g} kept: ratio {hi} keeps {trials[-1]['kept']:.4f} "
+                         "(the guards or max_ratio stop it; relax them or ask for less)", field="target")
+    lo = 0.0
+    for _ in range(iters):
+        mid = (lo + hi) / 2
+        if trial(mid) <= goal:
+            hi = mid
+        else:
+            lo = mid
+    return hi, trials
+
+
+def annotate_guards(groups: list[dict], model: nn.Module, example: torch.Tensor, **pruner_kw) -> list[dict]:
+    """Add to each ``describe_groups`` entry the guard that binds on it, found by pruning a copy
+    one-shot with the recipe's settings and an L2 criterion (inspect has no data)."""
+    m = copy.deepcopy(model)
+    gp = GuardedPruner(m, example, tp.importance.GroupMagnitudeImportance(p=2), **pruner_kw)
+    gp.step()
+    by_root: dict[str, list[str]] = {}
+    for b in gp.bound:
+        by_root.setdefault(b["group"], []).append(b["detail"])
+    for grp in groups:
+        binds = list(by_root.get(grp["root"], []))
+        if gp.output_name and f"{gp.output_name}.in" in grp["members"] and gp.guards.classifier:
+            binds.append(f"classifier {gp.output_name} keeps its outputs")
+        grp["guards"] = binds
     return groups

@@ -10,7 +10,7 @@ from ..registry import Registry
 
 MODELS: Registry = Registry("model")
 
-from . import cnn, mobilenet, resnet, vgg, vit  # noqa: E402,F401  (registration side effects)
+from . import blocks, cnn, mobilenet, resnet, vgg, vit  # noqa: E402,F401  (registration side effects)
 from .cnn import conv2, conv4, conv6, lenet_300_100, small_cnn  # noqa: E402,F401
 from .mobilenet import mobilenet_v2  # noqa: E402,F401
 from .resnet import resnet20, resnet32, resnet56  # noqa: E402,F401

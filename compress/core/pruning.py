@@ -101,7 +101,8 @@ def accumulate_gradients(model: nn.Module, batches, device, needs: str, imp=None
 def build_pruner(model: nn.Module, example_inputs: torch.Tensor, importance: tp.importance.Importance, *,
                  ratio: float, scope: str, steps: int = 1, round_to: int | None = None,
                  ignore: Iterable[str] | None = None, per_layer: dict[str, float] | None = None,
-                 max_ratio: float = 1.0, **extra) -> tp.pruner.BasePruner:
+                 max_ratio: float = 1.0, module_ratios: dict[nn.Module, float] | None = None,
+                 **extra) -> tp.pruner.BasePruner:
     """A Torch-Pruning pruner configured from recipe-level settings.
 
     ``scope``: ``uniform`` (same fraction in every group), ``global`` (one ranking across groups,
@@ -116,6 +117,8 @@ def build_pruner(model: nn.Module, example_inputs: torch.Tensor, importance: tp.
                     if match_any(name, [pat]):
                         ratio_dict[mod] = r
                         break
+    if module_ratios:
+        ratio_dict = {**(ratio_dict or {}), **module_ratios}
     return tp.pruner.BasePruner(
         model, example_inputs, importance=importance, global_pruning=(scope == "global"),
         pruning_ratio=ratio, pruning_ratio_dict=ratio_dict, max_pruning_ratio=max_ratio,
@@ -261,9 +264,15 @@ class GuardedPruner:
             raise InputError("whole-head pruning needs attention with separate q/k/v projections "
                              f"(attention modules: {where}); nn.MultiheadAttention packs q/k/v at the "
                              "residual width, so only channels inside its heads can be pruned", field="heads.ratio")
+        module_ratios = None
+        if heads_ratio > 0 and ratio == 0 and scope != "per_layer":
+            # Torch-Pruning only visits a scope that loses channels; give each attention its own
+            # scope with a token ratio, and cut no dims, so that only whole heads go.
+            head_dims = False
+            module_ratios = {s.qkv[0]: 1e-6 for s in self.sites if s.kind == "qkv"}
         self.pruner = build_pruner(model, example, importance, ratio=ratio, scope=scope, steps=steps,
                                    round_to=None, ignore=patterns, per_layer=per_layer, max_ratio=max_ratio,
-                                   output_transform=logits_of,
+                                   module_ratios=module_ratios, output_transform=logits_of,
                                    **attention.pruner_kwargs(self.sites, heads_ratio, head_dims))
         self._names = {m: n for n, m in model.named_modules()}
         self.bound: list[dict] = []

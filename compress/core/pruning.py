@@ -324,7 +324,7 @@ class GuardedPruner:
             return group
         n = size - target
         name = self._names.get(module, "?")
-        self.bound.append({"guard": reasons[0].split()[0], "group": name, "channels": current,
+        self.bound.append({"guard": reasons[-1].split()[0], "group": name, "channels": current,
                            "proposed_keep": keep * cg, "kept": target * cg, "detail": "; ".join(reasons)})
         if n <= 0:
             return None

@@ -354,7 +354,7 @@ def ratio_for_target(model: nn.Module, example: torch.Tensor, prepare: Callable[
         gp = GuardedPruner(m, example, prepare(m), ratio=r, steps=1, **pruner_kw)
         gp.step()
         kept = float(measure(m))
-        trials.append({"ratio": round(r, 6), "kept": kept})
+        trials.append({"ratio": r, "kept": kept})
         return kept
 
     if trial(hi) > goal:

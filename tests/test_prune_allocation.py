@@ -13,7 +13,7 @@ from compress.core import pruning
 from compress.core.metrics import count_macs, count_params
 from compress.zoo import MODELS
 
-from conftest import cli, tiny_recipe
+from conftest import tiny_recipe
 
 torch.set_num_threads(1)
 SHAPE = (3, 16, 16)
@@ -84,19 +84,19 @@ def test_target_by_bisection(key, goal):
 
 
 def _run(write_recipe, tmp_path, prune: dict):
+    """The real runner in-process (the CLI path is covered by the exit-code tests)."""
+    from compress.core.progress import set_quiet
+    from compress.recipe import load_recipe
+    from compress.runner import run_recipe
+
+    set_quiet(True)
     r = tiny_recipe()
     r["stages"] = [{"kind": "train", "epochs": 1, "optimizer": {"name": "sgd", "lr": 0.1}}, {"kind": "prune", **prune}]
-    res = cli("-q", "run", str(write_recipe(r)), "--out", str(tmp_path / "run"))
-    assert res.returncode == 0, res.stderr
+    run_recipe(load_recipe(write_recipe(r)), tmp_path / "run")
     return json.loads((tmp_path / "run" / "summary.json").read_text())
 
 
-@pytest.fixture
-def one_thread(monkeypatch):
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")
-
-
-def test_stage_target_reported_exactly(write_recipe, tmp_path, one_thread):
+def test_stage_target_reported_exactly(write_recipe, tmp_path):
     s = _run(write_recipe, tmp_path, {"importance": "l2", "target": {"macs": 0.5}, "scope": "global"})
     stage = s["stages"][1]
     assert stage["macs_kept"] <= 0.5
@@ -105,7 +105,7 @@ def test_stage_target_reported_exactly(write_recipe, tmp_path, one_thread):
     assert stage["guards"]["bound"][0]["guard"] == "classifier"
 
 
-def test_stage_iterative_steps_with_finetune_between(write_recipe, tmp_path, one_thread):
+def test_stage_iterative_steps_with_finetune_between(write_recipe, tmp_path):
     s = _run(write_recipe, tmp_path, {"ratio": 0.5, "scope": "uniform", "steps": 2,
                                       "finetune_between": {"epochs": 1, "optimizer": {"lr": 0.01}}})
     stage = s["stages"][1]
@@ -114,11 +114,17 @@ def test_stage_iterative_steps_with_finetune_between(write_recipe, tmp_path, one
     assert stage["params_kept"] < 0.6
 
 
-def test_target_with_per_layer_is_rejected(write_recipe, one_thread):
+def test_target_with_per_layer_is_rejected(write_recipe):
+    from compress.errors import InputError
+    from compress.recipe import load_recipe
+
     r = tiny_recipe()
     r["stages"] = [{"kind": "prune", "scope": "per_layer", "ratios": {"conv*": 0.3}, "target": {"macs": 0.5}}]
-    res = cli("validate", str(write_recipe(r)))
-    assert res.returncode == 2 and "target" in res.stderr and "Traceback" not in res.stderr
+    with pytest.raises(InputError, match=r"stages\[0\].*target needs scope uniform or global"):
+        load_recipe(write_recipe(r))
+    r["stages"] = [{"kind": "prune", "target": {"macs": 0.5, "params": 0.5}}]
+    with pytest.raises(InputError, match="exactly one of macs or params"):
+        load_recipe(write_recipe(r))
 
 
 def test_unreachable_target_is_an_input_error():

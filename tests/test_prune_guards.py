@@ -130,11 +130,19 @@ def test_cli_refuses_output_shape_change_exit_2(write_recipe, tmp_path, one_thre
     assert "Traceback" not in res.stderr
 
 
-def test_cli_bad_guard_value_names_field(write_recipe, one_thread):
+def test_bad_guard_value_names_field(write_recipe):
+    from compress.errors import InputError
+    from compress.recipe import load_recipe
+
     r = tiny_recipe()
     r["stages"] = [{"kind": "prune", "guards": {"min_channels": 0}}]
-    res = cli("validate", str(write_recipe(r)))
-    assert res.returncode == 2 and "min_channels" in res.stderr
+    with pytest.raises(InputError, match=r"stages\[0\]\.guards\.min_channels"):
+        load_recipe(write_recipe(r))
+    r["stages"] = [{"kind": "prune", "guards": {"first_conv": 0.5}}]  # a typo is an error, not ignored
+    with pytest.raises(InputError, match="first_conv"):
+        load_recipe(write_recipe(r))
+    r["stages"] = [{"kind": "prune", "guards": {"min_channels": None, "round_to": None, "first_conv_max_ratio": None}}]
+    assert load_recipe(write_recipe(r)).stages[0].resolved_guards() == OFF
 
 
 def test_inspect_lists_groups_with_binding_guards(write_recipe, one_thread):

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from . import MODELS
-from .resnet import Bottleneck
+from .resnet import BasicBlock, bottleneck_stages
 
 
 class BottleneckResNet(nn.Module):
@@ -19,12 +19,7 @@ class BottleneckResNet(nn.Module):
         super().__init__()
         self.conv1 = nn.Conv2d(in_channels, stem, 3, 1, 1, bias=False)
         self.bn1 = nn.BatchNorm2d(stem)
-        layers, cin = [], stem
-        for stage, p in enumerate(planes):
-            for i in range(blocks):
-                layers.append(Bottleneck(cin, p, 2 if (stage > 0 and i == 0) else 1, groups, base_width))
-                cin = p * Bottleneck.expansion
-        self.layers = nn.Sequential(*layers)
+        self.layers, cin = bottleneck_stages(stem, [blocks] * len(planes), planes, groups, base_width)
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.fc = nn.Linear(cin, num_classes)
 
@@ -93,15 +88,12 @@ class SqueezeExcite(nn.Module):
         return x * s[:, :, None, None]  # channel gating: the gate's width is coupled with x's
 
 
-class SEBlock(nn.Module):
+class SEBlock(BasicBlock):
+    """A basic residual block whose residual branch is gated by squeeze-and-excitation."""
+
     def __init__(self, cin: int, cout: int, stride: int = 1):
-        super().__init__()
-        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(cout)
-        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(cout)
+        super().__init__(cin, cout, stride)
         self.se = SqueezeExcite(cout)
-        self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.se(self.bn2(self.conv2(torch.relu(self.bn1(self.conv1(x))))))

@@ -341,18 +341,20 @@ class GuardedPruner:
 
 def ratio_for_target(model: nn.Module, example: torch.Tensor, prepare: Callable[[nn.Module], Any],
                      measure: Callable[[nn.Module], float], goal: float, *, iters: int = 10, hi: float = 0.95,
-                     **pruner_kw) -> tuple[float, list[dict]]:
+                     steps: int = 1, **pruner_kw) -> tuple[float, list[dict]]:
     """Bisection on the pruning ratio for a kept fraction (MACs or params) at or just below ``goal``.
 
-    Each trial prunes a deep copy one-shot (``prepare(copy)`` returns its importance, calibrated
-    when the criterion needs data); ``measure(copy)`` is the kept fraction. Returns the smallest
-    ratio found that reaches the goal and every trial."""
+    Each trial prunes a deep copy in ``steps`` steps (``prepare(copy)`` returns its importance,
+    calibrated when the criterion needs data; no fine-tune between trial steps, so a recipe with
+    ``finetune_between`` may land slightly off); ``measure(copy)`` is the kept fraction. Returns
+    the smallest ratio found that reaches the goal and every trial."""
     trials: list[dict] = []
 
     def trial(r: float) -> float:
         m = copy.deepcopy(model)
-        gp = GuardedPruner(m, example, prepare(m), ratio=r, steps=1, **pruner_kw)
-        gp.step()
+        gp = GuardedPruner(m, example, prepare(m), ratio=r, steps=steps, **pruner_kw)
+        for _ in range(steps):
+            gp.step()
         kept = float(measure(m))
         trials.append({"ratio": r, "kept": kept})
         return kept

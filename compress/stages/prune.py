@@ -1,4 +1,24 @@
-"""``prune``: structured channel pruning on the dependency graph (Torch-Pruning DepGraph)."""
+"""``prune``: structured channel pruning on the dependency graph (Torch-Pruning DepGraph).
+
+Allocation (``scope``): ``uniform`` removes ``ratio`` of every group; ``global`` ranks all groups'
+per-group-normalised scores together (no group above ``max_ratio``); ``per_layer`` maps module-name
+patterns to ratios (``ratios: {"layers.0.*": 0.3}``; unmatched groups use ``ratio``). ``target:
+{macs: 0.5}`` / ``{params: 0.4}`` (fraction kept) replaces ``ratio`` by the smallest ratio that
+reaches it, found by bisection on pruned copies; the achieved value is reported exactly.
+``steps: k`` prunes in k equal steps, with ``finetune_between`` (a ``finetune`` block) in between.
+
+Guards (``guards:``; each on by default, ``null``/``false`` turns it off, each binding reported in
+the stage metrics ``guards.bound``): the first conv loses at most ``first_conv_max_ratio`` (0.5);
+the classifier (the last Conv/Linear to run) loses no outputs; no group drops below
+``min_channels`` (auto: max(8, original/16)); kept channel counts are multiples of ``round_to`` (8;
+for grouped layers, per group as far as the group count allows). A pruned model that no longer
+runs or whose output shape moved is refused (ModelBreakError: module and shapes named; exit 2).
+
+Attention: ``heads: {ratio: 0.25, head_dims: true}`` removes whole heads of q/k/v-projection
+attention (Hugging Face style) and, with ``head_dims``, channels inside the surviving heads; head
+counts and widths are patched so forward and ONNX export work. ``nn.MultiheadAttention`` keeps its
+head count and loses the same channels in every head.
+"""
 from __future__ import annotations
 
 from typing import Literal, Optional, Union
@@ -145,7 +165,7 @@ def run(cfg: Config, ctx) -> StageOutput:
         measure = ((lambda m: count_macs(m, ctx.input_shape, ctx.device) / base) if key == "macs"
                    else (lambda m: count_params(m) / base))
         ratio, trials = pruning.ratio_for_target(model, example, prepared_importance, measure, goal,
-                                                 hi=min(0.95, cfg.max_ratio), **kw)
+                                                 hi=min(0.95, cfg.max_ratio), steps=cfg.steps, **kw)
         search = {"target": {key: goal}, "ratio_found": ratio, "trials": trials}
 
     gp = pruning.GuardedPruner(model, example, criterion.build(), ratio=ratio, steps=cfg.steps, **kw)

@@ -71,7 +71,7 @@ def test_target_by_bisection(key, goal):
     base = count_macs(m, SHAPE) if key == "macs" else count_params(m)
     measure = (lambda x: count_macs(x, SHAPE) / base) if key == "macs" else (lambda x: count_params(x) / base)
     ratio, trials = pruning.ratio_for_target(m, torch.randn(1, *SHAPE),
-                                             lambda _: tp.importance.GroupMagnitudeImportance(p=2), measure, goal,
+                                             lambda: tp.importance.GroupMagnitudeImportance(p=2), measure, goal,
                                              iters=6, scope="global", guards=pruning.Guards(), max_ratio=0.9)
     reached = [t for t in trials if t["kept"] <= goal]
     assert reached and min(t["ratio"] for t in reached) == pytest.approx(ratio)
@@ -132,5 +132,5 @@ def test_unreachable_target_is_an_input_error():
     from compress.errors import InputError
 
     with pytest.raises(InputError, match="cannot reach"):
-        pruning.ratio_for_target(m, torch.randn(1, *SHAPE), lambda _: tp.importance.GroupMagnitudeImportance(),
+        pruning.ratio_for_target(m, torch.randn(1, *SHAPE), lambda: tp.importance.GroupMagnitudeImportance(),
                                  lambda x: count_params(x) / 1e9 + 0.9, 0.5, scope="global")

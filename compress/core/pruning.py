@@ -339,22 +339,28 @@ class GuardedPruner:
         return DG.get_pruning_group(module, handler, new)
 
 
-def ratio_for_target(model: nn.Module, example: torch.Tensor, prepare: Callable[[nn.Module], Any],
+def ratio_for_target(model: nn.Module, example: torch.Tensor, build: Callable[[], Any],
                      measure: Callable[[nn.Module], float], goal: float, *, iters: int = 10, hi: float = 0.95,
-                     steps: int = 1, **pruner_kw) -> tuple[float, list[dict]]:
+                     steps: int = 1, prepare_step: Callable[[nn.Module, Any], None] | None = None,
+                     **pruner_kw) -> tuple[float, list[dict]]:
     """Bisection on the pruning ratio for a kept fraction (MACs or params) at or just below ``goal``.
 
-    Each trial prunes a deep copy in ``steps`` steps (``prepare(copy)`` returns its importance,
-    calibrated when the criterion needs data; no fine-tune between trial steps, so a recipe with
-    ``finetune_between`` may land slightly off); ``measure(copy)`` is the kept fraction. Returns
-    the smallest ratio found that reaches the goal and every trial."""
+    Each trial prunes a deep copy in ``steps`` steps with a fresh ``build()`` importance;
+    ``prepare_step(copy, importance)`` runs before each step (calibration for data-aware criteria;
+    no fine-tune between trial steps, so a recipe with ``finetune_between`` may land slightly off).
+    ``measure(copy)`` is the kept fraction. Returns the smallest ratio found that reaches the goal
+    and every trial."""
     trials: list[dict] = []
 
     def trial(r: float) -> float:
         m = copy.deepcopy(model)
-        gp = GuardedPruner(m, example, prepare(m), ratio=r, steps=steps, **pruner_kw)
+        imp = build()
+        gp = GuardedPruner(m, example, imp, ratio=r, steps=steps, **pruner_kw)
         for _ in range(steps):
+            if prepare_step is not None:
+                prepare_step(m, imp)
             gp.step()
+            m.zero_grad(set_to_none=True)
         kept = float(measure(m))
         trials.append({"ratio": r, "kept": kept})
         return kept

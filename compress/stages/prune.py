@@ -152,11 +152,8 @@ def run(cfg: Config, ctx) -> StageOutput:
     calib = ctx.calibration_batches(cfg.calibration_batches) if (criterion.needs or criterion.calibrate) else []
     kw = cfg.pruner_kwargs()
 
-    def prepared_importance(m):
-        imp = criterion.build()
+    def calibrate(m, imp):
         pruning.calibrate(criterion, imp, m, calib, ctx.device)
-        m.zero_grad(set_to_none=True)
-        return imp
 
     ratio, search = cfg.ratio, None
     if cfg.target is not None:
@@ -164,14 +161,15 @@ def run(cfg: Config, ctx) -> StageOutput:
         base = before[key]
         measure = ((lambda m: count_macs(m, ctx.input_shape, ctx.device) / base) if key == "macs"
                    else (lambda m: count_params(m) / base))
-        ratio, trials = pruning.ratio_for_target(model, example, prepared_importance, measure, goal,
-                                                 hi=min(0.95, cfg.max_ratio), steps=cfg.steps, **kw)
+        ratio, trials = pruning.ratio_for_target(model, example, criterion.build, measure, goal,
+                                                 hi=min(0.95, cfg.max_ratio), steps=cfg.steps,
+                                                 prepare_step=calibrate, **kw)
         search = {"target": {key: goal}, "ratio_found": ratio, "trials": trials}
 
     gp = pruning.GuardedPruner(model, example, criterion.build(), ratio=ratio, steps=cfg.steps, **kw)
     step_metrics, guard_hits = [], list(gp.bound)
     for step in range(cfg.steps):
-        pruning.calibrate(criterion, gp.pruner.importance, model, calib, ctx.device)
+        calibrate(model, gp.pruner.importance)
         guard_hits += gp.step()
         model.zero_grad(set_to_none=True)
         pruning.check_model_runs(model, example, out_shape, gp.output_name, when=f"after pruning step {step + 1}")

@@ -134,3 +134,12 @@ def test_unreachable_target_is_an_input_error():
     with pytest.raises(InputError, match="cannot reach"):
         pruning.ratio_for_target(m, torch.randn(1, *SHAPE), lambda: tp.importance.GroupMagnitudeImportance(),
                                  lambda x: count_params(x) / 1e9 + 0.9, 0.5, scope="global")
+
+
+def test_stage_target_with_data_aware_criterion_and_steps(write_recipe, tmp_path):
+    s = _run(write_recipe, tmp_path, {"importance": "taylor", "target": {"params": 0.4}, "steps": 2,
+                                      "scope": "global", "calibration_batches": 2})
+    stage = s["stages"][1]
+    assert stage["params_kept"] <= 0.4 and stage["target"]["achieved"] == {"params": stage["params_kept"]}
+    found = [t for t in stage["target"]["trials"] if t["ratio"] == stage["ratio"]]
+    assert found and found[0]["kept"] == stage["params_kept"]  # the trial predicted the real run

@@ -151,7 +151,9 @@ def inspect(recipe: Path = typer.Argument(...),
                    f"scope {prune_cfg.scope}):")
         for i, g in enumerate(groups):
             binds = f"  [guard: {'; '.join(g['guards'])}]" if g["guards"] else ""
-            typer.echo(f"  group {i}: {g['channels']} ch: {', '.join(g['members'])}{binds}")
+            att = g.get("attention")
+            heads = f"  [attention {att['module']}: {att['heads']} heads x {att['head_dim']}]" if att else ""
+            typer.echo(f"  group {i}: {g['channels']} ch: {', '.join(g['members'])}{binds}{heads}")
 
     _guard(go)
 

@@ -120,3 +120,14 @@ def test_portable_checkpoint_of_pruned_transformer(factory, kwargs, tmp_path):
     x = torch.randn(2, 3, 16, 16)
     with torch.no_grad():
         assert torch.equal(logits_of(model(x)), logits_of(again(x)))
+
+
+@needs_hf
+def test_inspect_annotation_marks_attention_groups():
+    model = MODELS.get("hf_vit")(hidden_size=64, heads=4).eval()
+    x = torch.randn(1, 3, 16, 16)
+    groups = pruning.describe_groups(model, x, ["classifier"])
+    groups = pruning.annotate_guards(groups, model, x, ratio=0.5, scope="uniform", guards=pruning.Guards())
+    att = [g["attention"] for g in groups if "attention" in g]
+    assert [a["heads"] for a in att] == [4, 4] and all(a["head_dim"] == 16 for a in att)
+    assert model.vit.layers[0].attention.q_proj.out_features == 64  # annotation prunes a copy only

@@ -387,7 +387,12 @@ def annotate_guards(groups: list[dict], model: nn.Module, example: torch.Tensor,
     by_root: dict[str, list[str]] = {}
     for b in gp.bound:
         by_root.setdefault(b["group"], []).append(b["detail"])
+    names = {m: n for n, m in model.named_modules()}
+    heads = {f"{names[s.qkv[0]]}.out": s for s in attention.find_attention(model) if s.kind == "qkv"}
     for grp in groups:
+        site = next((heads[k] for k in grp["members"] if k in heads), None)
+        if site is not None:
+            grp["attention"] = {"module": site.name, "heads": site.heads, "head_dim": site.head_dim}
         binds = list(by_root.get(grp["root"], []))
         if gp.output_name and f"{gp.output_name}.in" in grp["members"] and gp.guards.classifier:
             binds.append(f"classifier {gp.output_name} keeps its outputs")

@@ -39,6 +39,13 @@ def test_per_layer_ratios_hit_only_matching_groups():
     assert m.conv1.out_channels == 8                    # the residual group layers.0.conv2 belongs to
 
 
+def test_per_layer_pattern_that_matches_nothing_is_an_input_error():
+    from compress.errors import InputError
+
+    with pytest.raises(InputError, match="ratios: pattern 'blocks.0.*' matches no Conv/Linear"):
+        _pruner(_resnet(), 0.0, "per_layer", per_layer={"blocks.0.*": 0.5})
+
+
 def test_uniform_cuts_every_group_by_the_same_fraction():
     m = _resnet()
     _pruner(m, 0.5, "uniform", guards=pruning.Guards(first_conv_max_ratio=None)).step()

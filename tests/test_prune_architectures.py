@@ -9,6 +9,7 @@ import torch
 import torch_pruning as tp
 
 from compress.core import pruning
+from compress.core.attention import find_attention
 from compress.core.metrics import count_macs, logits_of
 from compress.core.model_io import load_portable, save_portable
 from compress.core.onnx_io import export_onnx, parity
@@ -108,16 +109,20 @@ def test_vit_tiny_head_dims_shrink_in_every_head():
     assert mha.num_heads == 4 and mha.embed_dim == 32 and mha.head_dim == 8
 
 
-@pytest.mark.parametrize("factory,kwargs", [
-    ("vit_tiny", {"image_size": 16, "dim": 64, "depth": 2, "heads": 4}),
-    pytest.param("hf_vit", {"hidden_size": 64, "heads": 4}, marks=needs_hf),
+@pytest.mark.parametrize("factory,kwargs,shape", [
+    ("vit_tiny", {"image_size": 16, "dim": 64, "depth": 2, "heads": 4}, (3, 16, 16)),
+    pytest.param("hf_vit", {"hidden_size": 64, "heads": 4}, (3, 16, 16), marks=needs_hf),
+    pytest.param("hf_segformer", {}, (3, 32, 32), marks=needs_hf),
 ])
-def test_portable_checkpoint_of_pruned_transformer(factory, kwargs, tmp_path):
+def test_portable_checkpoint_of_pruned_transformer(factory, kwargs, shape, tmp_path):
     model = MODELS.get(factory)(**kwargs).eval()
-    _prune(model, (3, 16, 16), heads_ratio=0.25 if factory.startswith("hf") else 0.0)
-    save_portable(model, tmp_path, factory, kwargs, [3, 16, 16])
+    _prune(model, shape, heads_ratio=0.5 if factory.startswith("hf") else 0.0)
+    save_portable(model, tmp_path, factory, kwargs, list(shape))
     again = load_portable(tmp_path)
-    x = torch.randn(2, 3, 16, 16)
+    fresh, pruned, loaded = (find_attention(m) for m in (MODELS.get(factory)(**kwargs), model, again))
+    assert [(s.heads, s.head_dim) for s in loaded] == [(s.heads, s.head_dim) for s in pruned]
+    assert sum(s.heads * s.head_dim for s in loaded) < sum(s.heads * s.head_dim for s in fresh)
+    x = torch.randn(2, *shape)
     with torch.no_grad():
         assert torch.equal(logits_of(model(x)), logits_of(again(x)))
 

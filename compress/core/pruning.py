@@ -264,6 +264,12 @@ class GuardedPruner:
             raise InputError("whole-head pruning needs attention with separate q/k/v projections "
                              f"(attention modules: {where}); nn.MultiheadAttention packs q/k/v at the "
                              "residual width, so only channels inside its heads can be pruned", field="heads.ratio")
+        if scope == "per_layer":
+            names = [n for n, m in model.named_modules() if isinstance(m, _WEIGHTED)]
+            for pat in per_layer or {}:
+                if not any(match_any(n, [pat]) for n in names):
+                    raise InputError(f"pattern {pat!r} matches no Conv/Linear module (e.g. {names[:3]})",
+                                     field="ratios")
         module_ratios = None
         if heads_ratio > 0 and ratio == 0 and scope != "per_layer":
             # Torch-Pruning only visits a scope that loses channels; give each attention its own

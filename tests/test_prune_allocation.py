@@ -148,5 +148,8 @@ def test_stage_target_with_data_aware_criterion_and_steps(write_recipe, tmp_path
                                       "scope": "global", "calibration_batches": 2})
     stage = s["stages"][1]
     assert stage["params_kept"] <= 0.4 and stage["target"]["achieved"] == {"params": stage["params_kept"]}
-    found = [t for t in stage["target"]["trials"] if t["ratio"] == stage["ratio"]]
-    assert found and found[0]["kept"] == stage["params_kept"]  # the trial predicted the real run
+    first, last = stage["target"]["steps"]
+    assert first["goal"] == pytest.approx(0.7) and last["goal"] == pytest.approx(0.4)  # the budget in two shares
+    assert stage["ratio"] == [first["ratio_found"], last["ratio_found"]]
+    found = [t for t in last["trials"] if t["ratio"] == last["ratio_found"]]
+    assert found and found[0]["kept"] == stage["params_kept"]  # the last trial predicted the real run

@@ -158,3 +158,18 @@ def test_inspect_lists_groups_with_binding_guards(write_recipe, one_thread):
     assert all({"root", "channels", "members", "guards"} <= set(grp) for grp in info["groups"])
     text = cli("inspect", str(path))
     assert text.returncode == 0 and "group 0:" in text.stdout and "[guard: classifier fc" in text.stdout
+
+
+def test_guards_hold_against_the_unpruned_model_across_pruners():
+    m = MODELS.get("senet_small")()
+    x = torch.randn(1, 3, 16, 16)
+    ref = pruning.channel_counts(m, x)
+    assert ref["stem.0"] == (32, 3)
+    for _ in range(2):  # two separate pruner instances, as the stage builds for an iterative target
+        _prune(m, (3, 16, 16), pruning.Guards(), 0.8, reference=ref)
+    assert m.stem[0].out_channels == 16  # still half of the original 32, not half of half
+
+    m = MODELS.get("senet_small")()
+    for _ in range(2):
+        _prune(m, (3, 16, 16), pruning.Guards(), 0.8)
+    assert m.stem[0].out_channels == 8  # without the reference each pruner sees a fresh 'original'

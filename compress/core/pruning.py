@@ -242,13 +242,26 @@ def check_model_runs(model: nn.Module, example: torch.Tensor, expected_shape: tu
                               f"or list it in 'ignore')")
 
 
+def channel_counts(model: nn.Module, example: torch.Tensor) -> dict[str, tuple[int, int]]:
+    """(out, in) channels of every prunable module by name: the reference the guards and
+    ``max_ratio`` are measured against when a model is pruned over several pruner instances."""
+    DG = tp.DependencyGraph().build_dependency(model, example_inputs=example, output_transform=logits_of)
+    out = {}
+    for name, mod in model.named_modules():
+        if mod in DG.module2node and DG.get_pruner_of_module(mod) is not None:
+            o, i = DG.get_out_channels(mod), DG.get_in_channels(mod)
+            if o is not None and i is not None:
+                out[name] = (int(o), int(i))
+    return out
+
+
 class GuardedPruner:
     """Torch-Pruning's pruner plus the guards, attention patching and a record of what bound."""
 
     def __init__(self, model: nn.Module, example: torch.Tensor, importance, *, ratio: float, scope: str,
                  steps: int = 1, per_layer: dict[str, float] | None = None, ignore: Iterable[str] | None = None,
                  guards: Guards | None = None, heads_ratio: float = 0.0, head_dims: bool = True,
-                 max_ratio: float = 1.0):
+                 max_ratio: float = 1.0, reference: dict[str, tuple[int, int]] | None = None):
         self.model = model
         self.guards = guards or Guards()
         first, self.output_name = io_layers(model, example)
@@ -281,6 +294,9 @@ class GuardedPruner:
                                    module_ratios=module_ratios, output_transform=logits_of,
                                    **attention.pruner_kwargs(self.sites, heads_ratio, head_dims))
         self._names = {m: n for n, m in model.named_modules()}
+        for mod, name in self._names.items():  # guards relative to the unpruned model
+            if reference and name in reference and mod in self.pruner.layer_init_out_ch:
+                self.pruner.layer_init_out_ch[mod], self.pruner.layer_init_in_ch[mod] = reference[name]
         self.bound: list[dict] = []
         if self.guards.classifier and self.output_name:
             self.bound.append({"guard": "classifier", "group": self.output_name, "detail": "outputs kept"})

@@ -155,26 +155,38 @@ def run(cfg: Config, ctx) -> StageOutput:
     def calibrate(m, imp):
         pruning.calibrate(criterion, imp, m, calib, ctx.device)
 
-    ratio, search = cfg.ratio, None
+    # guards and max_ratio stay relative to the unpruned model across steps and pruner instances
+    kw["reference"] = pruning.channel_counts(model, example)
+    measure, goal, searches, ratios = None, None, [], []
     if cfg.target is not None:
         key, goal = cfg.target.key, cfg.target.value
         base = before[key]
         measure = ((lambda m: count_macs(m, ctx.input_shape, ctx.device) / base) if key == "macs"
                    else (lambda m: count_params(m) / base))
-        ratio, trials = pruning.ratio_for_target(model, example, criterion.build, measure, goal,
-                                                 hi=min(0.95, cfg.max_ratio), steps=cfg.steps,
-                                                 prepare_step=calibrate, **kw)
-        search = {"target": {key: goal}, "ratio_found": ratio, "trials": trials}
 
-    gp = pruning.GuardedPruner(model, example, criterion.build(), ratio=ratio, steps=cfg.steps, **kw)
-    step_metrics, guard_hits = [], list(gp.bound)
+    gp, step_metrics, guard_hits = None, [], []
     for step in range(cfg.steps):
+        if cfg.target is not None:
+            # iterative with a target: each step reaches its share of the budget on the current
+            # (possibly fine-tuned) model, so the last step lands on the goal itself
+            step_goal = 1 - (1 - goal) * (step + 1) / cfg.steps
+            r, trials = pruning.ratio_for_target(model, example, criterion.build, measure, step_goal,
+                                                 hi=min(0.95, cfg.max_ratio), prepare_step=calibrate, **kw)
+            searches.append({"step": step + 1, "goal": step_goal, "ratio_found": r, "trials": trials})
+            gp = pruning.GuardedPruner(model, example, criterion.build(), ratio=r, steps=1, **kw)
+            ratios.append(r)
+        elif gp is None:
+            gp = pruning.GuardedPruner(model, example, criterion.build(), ratio=cfg.ratio, steps=cfg.steps, **kw)
+            ratios.append(cfg.ratio)
+        if step == 0:
+            guard_hits += gp.bound  # the classifier guard, recorded once
         calibrate(model, gp.pruner.importance)
         guard_hits += gp.step()
         model.zero_grad(set_to_none=True)
         pruning.check_model_runs(model, example, out_shape, gp.output_name, when=f"after pruning step {step + 1}")
         if cfg.finetune_between is not None and step < cfg.steps - 1:
             step_metrics.append(finetune(cfg.finetune_between, ctx, description=f"finetune {step + 1}"))
+    ratio = ratios[0] if len(ratios) == 1 else ratios
     ctx.model = model
     after = ctx.stats()
     acc = ctx.evaluate()["accuracy"]
@@ -188,9 +200,10 @@ def run(cfg: Config, ctx) -> StageOutput:
     }
     if gp.sites:
         metrics["attention"] = [{"module": s.name, "heads": s.heads, "head_dim": s.head_dim} for s in gp.sites]
-    if search is not None:
+    search = None
+    if cfg.target is not None:
         key = cfg.target.key
-        search["achieved"] = {key: metrics[f"{key}_kept"]}
+        search = {"target": {key: goal}, "achieved": {key: metrics[f"{key}_kept"]}, "steps": searches}
         metrics["target"] = search
     if step_metrics:
         metrics["finetune_between"] = step_metrics

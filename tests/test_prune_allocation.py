@@ -153,3 +153,13 @@ def test_stage_target_with_data_aware_criterion_and_steps(write_recipe, tmp_path
     assert stage["ratio"] == [first["ratio_found"], last["ratio_found"]]
     found = [t for t in last["trials"] if t["ratio"] == last["ratio_found"]]
     assert found and found[0]["kept"] == stage["params_kept"]  # the last trial predicted the real run
+
+
+def test_example_recipe_validates():
+    from conftest import REPO
+
+    from compress.recipe import load_recipe
+
+    r = load_recipe(REPO / "recipes" / "prune_target.yaml")
+    prune = r.stages[1]
+    assert prune.target.key == "macs" and prune.steps == 2 and prune.resolved_guards() == pruning.Guards()

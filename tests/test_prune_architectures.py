@@ -136,3 +136,14 @@ def test_inspect_annotation_marks_attention_groups():
     att = [g["attention"] for g in groups if "attention" in g]
     assert [a["heads"] for a in att] == [4, 4] and all(a["head_dim"] == 16 for a in att)
     assert model.vit.layers[0].attention.q_proj.out_features == 64  # annotation prunes a copy only
+
+
+@needs_hf
+@pytest.mark.parametrize("seed", [16, 19, 22])  # seeds where global head ranking cuts layers unevenly
+def test_head_width_rounded_per_head(seed):
+    torch.manual_seed(seed)
+    model = MODELS.get("hf_vit")(hidden_size=64, heads=4).eval()
+    gp = _prune(model, (3, 16, 16), ratio=0.3, scope="global", heads_ratio=0.25, max_ratio=0.9)
+    assert all(s.head_dim % 8 == 0 for s in gp.sites), [(s.heads, s.head_dim) for s in gp.sites]
+    assert sum(s.heads for s in gp.sites) == 6  # 25 % of all 8 heads, ranked globally
+    assert any(b["guard"] == "round_to" and "attention" in b["group"] for b in gp.bound)

@@ -320,9 +320,10 @@ class GuardedPruner:
         current = DG.get_out_channels(module) if is_out else DG.get_in_channels(module)
         if not current or not idxs:
             return group
-        if self.pruner._is_atten_group(group)[0]:
-            return group  # heads and head dims are cut by Torch-Pruning as whole units
         init = (self.pruner.layer_init_out_ch if is_out else self.pruner.layer_init_in_ch).get(module, current)
+        is_attn, qkv = self.pruner._is_atten_group(group)
+        if is_attn:
+            return self._guard_attention(group, module, handler, idxs, current, init, qkv)
         cg = max(1, self.pruner._get_channel_groups(group))
         size = current // cg
         local = sorted({int(i) % size for i in idxs})
@@ -345,20 +346,57 @@ class GuardedPruner:
         if target <= keep:
             return group
         n = size - target
-        name = self._names.get(module, "?")
-        self.bound.append({"guard": reasons[-1].split()[0], "group": name, "channels": current,
-                           "proposed_keep": keep * cg, "kept": target * cg, "detail": "; ".join(reasons)})
+        self._record(module, reasons, current, keep * cg, target * cg)
         if n <= 0:
             return None
-        # rank the proposed channels by the criterion on the whole group (all channels scored)
-        imp = self.pruner.estimate_importance(DG.get_pruning_group(module, handler, list(range(current))))
-        if imp is not None and len(imp) == current:
-            per_local = imp.view(cg, size).mean(0) if cg > 1 else imp
-            chosen = sorted(local, key=lambda j: float(per_local[j]))[:n]
-        else:
-            chosen = local[:n]
+        chosen = self._weakest(module, handler, current, cg, local, n)
         new = sorted(j + c * size for c in range(cg) for j in chosen)
         return DG.get_pruning_group(module, handler, new)
+
+    def _record(self, module, reasons: list[str], channels: int, proposed: int, kept: int) -> None:
+        self.bound.append({"guard": reasons[-1].split()[0], "group": self._names.get(module, "?"),
+                           "channels": channels, "proposed_keep": proposed, "kept": kept,
+                           "detail": "; ".join(reasons)})
+
+    def _weakest(self, module, handler, current: int, copies: int, candidates: list[int], n: int) -> list[int]:
+        """The ``n`` candidates (indices within one of ``copies`` equal slices) the criterion scores
+        lowest, scoring the whole group so every channel is ranked on the same footing."""
+        DG = self.pruner.DG
+        imp = self.pruner.estimate_importance(DG.get_pruning_group(module, handler, list(range(current))))
+        if imp is None or len(imp) != current:
+            return candidates[:n]
+        per_local = imp.view(copies, current // copies).mean(0) if copies > 1 else imp
+        return sorted(candidates, key=lambda j: float(per_local[j]))[:n]
+
+    def _guard_attention(self, group, module, handler, idxs, current: int, init: int, qkv):
+        """Attention groups lose whole heads and/or the same dims in every surviving head; the
+        guards apply to the head width (min_channels over all heads, round_to per head)."""
+        g = self.guards
+        site = next((s for s in self.sites if s.kind == "qkv" and s.qkv[0] in qkv), None)
+        if site is None or current != site.heads * site.head_dim:
+            return group
+        hd, heads = site.head_dim, site.heads
+        cut = {int(i) for i in idxs}
+        alive = [h for h in range(heads) if not all(h * hd + d in cut for d in range(hd))]
+        dead = [h for h in range(heads) if h not in alive]
+        if not alive:
+            raise ModelBreakError(f"pruning would remove every head of {site.name}")
+        dims = sorted({i % hd for i in cut if i // hd in alive})
+        keep = hd - len(dims)
+        target, reasons = keep, []
+        floor = math.ceil(g.floor(init) / len(alive))
+        if floor > target:
+            target, reasons = min(hd, floor), [f"min_channels {g.floor(init)}"]
+        if g.round_to:  # per head: the head width is what the attention matmuls see
+            r = min(hd, math.ceil(target / g.round_to) * g.round_to)
+            if r > target:
+                target, reasons = r, reasons + [f"round_to {g.round_to}"]
+        if target <= keep:
+            return group
+        self._record(module, reasons, current, keep * len(alive), target * len(alive))
+        chosen = self._weakest(module, handler, current, heads, dims, hd - target)
+        new = sorted([h * hd + d for h in dead for d in range(hd)] + [h * hd + d for h in alive for d in chosen])
+        return self.pruner.DG.get_pruning_group(module, handler, new) if new else None
 
 
 def ratio_for_target(model: nn.Module, example: torch.Tensor, build: Callable[[], Any],

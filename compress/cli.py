@@ -59,8 +59,13 @@ def run(
     resume: bool = typer.Option(False, "--resume", help="skip completed stages and continue"),
     set_: List[str] = typer.Option([], "--set", help="override a field: PATH=VALUE, e.g. stages.1.ratio=0.3"),
     device: Optional[str] = typer.Option(None, "--device", help="auto | cpu | cuda (overrides the recipe)"),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bars or stage logs (CI)"),
 ):
     """Run a recipe end to end."""
+    if quiet:
+        from .core.progress import set_quiet
+
+        set_quiet(True)
 
     def go():
         from .recipe import load_recipe

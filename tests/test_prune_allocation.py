@@ -163,3 +163,16 @@ def test_example_recipe_validates():
     r = load_recipe(REPO / "recipes" / "prune_target.yaml")
     prune = r.stages[1]
     assert prune.target.key == "macs" and prune.steps == 2 and prune.resolved_guards() == pruning.Guards()
+
+
+def test_same_seed_same_pruned_model():
+    def pruned():
+        m = _resnet()
+        torch.manual_seed(3)
+        pruning.GuardedPruner(m, torch.randn(1, *SHAPE), tp.importance.RandomImportance(), ratio=0.5,
+                              scope="global", max_ratio=0.9).step()
+        return m.state_dict()
+
+    a, b = pruned(), pruned()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert sum(v.numel() for v in a.values()) < 0.7 * sum(v.numel() for v in _resnet().state_dict().values())

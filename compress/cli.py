@@ -123,7 +123,7 @@ def inspect(recipe: Path = typer.Argument(...),
 
         from .core.metrics import count_macs, count_params
         from .core.model_io import build_model, load_weights
-        from .core.pruning import describe_groups
+        from .core.pruning import annotate_guards, describe_groups, io_layers
         from .recipe import load_recipe
 
         if format not in ("text", "json"):
@@ -134,18 +134,31 @@ def inspect(recipe: Path = typer.Argument(...),
             load_weights(model, r.model.checkpoint)
         shape = tuple(r.model.input_shape)
         prune_cfg = next((s for s in r.stages if s.kind == "prune"), None)
-        ignore = prune_cfg.ignore if prune_cfg is not None else None
-        groups = describe_groups(model, torch.randn(1, *shape), ignore)
+        if prune_cfg is None:  # the defaults of a prune stage
+            from .stages.prune import Config as PruneConfig
+
+            prune_cfg = PruneConfig()
+        example = torch.randn(1, *shape)
+        kw = prune_cfg.pruner_kwargs()
+        _, output = io_layers(model, example)
+        ignore = list(prune_cfg.ignore or []) + ([output] if kw["guards"].classifier and output else [])
+        groups = annotate_guards(describe_groups(model, example, ignore), model, example,
+                                 ratio=prune_cfg.ratio, **kw)
         info = {"model": r.model.factory, "params": count_params(model), "macs": count_macs(model, shape),
-                "input_shape": list(shape), "groups": groups}
+                "input_shape": list(shape), "guards": vars(kw["guards"]), "ratio": prune_cfg.ratio,
+                "scope": prune_cfg.scope, "groups": groups}
         if format == "json":
             typer.echo(json.dumps(info, indent=2))
             return
         typer.echo(f"model {info['model']}: {info['params']:,} params, {info['macs']:,} MACs per sample, "
                    f"input {info['input_shape']}")
-        typer.echo(f"{len(groups)} prunable channel groups:")
+        typer.echo(f"{len(groups)} prunable channel groups (guards checked at ratio {prune_cfg.ratio}, "
+                   f"scope {prune_cfg.scope}):")
         for i, g in enumerate(groups):
-            typer.echo(f"  group {i}: {g['channels']} ch: {', '.join(g['members'])}")
+            binds = f"  [guard: {'; '.join(g['guards'])}]" if g["guards"] else ""
+            att = g.get("attention")
+            heads = f"  [attention {att['module']}: {att['heads']} heads x {att['head_dim']}]" if att else ""
+            typer.echo(f"  group {i}: {g['channels']} ch: {', '.join(g['members'])}{binds}{heads}")
 
     _guard(go)
 

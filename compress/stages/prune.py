@@ -30,6 +30,8 @@ from ..config import StageConfig, Strict
 from ..core import pruning
 from ..core.metrics import count_macs, count_params, logits_of
 from .base import StageOutput, register_stage
+from ..config import OptimizerConfig
+from ..core.early_bird import EarlyBird, train_until_early_bird
 from .finetune import FinetuneBlock, finetune
 
 
@@ -76,8 +78,21 @@ class TargetConfig(Strict):
         return self.macs if self.macs is not None else self.params
 
 
+class EarlyBirdConfig(FinetuneBlock):
+    """``when: early_bird``: train from the current (untrained) weights only until the BN-|gamma|
+    channel mask stops moving (You et al. 2020), then prune. ``epochs`` is the upper bound."""
+
+    epochs: int = 30
+    optimizer: OptimizerConfig = OptimizerConfig(lr=0.1, momentum=0.9, weight_decay=5e-4)
+    window: int = Field(5, ge=2, description="masks compared (the newest against the previous window-1)")
+    threshold: float = Field(0.1, gt=0, lt=1, description="max normalised Hamming distance for 'emerged'")
+
+
 class Config(StageConfig):
     kind: Literal["prune"] = "prune"
+    when: Literal["trained", "early_bird"] = Field(
+        "trained", description="trained: prune the model as it is; early_bird: train until the Early-Bird ticket emerges first")
+    early_bird: EarlyBirdConfig = Field(default_factory=EarlyBirdConfig)
     importance: str = "l2"
     ratio: float = Field(0.5, description="fraction of channels removed per group (uniform) or overall (global)")
     scope: Literal["uniform", "global", "per_layer"] = "global"
@@ -117,6 +132,18 @@ class Config(StageConfig):
         return v
 
     @model_validator(mode="after")
+    def _early_bird_ranks_by_bn(self):
+        # Early-Bird's ticket is a global BN-|gamma| ranking: prune by that unless told otherwise
+        if self.when == "early_bird" and "importance" not in self.model_fields_set:
+            self.__dict__["importance"] = "bn_scale"
+        return self
+
+    @property
+    def trains_dense(self) -> bool:
+        """The runner must not snapshot the dense teacher before this stage: the stage trains it."""
+        return self.when == "early_bird"
+
+    @model_validator(mode="after")
     def _obs_update_needs_obs(self):
         if self.obs_update and self.importance != "obs":
             raise ValueError("obs_update needs importance: obs")
@@ -152,6 +179,14 @@ def _output_signature(model, x):
 @register_stage("prune", Config)
 def run(cfg: Config, ctx) -> StageOutput:
     """Remove whole channels (and the coupled channels of every dependent layer), within the guards."""
+    early_bird = None
+    if cfg.when == "early_bird":
+        eb = cfg.early_bird
+        detector = EarlyBird(ratio=cfg.ratio, window=eb.window, threshold=eb.threshold)
+        train_until_early_bird(ctx.model, ctx.train_loader(eb.batch_size), eb, detector, ctx.device)
+        early_bird = {"found_at_epoch": detector.found_at, "max_epochs": eb.epochs,
+                      "distances": [None if d != d else round(d, 4) for d in detector.distances]}
+        ctx.record_dense()  # the early-bird-trained dense net is the teacher and the reference
     model = ctx.model.to(ctx.device).eval()
     example = ctx.example_inputs(1)
     before = ctx.stats()
@@ -218,5 +253,7 @@ def run(cfg: Config, ctx) -> StageOutput:
         metrics["target"] = search
     if step_metrics:
         metrics["finetune_between"] = step_metrics
+    if early_bird is not None:
+        metrics["early_bird"] = early_bird
     summary = {"prune": {"target": search["target"], "achieved": search["achieved"], "ratio": ratio}} if search else {}
     return StageOutput(metrics=metrics, summary=summary)

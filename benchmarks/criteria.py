@@ -222,19 +222,10 @@ def segformer_part(args, workdir: Path) -> dict:
 # ---------------------------------------------------------------- report
 
 def machine() -> dict:
-    cpu = platform.processor() or ""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    import os
+    from benchmarks.common import machine as common_machine
 
-    return {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__,
-            "onnxruntime": ort.__version__, "torch_pruning": metadata.version("torch-pruning"),  # tp.__version__ lags
-            "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
+    # tp.__version__ lags the package metadata
+    return {**common_machine(), "torch_pruning": metadata.version("torch-pruning")}
 
 
 def best_at_drop(rows: list[dict], dense: float, key: str, max_drop: float) -> dict | None:

@@ -15,10 +15,8 @@ from __future__ import annotations
 
 import argparse
 import copy
-import datetime as dt
 import json
 from importlib import metadata
-import platform
 import sys
 import tempfile
 import time
@@ -28,7 +26,6 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 import numpy as np  # noqa: E402
-import onnxruntime as ort  # noqa: E402
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 from torch.nn import functional as F  # noqa: E402

@@ -12,7 +12,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 from torch import nn
 
 from compress.config import OptimizerConfig, TrainLoopConfig

@@ -63,7 +63,6 @@ def semi_structured_linears(model) -> tuple[list[str], list[dict]]:
     """On CUDA, swap every Linear weight that holds 2:4 along ``in`` for a
     ``torch.sparse.to_sparse_semi_structured`` tensor (cuSPARSELt / CUTLASS sparse kernels).
     Returns (converted layer names, skipped layers with the reason)."""
-    import torch
     from torch import nn
     from torch.sparse import to_sparse_semi_structured
 

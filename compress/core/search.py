@@ -117,24 +117,34 @@ def kept_importance(dense: nn.Module, pruned: nn.Module) -> float:
     return 100.0 * sum(fracs) / max(1, len(fracs))
 
 
-def bisect_ratio(fn_cost: Callable[[float], float], budget: float, hi: float, iters: int = 8) -> tuple[float, float]:
-    """Smallest ratio in [0, hi] whose cost is <= budget (cost falls as the ratio grows);
-    returns (ratio, cost). If even ``hi`` misses, returns hi."""
-    c0 = fn_cost(0.0)
-    if c0 <= budget:
-        return 0.0, c0
-    chi = fn_cost(hi)
-    if chi > budget:
-        return hi, chi
-    lo, best = 0.0, (hi, chi)
-    for _ in range(iters):
-        mid = (lo + hi) / 2
-        c = fn_cost(mid)
+def bisect_ratio(fn_cost: Callable[[float], float], budget: float, hi: float, coarse: float = 0.1,
+                 iters: int = 4) -> tuple[float, float]:
+    """Smallest ratio in [0, hi] whose cost is <= budget; returns (ratio, cost).
+
+    Not a plain bisection over [0, hi]: the cost is not monotone near the top, because Torch-Pruning
+    skips a group that ``round_to`` would empty (a 64-channel group at 0.9 with round_to 8 keeps all
+    64). So: a coarse scan upward for the first feasible ratio, then bisection inside that step.
+    If nothing is feasible, the ratio with the lowest cost."""
+    prev, best_any = 0.0, None
+    r = 0.0
+    while r <= hi + 1e-9:
+        c = fn_cost(r)
+        if best_any is None or c < best_any[1]:
+            best_any = (r, c)
         if c <= budget:
-            hi, best = mid, (mid, c)
-        else:
-            lo = mid
-    return best
+            lo, up, best = prev, r, (r, c)
+            if r == 0.0:
+                return best
+            for _ in range(iters):
+                mid = (lo + up) / 2
+                cm = fn_cost(mid)
+                if cm <= budget:
+                    up, best = mid, (mid, cm)
+                else:
+                    lo = mid
+            return best
+        prev, r = r, round(r + coarse, 10)
+    return best_any
 
 
 def measure_models(models: dict[str, nn.Module], input_shape, directory: Path, backend: str, batch_size: int,

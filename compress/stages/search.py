@@ -179,7 +179,7 @@ def run(cfg: Config, ctx) -> StageOutput:
 
     # 2. the lecture's baselines: uniform and global ratios that just meet the budget
     u_ratio, _ = S.bisect_ratio(lambda r: cost(pruner.prune("uniform", r)), budget, cfg.max_ratio)
-    g_ratio, _ = S.bisect_ratio(lambda r: cost(pruner.prune("global", r)), budget, 0.95)
+    g_ratio, _ = S.bisect_ratio(lambda r: cost(pruner.prune("global", r)), budget, cfg.max_ratio)
     uniform, global_ = pruner.prune("uniform", u_ratio), pruner.prune("global", g_ratio)
     log(f"  baselines: uniform ratio {u_ratio:.3f}, global ratio {g_ratio:.3f}")
     proxy = _proxy_fn(cfg, loader, teacher, val, device)
@@ -210,7 +210,7 @@ def run(cfg: Config, ctx) -> StageOutput:
         trial.set_user_attr("predicted_ms", pred)
         trial.set_user_attr("macs", macs)
         over = (pred if cfg.budget_metric == "latency" else macs) - budget
-        trial.set_constraint([over / budget])
+        trial.set_constraint("budget", over / budget)
         if cfg.objective == "constrained" and over > 0:
             trial.set_user_attr("proxy", 0.0)
             return 0.0  # infeasible: skip the (expensive) proxy; the constraint tells TPE why
@@ -239,9 +239,20 @@ def run(cfg: Config, ctx) -> StageOutput:
     if not top:
         raise InputError(f"no trial met the budget ({budget_desc}); raise budget or max_ratio",
                          field="stages.search.budget")
+    # plus the fastest trial whose proxy is at least the better baseline's: "as accurate, how much faster?"
+    base_proxy = {"uniform": proxy(uniform), "global": proxy(global_)}
+    bar = max(v["proxy"] for v in base_proxy.values())
+    fast = sorted((t for t in feas if t.user_attrs.get("proxy", -1.0) >= bar),
+                  key=lambda t: t.user_attrs["predicted_ms"])
+    if fast:
+        key = [round(fast[0].params[f"g{i}"], 4) for i in range(n_groups)]
+        if key not in [r for _, r in top]:
+            top.append((fast[0], key))
     models = {"uniform": uniform, "global": global_}
     for j, (t, ratios) in enumerate(top):
         models[f"searched-{j + 1}"] = pruner.prune("per_layer", group_ratios=ratios)
+    fastest_name = next((f"searched-{j + 1}" for j, (t, _) in enumerate(top) if fast and t.number == fast[0].number),
+                        None)
     timing = S.measure_models({"dense": dense, **models}, shape, sdir / "onnx", cfg.backend, cfg.batch_size,
                               cfg.threads, cfg.measure.warmup, cfg.measure.iters, cfg.measure.rounds)
     rows = [{**S.model_row("dense", dense, shape, predictor), "measured_ms": timing["dense"]["p50"]}]
@@ -249,7 +260,9 @@ def run(cfg: Config, ctx) -> StageOutput:
         row = S.model_row(name, m, shape, predictor)
         row["measured_ms"] = timing[name]["p50"]
         row["error_pct"] = 100.0 * (row["predicted_ms"] - row["measured_ms"]) / row["measured_ms"]
-        row.update(proxy(m))
+        row.update(base_proxy[name] if name in base_proxy else proxy(m))
+        if name == fastest_name:
+            row["fastest_at_baseline_proxy"] = True
         if name.startswith("searched"):
             t, ratios = top[int(name.split("-")[1]) - 1]
             row["trial"] = t.number
@@ -302,9 +315,9 @@ def run(cfg: Config, ctx) -> StageOutput:
         "trials_added": len(study.trials) - before, "search_seconds": search_s,
         "table": {"file": "latency_table.json", "key": table.key, "entries": len(table.layers),
                   "measured_now": measured_now, "seconds": table_s},
-        "predictor_offset_ms": predictor.offset, "predictor_abs_error_pct_median": sorted(errors)[len(errors) // 2],
+        "predictor_scale": predictor.scale, "predictor_abs_error_pct_median": sorted(errors)[len(errors) // 2],
         "uniform_ratio": u_ratio, "global_ratio": g_ratio, "rows": rows, "chosen": chosen["name"],
-        "prune_block": block, "seconds": time.perf_counter() - t_start,
+        "fastest_at_baseline_proxy": fastest_name, "prune_block": block, "seconds": time.perf_counter() - t_start,
     }
     atomic_write_json(sdir / "search.json", {**result, "trials": trial_pts})
     table.save()

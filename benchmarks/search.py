@@ -3,7 +3,7 @@ the same latency budget, all measured in one run, interleaved, medians (ONNX Run
 
   nice -n 10 python benchmarks/search.py [--data-root ../shared/datasets/mnist] [--quick]
 
-Part A: a CNN trained on MNIST (real data): accuracy proxy = 20 distilled steps + held-out accuracy,
+Part A: a CNN trained on MNIST (real data): accuracy proxy = adaptive BatchNorm (10 batches) + held-out accuracy,
 top candidates and both baselines get the same distilled fine-tune, test accuracy reported.
 Part B: ResNet-50 and MobileNetV2 at 224x224, latency only (random weights, no ImageNet here):
 data-free proxy (kept L2 filter energy), Pareto search (NSGA-II).
@@ -27,15 +27,15 @@ sys.path.insert(0, str(ROOT))
 def recipe_mnist(root: str, trials: int) -> dict:
     return {
         "name": "search-mnist", "seed": 0, "device": "cpu",
-        "model": {"factory": "small_cnn", "kwargs": {"num_classes": 10, "in_channels": 1, "width": 32},
+        "model": {"factory": "small_cnn", "kwargs": {"num_classes": 10, "in_channels": 1, "width": 16},
                   "input_shape": [1, 28, 28]},
-        "data": {"dataset": "mnist", "root": root, "batch_size": 128, "limit_train": 12000, "limit_test": 2000},
+        "data": {"dataset": "mnist", "root": root, "batch_size": 64, "limit_train": 6000, "limit_test": 2000},
         "stages": [
             {"kind": "train", "epochs": 2, "optimizer": {"name": "sgd", "lr": 0.05, "momentum": 0.9}},
             {"kind": "search", "objective": "constrained", "budget": 0.5, "trials": trials, "top_k": 3,
              "batch_size": 8, "max_ratio": 0.85, "grid": [0.25, 0.5, 0.75, 1.0],
-             "proxy": {"kind": "finetune", "steps": 20, "lr": 0.01, "val_size": 1000},
-             "finetune": {"epochs": 1, "max_steps": 60, "optimizer": {"name": "sgd", "lr": 0.01},
+             "proxy": {"kind": "finetune", "bn_batches": 10, "steps": 0, "val_size": 1000},
+             "finetune": {"epochs": 1, "max_steps": 40, "optimizer": {"name": "sgd", "lr": 0.01},
                           "distill": {"alpha": 0.7, "temperature": 4.0}},
              "measure": {"warmup": 5, "iters": 60, "rounds": 6}},
         ],
@@ -49,7 +49,7 @@ def recipe_224(factory: str, trials: int) -> dict:
         "data": {"dataset": "synthetic", "num_classes": 1000, "train_size": 32, "val_size": 8, "batch_size": 8},
         "stages": [
             {"kind": "search", "objective": "pareto", "budget": 0.5, "trials": trials, "top_k": 2,
-             "batch_size": 1, "max_ratio": 0.8, "grid": [0.5, 1.0], "ratio_step": 0.1,
+             "batch_size": 1, "max_ratio": 0.8, "grid": [0.25, 0.5, 0.75, 1.0], "ratio_step": 0.1,
              "proxy": {"kind": "kept_importance"}, "finetune": None,
              "measure": {"warmup": 2, "iters": 12, "rounds": 4}},
         ],
@@ -104,8 +104,8 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--data-root", default=str(ROOT.parent / "shared" / "datasets" / "mnist"))
     ap.add_argument("--out", default="/tmp/compress-search-bench")
-    ap.add_argument("--trials", type=int, default=30)
-    ap.add_argument("--trials-224", type=int, default=14)
+    ap.add_argument("--trials", type=int, default=40)
+    ap.add_argument("--trials-224", type=int, default=40)
     ap.add_argument("--skip-224", action="store_true")
     args = ap.parse_args()
     import onnxruntime
@@ -121,7 +121,7 @@ def main() -> None:
     results_dir.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     parts = []
-    cases = [("MNIST small_cnn (width 32, 28x28), batch 8, latency budget 0.5x dense",
+    cases = [("MNIST small_cnn (width 16, 28x28), batch 8, latency budget 0.5x dense",
               recipe_mnist(args.data_root, args.trials), "search_mnist.png")]
     if not args.skip_224:
         for f in ("resnet50", "mobilenet_v2"):

@@ -5,11 +5,14 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 import yaml
 
 from compress.core.latency_table import LatencyPredictor, LatencyTable
-from compress.core.search import Pruner, measure_models
+from compress.core.search import Pruner, bisect_ratio, measure_models
+from compress.errors import InputError
+from compress.recipe import validate_data
 from compress.zoo import small_cnn
 
 from conftest import cli, tiny_recipe
@@ -101,7 +104,7 @@ def test_search_block_is_a_valid_prune_stage_and_study_resumes(tmp_path, write_r
     assert final["macs"] == chosen["macs"] <= summary["budget"]
 
     # re-running continues the SQLite study: the trial count accumulates
-    res3 = cli("-q", "search", str(rec), "--out", str(out), "--trials", "2")
+    res3 = cli("-q", "search", str(rec), "--out", str(out), "--trials", "2", "--workers", "2")
     assert res3.returncode == 0, res3.stderr
     again = json.loads((out / "summary.json").read_text())["search"]
     assert again["trials_total"] == 5 and again["trials_added"] == 2
@@ -110,13 +113,40 @@ def test_search_block_is_a_valid_prune_stage_and_study_resumes(tmp_path, write_r
 
 def test_bad_search_config_exits_2(tmp_path, write_recipe, monkeypatch):
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    bad = _search_recipe(budget=1.5)
-    res = cli("search", str(write_recipe(bad)), "--out", str(tmp_path / "x"))
+    res = cli("search", str(write_recipe(_search_recipe(budget=1.5))), "--out", str(tmp_path / "x"))
     assert res.returncode == 2 and "stages[1].budget" in res.stderr and "Traceback" not in res.stderr
-    res = cli("search", str(write_recipe(_search_recipe(backend="nope"), "b.yaml")), "--out", str(tmp_path / "y"))
-    assert res.returncode == 2 and "unknown backend" in res.stderr
-    res = cli("search", str(write_recipe(_search_recipe(storage="search.db"), "c.yaml")), "--out", str(tmp_path / "z"))
-    assert res.returncode == 2 and "RDB URL" in res.stderr
-    no_search = tiny_recipe()
-    res = cli("search", str(write_recipe(no_search, "d.yaml")))
+    res = cli("search", str(write_recipe(tiny_recipe(), "d.yaml")), "--out", str(tmp_path / "y"))
     assert res.returncode == 2 and "no stage of kind 'search'" in res.stderr
+    # the other field checks, in process (same InputError path the CLI maps to exit 2)
+    for bad, msg in (({"backend": "nope"}, "unknown benchmark backend"), ({"storage": "search.db"}, "RDB URL"),
+                     ({"grid": [0.0, 1.0]}, "width fractions"), ({"objective": "fastest"}, "objective")):
+        with pytest.raises(InputError) as exc:
+            validate_data(_search_recipe(**bad))
+        assert msg in str(exc.value) and str(exc.value).startswith("stages[1].")
+
+
+def test_bisect_finds_the_smallest_feasible_ratio_despite_a_non_monotone_top():
+    # cost falls with the ratio, then jumps back up above 0.85 (round_to emptying a group)
+    def cost(r):
+        return 10.0 if r > 0.85 else 1.0 - r
+
+    r, c = bisect_ratio(cost, 0.5, hi=0.9)
+    assert 0.5 <= r <= 0.5 + 0.1 / 16 + 1e-9 and c <= 0.5
+    r, c = bisect_ratio(cost, 0.01, hi=0.9)  # infeasible: the cheapest point seen
+    assert c == min(cost(x / 10) for x in range(10))
+
+
+@pytest.mark.tensorrt
+def test_table_measures_on_tensorrt(tmp_path):
+    from compress.core.latency import BACKENDS, BackendUnavailable
+
+    if "tensorrt" not in BACKENDS:
+        pytest.skip("no 'tensorrt' backend registered in this build")
+    model = _model()
+    pr = Pruner(model, SHAPE)
+    table = LatencyTable(tmp_path / "t.json", "tensorrt", batch_size=1, target_s=0.01)
+    try:
+        n = LatencyPredictor(model, SHAPE, table, pr.prunable, (0.5, 1.0)).warm(model)
+    except BackendUnavailable as exc:
+        pytest.skip(f"TensorRT unavailable here: {exc}")
+    assert n > 0 and table.key["backend"] == "tensorrt"

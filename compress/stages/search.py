@@ -34,8 +34,10 @@ from .finetune import FinetuneBlock
 
 class ProxyConfig(Strict):
     kind: Literal["finetune", "kept_importance"] = Field(
-        "finetune", description="finetune: a few distilled steps then held-out accuracy; kept_importance: data-free")
-    steps: int = Field(20, ge=0, description="distillation steps before the held-out evaluation")
+        "finetune", description="finetune: BatchNorm re-estimation + a few distilled steps, then held-out "
+                                "accuracy; kept_importance: data-free")
+    bn_batches: int = Field(10, ge=0, description="training batches to re-estimate BatchNorm statistics")
+    steps: int = Field(0, ge=0, description="distillation steps after the BatchNorm re-estimation")
     lr: float = Field(0.01, gt=0)
     val_size: int = Field(512, ge=16, description="held-out examples carved from the training split")
 
@@ -75,18 +77,14 @@ class Config(StageConfig):
     latency_tolerance: float = Field(0.05, ge=0, description="measured latency may exceed the budget by this fraction")
     apply: bool = Field(True, description="leave the chosen model in the pipeline")
 
-    @field_validator("backend")
+    @field_validator("backend", "importance")
     @classmethod
-    def _backend(cls, v: str) -> str:
-        if v not in BACKENDS:
-            raise ValueError(f"unknown backend {v!r} (known: {', '.join(BACKENDS.names())})")
-        return v
-
-    @field_validator("importance")
-    @classmethod
-    def _importance(cls, v: str) -> str:
-        if v not in pruning.IMPORTANCES:
-            raise ValueError(f"unknown criterion {v!r} (known: {', '.join(pruning.IMPORTANCES.names())})")
+    def _registered(cls, v: str, info) -> str:
+        registry = BACKENDS if info.field_name == "backend" else pruning.IMPORTANCES
+        try:
+            registry.get(v)
+        except InputError as exc:  # the registry's own one-line message, as a field error
+            raise ValueError(str(exc)) from None
         return v
 
     @field_validator("grid")
@@ -121,6 +119,8 @@ def _proxy_fn(cfg: Config, loader, teacher, val, device):
 
     def fn(model):
         m = copy.deepcopy(model)
+        if cfg.proxy.bn_batches:
+            S.recalibrate_batchnorm(m, loader(None, 303), cfg.proxy.bn_batches, device)
         if cfg.proxy.steps:
             train_loop(m, loader(None, 101), loop, device, teacher=teacher, distill=distill,
                        description="proxy")
@@ -192,7 +192,7 @@ def run(cfg: Config, ctx) -> StageOutput:
     study = S.make_study(storage, study_name, cfg.objective, ctx.seed, cfg.budget_metric)
     n_groups = len(pruner.groups)
     step = cfg.ratio_step
-    hi = math.floor(cfg.max_ratio / step + 1e-9) * step
+    hi = round(math.floor(cfg.max_ratio / step + 1e-9) * step, 10)
 
     def snap(r: float) -> float:
         return min(hi, max(0.0, round(r / step) * step))
@@ -255,6 +255,13 @@ def run(cfg: Config, ctx) -> StageOutput:
                         None)
     timing = S.measure_models({"dense": dense, **models}, shape, sdir / "onnx", cfg.backend, cfg.batch_size,
                               cfg.threads, cfg.measure.warmup, cfg.measure.iters, cfg.measure.rounds)
+    # the budget and the predictor are anchored to the dense time measured in *this* interleaved run:
+    # the one-off measurement at the start drifts with the machine's load, ratios do not
+    predictor.calibrate(dense, timing["dense"]["p50"])
+    if cfg.budget_metric == "latency":
+        budget = cfg.budget * timing["dense"]["p50"]
+        budget_desc = (f"latency <= {cfg.budget:.2f} x dense ({budget:.3f} ms of {timing['dense']['p50']:.3f} ms "
+                       f"measured with the candidates, {cfg.backend}, batch {cfg.batch_size})")
     rows = [{**S.model_row("dense", dense, shape, predictor), "measured_ms": timing["dense"]["p50"]}]
     for name, m in models.items():
         row = S.model_row(name, m, shape, predictor)

@@ -195,9 +195,10 @@ def make_study(storage: str, study_name: str, mode: str, seed: int, budget_key: 
                                load_if_exists=True)
 
 
-def feasible(trial, budget_metric: str, budget: float) -> bool:
-    key = "predicted_ms" if budget_metric == "latency" else "macs"
-    return trial.user_attrs.get(key, math.inf) <= budget
+def feasible(trial, budget_metric: str, limit: float) -> bool:
+    """Latency: predicted/dense <= ``limit`` (a fraction); MACs: macs <= ``limit``."""
+    key = "predicted_rel" if budget_metric == "latency" else "macs"
+    return trial.user_attrs.get(key, math.inf) <= limit + 1e-12
 
 
 def pareto_front(points: list[tuple[float, float]]) -> list[int]:

@@ -208,9 +208,10 @@ def run(cfg: Config, ctx) -> StageOutput:
         pred = predictor.predict(m)
         macs = S.count_macs(m, shape)
         trial.set_user_attr("predicted_ms", pred)
+        trial.set_user_attr("predicted_rel", pred / dense_t)  # vs dense: comparable across re-runs
         trial.set_user_attr("macs", macs)
-        over = (pred if cfg.budget_metric == "latency" else macs) - budget
-        trial.set_constraint("budget", over / budget)
+        over = (pred / dense_t - cfg.budget) / cfg.budget if cfg.budget_metric == "latency" else (macs - budget) / budget
+        trial.set_constraint("budget", over)
         if cfg.objective == "constrained" and over > 0:
             trial.set_user_attr("proxy", 0.0)
             return 0.0  # infeasible: skip the (expensive) proxy; the constraint tells TPE why
@@ -226,8 +227,9 @@ def run(cfg: Config, ctx) -> StageOutput:
     log(f"  study {study_name}: {len(done)} trials ({len(study.trials) - before} added, {search_s:.1f} s)")
 
     # 4. top-k feasible candidates by proxy -> measured end to end, fine-tuned, chosen
-    feas = [t for t in done if S.feasible(t, cfg.budget_metric, budget)]
-    feas.sort(key=lambda t: (-t.user_attrs.get("proxy", 0.0), t.user_attrs["predicted_ms"]))
+    limit_key = cfg.budget if cfg.budget_metric == "latency" else budget
+    feas = [t for t in done if S.feasible(t, cfg.budget_metric, limit_key)]
+    feas.sort(key=lambda t: (-t.user_attrs.get("proxy", 0.0), t.user_attrs["predicted_rel"]))
     seen, top = set(), []
     for t in feas:
         key = tuple(round(t.params[f"g{i}"], 4) for i in range(n_groups))
@@ -243,7 +245,7 @@ def run(cfg: Config, ctx) -> StageOutput:
     base_proxy = {"uniform": proxy(uniform), "global": proxy(global_)}
     bar = max(v["proxy"] for v in base_proxy.values())
     fast = sorted((t for t in feas if t.user_attrs.get("proxy", -1.0) >= bar),
-                  key=lambda t: t.user_attrs["predicted_ms"])
+                  key=lambda t: t.user_attrs["predicted_rel"])
     if fast:
         key = [round(fast[0].params[f"g{i}"], 4) for i in range(n_groups)]
         if key not in [r for _, r in top]:
@@ -304,8 +306,9 @@ def run(cfg: Config, ctx) -> StageOutput:
         block["ignore"] = cfg.ignore
 
     # 5. artifacts
-    trial_pts = [{"number": t.number, "predicted_ms": t.user_attrs["predicted_ms"], "macs": t.user_attrs["macs"],
-                  "proxy": t.user_attrs.get("proxy", 0.0), "feasible": S.feasible(t, cfg.budget_metric, budget)}
+    trial_pts = [{"number": t.number, "predicted_ms": t.user_attrs["predicted_rel"] * timing["dense"]["p50"],
+                  "macs": t.user_attrs["macs"], "proxy": t.user_attrs.get("proxy", 0.0),
+                  "feasible": S.feasible(t, cfg.budget_metric, limit_key)}
                  for t in done if "proxy" in t.user_attrs]
     plotted = [p for p in trial_pts if cfg.objective == "pareto" or p["feasible"]] or trial_pts
     base_pts = {r["name"]: r for r in rows if r["name"] in ("uniform", "global")}

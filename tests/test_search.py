@@ -67,7 +67,7 @@ def test_predictor_tracks_measured_latency(tmp_path):
 def _search_recipe(**search):
     r = tiny_recipe(name="srch")
     stage = {"kind": "search", "budget": 0.6, "trials": 3, "top_k": 1, "grid": [0.5, 1.0], "batch_size": 8,
-             "proxy": {"steps": 2, "val_size": 64}, "measure": {"warmup": 1, "iters": 10, "rounds": 2},
+             "proxy": {"bn_batches": 2, "val_size": 64}, "measure": {"warmup": 1, "iters": 10, "rounds": 2},
              "finetune": {"epochs": 1, "max_steps": 3, "distill": {"alpha": 0.7, "temperature": 4.0}},
              "budget_metric": "macs"}
     stage.update(search)

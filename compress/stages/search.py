@@ -113,7 +113,7 @@ def _proxy_fn(cfg: Config, loader, teacher, val, device):
         return lambda m: {"proxy": S.kept_importance(teacher, m)}
     from ..config import DistillConfig, OptimizerConfig, TrainLoopConfig
 
-    loop = TrainLoopConfig(epochs=0, max_steps=cfg.proxy.steps,
+    loop = TrainLoopConfig(epochs=0, max_steps=max(1, cfg.proxy.steps),
                            optimizer=OptimizerConfig(lr=cfg.proxy.lr, momentum=0.9, schedule="constant"))
     distill = DistillConfig()
 

@@ -33,7 +33,7 @@ def recipe_mnist(root: str, trials: int) -> dict:
         "stages": [
             {"kind": "train", "epochs": 2, "optimizer": {"name": "sgd", "lr": 0.05, "momentum": 0.9}},
             {"kind": "search", "objective": "constrained", "budget": 0.5, "trials": trials, "top_k": 3,
-             "batch_size": 8, "max_ratio": 0.85, "grid": [0.25, 0.5, 0.75, 1.0],
+             "batch_size": 8, "max_ratio": 0.85, "round_to": 4, "grid": [0.25, 0.5, 0.75, 1.0],
              "proxy": {"kind": "finetune", "bn_batches": 10, "steps": 0, "val_size": 1000},
              "finetune": {"epochs": 1, "max_steps": 40, "optimizer": {"name": "sgd", "lr": 0.01},
                           "distill": {"alpha": 0.7, "temperature": 4.0}},
@@ -69,8 +69,10 @@ METHOD = """## Method
   copy, so round_to and coupled groups are what is predicted. The table is cached in the run directory
   (`latency_table.json`), keyed by backend, batch size, threads, platform, CPU model and ORT version.
   Trial feasibility only uses the *ratio* predicted/dense, so machine-load drift in the one-off dense
-  measurement does not move the search; the reported ms are re-anchored to the dense time measured
-  interleaved with the candidates.
+  measurement does not move the search. For the final table the one scalar is re-fitted as the median
+  of measured / table sum over all models timed in that interleaved run (dense, uniform, global,
+  candidates): on this shared machine a single dense measurement was off by up to 3x from one run to the
+  next. The error column therefore shows how well the table predicts the *relative* latencies.
 - **Baselines** (the lecture's procedure): the uniform ratio and the global ratio (Torch-Pruning global
   ranking, per-group cap `max_ratio`) that just meet the budget, found by a coarse scan + bisection on the
   predicted latency (plain bisection fails: Torch-Pruning skips a group that round_to would empty, so the

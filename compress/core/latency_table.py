@@ -299,6 +299,11 @@ class LatencyPredictor:
         """Anchor the prediction to the measured dense end-to-end time."""
         self.scale = measured_dense_ms / max(1e-9, self.layers_ms(dense))
 
+    def anchor(self, measured: dict[str, tuple[nn.Module, float]]) -> None:
+        """Set the scale to the median of measured / table sum over several models timed together."""
+        ratios = sorted(ms / max(1e-9, self.layers_ms(m)) for m, ms in measured.values())
+        self.scale = float(np.median(ratios))
+
     def predict(self, model: nn.Module) -> float:
         return self.scale * self.layers_ms(model)
 

@@ -93,6 +93,15 @@ class Pruner:
         model.zero_grad(set_to_none=True)
         return model.eval()
 
+    def widths(self, model: nn.Module) -> list[int]:
+        """Channels left in each group of ``model``."""
+        mods = dict(model.named_modules())
+        out = []
+        for names in self.group_layers:
+            p = mods[names[0]]
+            out.append(int(p.out_channels if isinstance(p, nn.Conv2d) else p.out_features))
+        return out
+
     def group_ratios_of(self, model: nn.Module) -> list[float]:
         """Per-group fraction of channels removed in ``model`` (to replay a global solution)."""
         mods_d, mods_p = dict(self.dense.named_modules()), dict(model.named_modules())

@@ -210,6 +210,7 @@ def run(cfg: Config, ctx) -> StageOutput:
         trial.set_user_attr("predicted_ms", pred)
         trial.set_user_attr("predicted_rel", pred / dense_t)  # vs dense: comparable across re-runs
         trial.set_user_attr("macs", macs)
+        trial.set_user_attr("widths", pruner.widths(m))  # ratios that round to the same channels are one model
         over = (pred / dense_t - cfg.budget) / cfg.budget if cfg.budget_metric == "latency" else (macs - budget) / budget
         trial.set_constraint("budget", over)
         if cfg.objective == "constrained" and over > 0:
@@ -232,10 +233,10 @@ def run(cfg: Config, ctx) -> StageOutput:
     feas.sort(key=lambda t: (-t.user_attrs.get("proxy", 0.0), t.user_attrs["predicted_rel"]))
     seen, top = set(), []
     for t in feas:
-        key = tuple(round(t.params[f"g{i}"], 4) for i in range(n_groups))
+        key = tuple(t.user_attrs.get("widths", []))
         if key not in seen:
             seen.add(key)
-            top.append((t, list(key)))
+            top.append((t, [round(t.params[f"g{i}"], 4) for i in range(n_groups)]))
         if len(top) >= cfg.top_k:
             break
     if not top:
@@ -246,10 +247,8 @@ def run(cfg: Config, ctx) -> StageOutput:
     bar = max(v["proxy"] for v in base_proxy.values())
     fast = sorted((t for t in feas if t.user_attrs.get("proxy", -1.0) >= bar),
                   key=lambda t: t.user_attrs["predicted_rel"])
-    if fast:
-        key = [round(fast[0].params[f"g{i}"], 4) for i in range(n_groups)]
-        if key not in [r for _, r in top]:
-            top.append((fast[0], key))
+    if fast and tuple(fast[0].user_attrs.get("widths", [])) not in seen:
+        top.append((fast[0], [round(fast[0].params[f"g{i}"], 4) for i in range(n_groups)]))
     models = {"uniform": uniform, "global": global_}
     for j, (t, ratios) in enumerate(top):
         models[f"searched-{j + 1}"] = pruner.prune("per_layer", group_ratios=ratios)
@@ -257,9 +256,10 @@ def run(cfg: Config, ctx) -> StageOutput:
                         None)
     timing = S.measure_models({"dense": dense, **models}, shape, sdir / "onnx", cfg.backend, cfg.batch_size,
                               cfg.threads, cfg.measure.warmup, cfg.measure.iters, cfg.measure.rounds)
-    # the budget and the predictor are anchored to the dense time measured in *this* interleaved run:
-    # the one-off measurement at the start drifts with the machine's load, ratios do not
-    predictor.calibrate(dense, timing["dense"]["p50"])
+    # Re-anchor the predictor's one scalar on the models measured in *this* interleaved run (median of
+    # measured / table sum over all of them, robust to one noisy model): the one-off dense measurement
+    # at the start drifts with the machine's load. Relative differences stay the table's own.
+    predictor.anchor({name: (m, timing[name]["p50"]) for name, m in {"dense": dense, **models}.items()})
     if cfg.budget_metric == "latency":
         budget = cfg.budget * timing["dense"]["p50"]
         budget_desc = (f"latency <= {cfg.budget:.2f} x dense ({budget:.3f} ms of {timing['dense']['p50']:.3f} ms "

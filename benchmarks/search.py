@@ -187,7 +187,11 @@ def main() -> None:
         "All latencies: ONNX Runtime CPU, the models of one table exported and timed in one process, interleaved "
         "(order flips every round), medians. 'predicted' is the per-layer table model (see below).", "",
     ]
-    (results_dir / "search.md").write_text("\n".join(head + [METHOD] + parts))
+    md = results_dir / "search.md"
+    # the hand-written discussion (numbers quoted from a specific run) survives a re-run; update it by hand
+    old = md.read_text() if md.exists() else ""
+    discussion = old[old.index("## Discussion"):] if "## Discussion" in old else ""
+    md.write_text("\n".join(head + [METHOD] + parts) + ("\n" + discussion if discussion else ""))
     (results_dir / "search.json").write_text(json.dumps(summaries, indent=1, default=str))
     print(f"total {total:.0f} s")
 

@@ -59,8 +59,13 @@ def run(
     resume: bool = typer.Option(False, "--resume", help="skip completed stages and continue"),
     set_: List[str] = typer.Option([], "--set", help="override a field: PATH=VALUE, e.g. stages.1.ratio=0.3"),
     device: Optional[str] = typer.Option(None, "--device", help="auto | cpu | cuda (overrides the recipe)"),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bars or stage logs (CI)"),
 ):
     """Run a recipe end to end."""
+    if quiet:
+        from .core.progress import set_quiet
+
+        set_quiet(True)
 
     def go():
         from .recipe import load_recipe
@@ -118,7 +123,7 @@ def inspect(recipe: Path = typer.Argument(...),
 
         from .core.metrics import count_macs, count_params
         from .core.model_io import build_model, load_weights
-        from .core.pruning import describe_groups
+        from .core.pruning import annotate_guards, describe_groups, io_layers
         from .recipe import load_recipe
 
         if format not in ("text", "json"):
@@ -129,18 +134,31 @@ def inspect(recipe: Path = typer.Argument(...),
             load_weights(model, r.model.checkpoint)
         shape = tuple(r.model.input_shape)
         prune_cfg = next((s for s in r.stages if s.kind == "prune"), None)
-        ignore = prune_cfg.ignore if prune_cfg is not None else None
-        groups = describe_groups(model, torch.randn(1, *shape), ignore)
+        if prune_cfg is None:  # the defaults of a prune stage
+            from .stages.prune import Config as PruneConfig
+
+            prune_cfg = PruneConfig()
+        example = torch.randn(1, *shape)
+        kw = prune_cfg.pruner_kwargs()
+        _, output = io_layers(model, example)
+        ignore = list(prune_cfg.ignore or []) + ([output] if kw["guards"].classifier and output else [])
+        groups = annotate_guards(describe_groups(model, example, ignore), model, example,
+                                 ratio=prune_cfg.ratio, **kw)
         info = {"model": r.model.factory, "params": count_params(model), "macs": count_macs(model, shape),
-                "input_shape": list(shape), "groups": groups}
+                "input_shape": list(shape), "guards": vars(kw["guards"]), "ratio": prune_cfg.ratio,
+                "scope": prune_cfg.scope, "groups": groups}
         if format == "json":
             typer.echo(json.dumps(info, indent=2))
             return
         typer.echo(f"model {info['model']}: {info['params']:,} params, {info['macs']:,} MACs per sample, "
                    f"input {info['input_shape']}")
-        typer.echo(f"{len(groups)} prunable channel groups:")
+        typer.echo(f"{len(groups)} prunable channel groups (guards checked at ratio {prune_cfg.ratio}, "
+                   f"scope {prune_cfg.scope}):")
         for i, g in enumerate(groups):
-            typer.echo(f"  group {i}: {g['channels']} ch: {', '.join(g['members'])}")
+            binds = f"  [guard: {'; '.join(g['guards'])}]" if g["guards"] else ""
+            att = g.get("attention")
+            heads = f"  [attention {att['module']}: {att['heads']} heads x {att['head_dim']}]" if att else ""
+            typer.echo(f"  group {i}: {g['channels']} ch: {', '.join(g['members'])}{binds}{heads}")
 
     _guard(go)
 
@@ -246,6 +264,105 @@ def check_sparsity_cmd(onnx_file: Path = typer.Argument(..., help="model.onnx"),
             why = f" ({layer['reason']})" if "reason" in layer else ""
             typer.echo(f"  {mark:6s} {layer['op']:6s} {layer['node']} {layer['shape']} axis {layer['axis']}{why}")
         typer.echo(f"{rep['sparse_layers']} of {rep['total_layers']} layers hold {rep['pattern']}")
+
+    _guard(go)
+
+
+analyze_app = typer.Typer(no_args_is_help=True, help="Analyses: linear mode connectivity, instability.")
+app.add_typer(analyze_app, name="analyze")
+
+
+def _load_any(path: Path):
+    """A portable checkpoint folder (arch.json) or a run directory (its final model)."""
+    from .api import load
+    from .core.model_io import load_portable
+
+    if (path / "arch.json").is_file():
+        return load_portable(path)
+    if path.is_dir():
+        return load(path)
+    raise InputError(f"{str(path)!r} is neither a run directory nor a checkpoint folder", field="checkpoint")
+
+
+@analyze_app.command("interpolate")
+def analyze_interpolate(a: Path = typer.Argument(..., help="run directory or checkpoint folder"),
+                        b: Path = typer.Argument(..., help="run directory or checkpoint folder"),
+                        recipe: Path = typer.Option(..., "--recipe", help="recipe whose data block gives the test set"),
+                        points: int = typer.Option(30, "--points", min=2),
+                        out: Path = typer.Option(Path("runs/interpolate"), "--out"),
+                        set_: List[str] = typer.Option([], "--set")):
+    """Test error along the straight line between two networks and its barrier (e.g. dense vs sparse)."""
+
+    def go():
+        from .core import connectivity
+        from .core.model_io import atomic_write_json
+        from .data import build_data
+        from .recipe import load_recipe
+
+        r = load_recipe(recipe, list(set_))
+        data = build_data(r.data, tuple(r.model.input_shape), r.seed)
+        curve = connectivity.interpolation_curve(_load_any(a), _load_any(b), data.test_x, data.test_y, points)
+        out.mkdir(parents=True, exist_ok=True)
+        res = {"a": str(a), "b": str(b), "points": points, "barrier": connectivity.barrier(curve), "curve": curve}
+        atomic_write_json(out / "interpolation.json", res)
+        connectivity.plot_curves({f"{a.name} -> {b.name}": curve}, out / "interpolation.png")
+        typer.echo(f"error {curve[0]['error']:.2f}% -> {curve[-1]['error']:.2f}%, "
+                   f"barrier {res['barrier']:.2f} pp; wrote {out / 'interpolation.json'}")
+
+    _guard(go)
+
+
+@analyze_app.command("instability")
+def analyze_instability(recipe: Path = typer.Argument(..., help="recipe with a lottery stage (its train block)"),
+                        rewind: int = typer.Option(0, "--rewind", min=0, help="iteration k of the shared θ_k"),
+                        run_dir: Optional[Path] = typer.Option(None, "--run", help="lottery run: use its θ0 and masks"),
+                        level: int = typer.Option(0, "--level", min=0, help="with --run: the level's masks"),
+                        points: int = typer.Option(30, "--points", min=2),
+                        out: Path = typer.Option(Path("runs/instability"), "--out"),
+                        set_: List[str] = typer.Option([], "--set")):
+    """Train two copies from the same θ_k with different data orders; report the error barrier."""
+
+    def go():
+        from .config import TrainLoopConfig
+        from .core import connectivity, lottery
+        from .core.model_io import atomic_write_json, build_model
+        from .data import build_data
+        from .recipe import load_recipe
+        from .stages.base import seed_everything
+
+        r = load_recipe(recipe, list(set_))
+        index = next((i for i, st in enumerate(r.stages) if st.kind == "lottery"), None)
+        if index is None:
+            raise InputError("the recipe has no lottery stage (its train block is used)", field="recipe")
+        t = r.stages[index].train
+        seed = r.seed * 1000 + index  # the lottery stage's seed: same validation split and data order
+        seed_everything(r.seed)
+        data = build_data(r.data, tuple(r.model.input_shape), r.seed)
+        train_data, _ = data.split_validation(t.validation, seed)
+        net = build_model(r.model.factory, r.model.kwargs)
+        if run_dir is not None:
+            work = run_dir / "lottery" / f"{index:02d}"
+            mask_file = work / f"masks-{level:02d}.pt"
+            if not mask_file.is_file():
+                raise InputError(f"{str(mask_file)!r} does not exist", field="--level")
+            net.load_state_dict(lottery.load_tensors(work / "init.pt"))
+            lottery.apply(net, lottery.load_tensors(mask_file))
+        batches = lottery.ShuffledBatches(train_data.train_x, train_data.train_y, t.batch_size, seed)
+        total = t.iterations if t.iterations is not None else int(round(t.epochs * len(batches)))
+        if rewind >= total:
+            raise InputError(f"must be below the training length ({total})", field="--rewind")
+        loop = TrainLoopConfig(epochs=0, max_steps=total, optimizer=t.optimizer)
+        start = connectivity.state_at(net, rewind, loop, batches) if rewind else None
+        a, b = connectivity.train_two_copies(net, start, loop, train_data.train_x, train_data.train_y,
+                                             t.batch_size, seeds=(seed + 1, seed + 2))
+        curve = connectivity.interpolation_curve(a, b, data.test_x, data.test_y, points)
+        out.mkdir(parents=True, exist_ok=True)
+        res = {"rewind_iteration": rewind, "iterations": total, "level": level if run_dir else None,
+               "barrier": connectivity.barrier(curve), "curve": curve}
+        atomic_write_json(out / "instability.json", res)
+        connectivity.plot_curves({f"k={rewind}": curve}, out / "instability.png", title="instability")
+        typer.echo(f"rewind {rewind}: barrier {res['barrier']:.2f} pp (endpoint errors {curve[0]['error']:.2f}, "
+                   f"{curve[-1]['error']:.2f}); wrote {out / 'instability.json'}")
 
     _guard(go)
 

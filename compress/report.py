@@ -5,6 +5,8 @@ from pathlib import Path
 
 from .core.model_io import atomic_write_text
 
+PLOT_NAME = "latency_vs_batch.png"
+
 
 def _fmt(v, nd: int = 2) -> str:
     if isinstance(v, float):
@@ -42,6 +44,9 @@ def render(summary: dict) -> str:
                   f"top-1 agreement {exp.get('parity_top1_agreement', float('nan')):.2f}%",
                   f"- 2:4 along the reduction axis in the ONNX weights: {sp.get('sparse_layers', 0)} of "
                   f"{sp.get('total_layers', 0)} Conv/Gemm/MatMul layers"]
+        for key, label in (("onnx_fp16", "fp16 ONNX"), ("pt2", "torch.export program")):
+            if key in exp:
+                lines.append(f"- {label}: `{exp[key]}`")
     if summary.get("benchmark"):
         lines += ["", "## Latency (median of interleaved runs, ms)", "",
                   "| backend | batch | dense p50 | compressed p50 | compressed p90 | compressed p99 | speedup |",
@@ -50,6 +55,9 @@ def render(summary: dict) -> str:
             lines.append(f"| {r['backend']} | {r['batch_size']} | {_fmt(r.get('dense_ms_p50', float('nan')), 3)} | "
                          f"{_fmt(r['compressed_ms_p50'], 3)} | {_fmt(r['compressed_ms_p90'], 3)} | "
                          f"{_fmt(r['compressed_ms_p99'], 3)} | {_fmt(r.get('speedup', float('nan')), 2)}x |")
+    if summary.get("benchmark"):
+        lines += ["", f"![latency vs batch size]({PLOT_NAME})"]
+    lines += _tensorrt_section(summary.get("tensorrt") or {})
     g = summary["gates"]
     lines += ["", "## Gates", "", "passed" if g["passed"] else "FAILED: " + "; ".join(g["failures"])]
     for k, v in g.get("checked", {}).items():
@@ -57,5 +65,67 @@ def render(summary: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _tensorrt_section(trt: dict) -> list[str]:
+    if not trt:
+        return []
+    if "skipped" in trt:
+        return ["", "## TensorRT", "", f"skipped: {trt['skipped']}"]
+    sp = trt.get("sparsity", {})
+    lines = ["", "## TensorRT", "",
+             f"TensorRT {trt.get('version')}, {trt.get('precision')}, "
+             f"{'strongly' if trt.get('strongly_typed') else 'weakly'} typed"
+             f"{', CUDA graph' if trt.get('cuda_graph') else ''}", "",
+             f"- layers eligible for sparse math: {sp.get('num_eligible', 0)}; picked sparse tactics: "
+             f"{sp.get('num_picked_sparse', 0)}"]
+    if sp.get("eligible_not_picked"):
+        lines.append(f"- eligible but dense tactic was faster: {', '.join(sp['eligible_not_picked'])}")
+    lines += ["", "| engine | batch | GPU ms p50 | p90 | p99 | samples/s |", "|---|---|---|---|---|---|"]
+    for t in trt.get("timings", []):
+        lines.append(f"| {t['engine']} | {t['batch_size']} | {t['gpu_ms_p50']:.4f} | {t['gpu_ms_p90']:.4f} | "
+                     f"{t['gpu_ms_p99']:.4f} | {t['throughput']:.1f} |")
+    return lines
+
+
+def plot_latency(rows: list[dict], path: str | Path) -> Path | None:
+    """Latency (median, p90 as error bar) vs batch size per backend, dense and compressed, as a PNG
+    written atomically. None when there is nothing to plot."""
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
+    from .core.model_io import _atomic_write_bytes
+
+    rows = [r for r in rows if "compressed_ms_p50" in r]
+    if not rows:
+        return None
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
+    for backend in sorted({r["backend"] for r in rows}):
+        rs = sorted((r for r in rows if r["backend"] == backend), key=lambda r: r["batch_size"])
+        bs = [r["batch_size"] for r in rs]
+        for role, style in (("dense", "--o"), ("compressed", "-s")):
+            if all(f"{role}_ms_p50" in r for r in rs):
+                p50 = [r[f"{role}_ms_p50"] for r in rs]
+                up = [r[f"{role}_ms_p90"] - r[f"{role}_ms_p50"] for r in rs]
+                ax.errorbar(bs, p50, yerr=[[0] * len(up), up], fmt=style, capsize=3, label=f"{backend} {role}")
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("batch size")
+    ax.set_ylabel("latency per call, ms (median; bar to p90)")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    path = Path(path)
+    _atomic_write_bytes(path, buf.getvalue())
+    return path
+
+
 def write_report(run_dir: Path, summary: dict) -> None:
+    if summary.get("benchmark"):
+        plot_latency(summary["benchmark"], Path(run_dir) / PLOT_NAME)
     atomic_write_text(Path(run_dir) / "report.md", render(summary))

@@ -102,11 +102,12 @@ def run_recipe(recipe: Recipe, run_dir: str | Path, resume: bool = False) -> dic
     model.to(device)
     ctx = StageContext(recipe=recipe, run_dir=run_dir, device=device, data=data, model=model, dense=dense,
                        summary=summary)
+    ctx.record_dense = lambda: _record_dense(ctx, run_dir, recipe)
 
     for i in range(start, len(recipe.stages)):
         cfg = recipe.stages[i]
-        if dense is None and cfg.kind in STRUCTURE_CHANGING:
-            dense = _record_dense(ctx, run_dir, recipe)
+        if ctx.dense is None and cfg.kind in STRUCTURE_CHANGING and not getattr(cfg, "trains_dense", False):
+            _record_dense(ctx, run_dir, recipe)
         sdir = stage_dir(run_dir, i, cfg.kind)
         sdir.mkdir(parents=True, exist_ok=True)
         ctx.index, ctx.stage_dir = i, sdir
@@ -124,8 +125,8 @@ def run_recipe(recipe: Recipe, run_dir: str | Path, resume: bool = False) -> dic
         _save_model(ctx.model, sdir, recipe)
         atomic_write_json(sdir / "result.json", {"stage": entry, "summary": out.summary})
         atomic_write_text(sdir / DONE, "")  # written last: the stage counts as done only now
-    if dense is None:
-        dense = _record_dense(ctx, run_dir, recipe)
+    if ctx.dense is None:
+        _record_dense(ctx, run_dir, recipe)
 
     final = {**ctx.evaluate(), **ctx.stats()}
     dense_metrics = json.loads((run_dir / "dense" / "metrics.json").read_text())

@@ -52,3 +52,16 @@ def write_recipe(tmp_path):
         return p
 
     return _write
+
+
+@pytest.fixture
+def one_thread(monkeypatch):
+    """Tiny models train faster on one thread than on two fighting over a shared, loaded CPU (here and
+    in CLI subprocesses, which inherit OMP_NUM_THREADS)."""
+    import torch
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

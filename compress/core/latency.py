@@ -50,6 +50,104 @@ def onnxruntime_runner(onnx_path: str | Path, model, input_shape, batch_size: in
     return run
 
 
+def _torch_device(options: dict):
+    import torch
+
+    device = torch.device(options.get("device", "cpu"))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise BackendUnavailable("CUDA requested but no GPU is visible")
+    return device
+
+
+def semi_structured_linears(model) -> tuple[list[str], list[dict]]:
+    """On CUDA, swap every Linear weight that holds 2:4 along ``in`` for a
+    ``torch.sparse.to_sparse_semi_structured`` tensor (cuSPARSELt / CUTLASS sparse kernels).
+    Returns (converted layer names, skipped layers with the reason)."""
+    import torch
+    from torch import nn
+    from torch.sparse import to_sparse_semi_structured
+
+    from .masks import is_n_m_sparse
+
+    done, skipped = [], []
+    for name, mod in model.named_modules():
+        if not isinstance(mod, nn.Linear):
+            continue
+        w = mod.weight.detach()
+        if not is_n_m_sparse(w, axis=1):
+            continue
+        try:
+            mod.weight = nn.Parameter(to_sparse_semi_structured(w), requires_grad=False)
+            done.append(name)
+        except (RuntimeError, ValueError) as exc:  # shape / dtype / GPU constraints of the kernels
+            skipped.append({"layer": name, "reason": str(exc).splitlines()[0][:160]})
+    return done, skipped
+
+
+def _torch_runner(model, input_shape, batch_size: int, options: dict, compiled: bool) -> Runner:
+    """PyTorch eager or ``torch.compile``d. On CUDA the model runs in fp16 (the dtype the sparse
+    kernels need) and, for the compressed model, 2:4 Linear weights become semi-structured."""
+    import copy
+
+    import torch
+
+    if model is None:
+        raise BackendUnavailable("the torch backend needs the model in memory")
+    device = _torch_device(options)
+    torch.set_num_threads(options.get("threads", 1))
+    m = copy.deepcopy(model).eval().to(device)
+    dtype = torch.float32
+    if device.type == "cuda":
+        dtype = torch.float16
+        m = m.to(dtype)
+        if options.get("semi_structured", True) and options.get("role") == "compressed":
+            semi_structured_linears(m)
+    x = torch.randn(batch_size, *input_shape, generator=torch.Generator().manual_seed(0)).to(device, dtype)
+    if compiled:
+        backend = options.get("compile_backend", "inductor")
+        mode = options.get("compile_mode", "default") if backend == "inductor" else None
+        m = torch.compile(m, backend=backend, mode=mode, dynamic=False)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    with torch.inference_mode():
+        m(x)  # compile (and autotune) here, not inside the timed calls
+    sync()
+
+    def run() -> None:
+        with torch.inference_mode():
+            m(x)
+        sync()
+
+    return run
+
+
+@BACKENDS.register("torch")
+def torch_runner(onnx_path, model, input_shape, batch_size: int, options: dict) -> Runner:
+    """PyTorch eager on the run's device."""
+    return _torch_runner(model, input_shape, batch_size, options, compiled=False)
+
+
+@BACKENDS.register("torch_compile")
+def torch_compile_runner(onnx_path, model, input_shape, batch_size: int, options: dict) -> Runner:
+    """``torch.compile`` (Inductor) on the run's device; compilation happens before timing."""
+    return _torch_runner(model, input_shape, batch_size, options, compiled=True)
+
+
+@BACKENDS.register("tensorrt")
+def tensorrt_runner(onnx_path, model, input_shape, batch_size: int, options: dict) -> Runner:
+    """A TensorRT engine built from the ONNX file (SPARSE_WEIGHTS on, precision from options),
+    cached beside it per batch size. Each call runs once and waits for the stream."""
+    from . import tensorrt_backend as trb
+
+    trt = trb.require_tensorrt()
+    opts = trb.BuildOptions(precision=options.get("precision", "fp16"), sparse_weights=True,
+                            min_batch=1, opt_batch=batch_size, max_batch=batch_size,
+                            timing_cache=str(Path(onnx_path).parent / "trt.timing.cache"))
+    onnx_path = trb.onnx_for_precision(onnx_path, opts.precision, trb.use_strong_typing(trt, opts.typing))
+    name = f"{Path(onnx_path).stem}.{opts.precision}.b{batch_size}"
+    built = trb.build_engine(onnx_path, onnx_path.parent, name, opts)
+    return trb.EngineRunner(built.engine, batch_size, cuda_graph=options.get("cuda_graph", False))
+
+
 def percentiles(samples_ms: list[float]) -> dict[str, float]:
     a = np.asarray(samples_ms)
     return {"p50": float(np.median(a)), "p90": float(np.percentile(a, 90)), "p99": float(np.percentile(a, 99)),

@@ -50,15 +50,23 @@ def read_state_dict(path: str | Path, field: str = "model.checkpoint") -> dict[s
     path = Path(path)
     if not path.is_file():
         raise InputError(f"file {str(path)!r} does not exist", field=field)
+    import pickle
+    import warnings
+
     try:
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file
 
             sd = load_file(str(path))
         else:
-            sd = torch.load(str(path), map_location="cpu", weights_only=True)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                sd = torch.load(str(path), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        raise InputError(f"cannot read {str(path)!r} safely: it holds objects other than tensors "
+                         "(refusing to unpickle; save a state_dict or safetensors)", field=field) from None
     except Exception as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
         raise InputError(f"cannot read {str(path)!r} safely: {first}", field=field) from None
     if isinstance(sd, dict) and "state_dict" in sd and isinstance(sd["state_dict"], dict):
         sd = sd["state_dict"]

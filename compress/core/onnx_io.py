@@ -52,21 +52,105 @@ def export_onnx(model: nn.Module, input_shape, path: str | Path, opset: int = 17
                                   input_names=["input"], output_names=["logits"], dynamic_axes=axes,
                                   do_constant_folding=True)
         proto = onnx.load(str(tmp))
-        size = sum(t.ByteSize() for t in proto.graph.initializer)
-        use_external = external_data if external_data is not None else size > 1_500_000_000
+    finally:
+        for f in Path(tmpdir).glob("*"):
+            f.unlink()
+        os.rmdir(tmpdir)
+    return save_onnx(proto, path, external_data)
+
+
+EXTERNAL_DATA_OVER = 1_500_000_000  # bytes of initializers: protobuf's hard limit is 2 GB
+
+
+def save_onnx(proto, path: str | Path, external_data: bool | None = None) -> Path:
+    """Check and write ``proto`` to ``path`` atomically. ``external_data`` (default: on above
+    1.5 GB) puts the weights in ``<name>.data`` beside it, written before the graph, so a
+    ``model.onnx`` that exists always has its weights."""
+    import onnx
+
+    path = Path(path)
+    size = sum(t.ByteSize() for t in proto.graph.initializer)
+    use_external = external_data if external_data is not None else size > EXTERNAL_DATA_OVER
+    data_name = path.name + ".data"
+    tmpdir = tempfile.mkdtemp(dir=path.parent, prefix=".onnx-")
+    tmp = Path(tmpdir) / path.name
+    try:
         if use_external:
-            data_name = path.name + ".data"
             onnx.save_model(proto, str(tmp), save_as_external_data=True, all_tensors_to_one_file=True,
                             location=data_name)
-            os.replace(Path(tmpdir) / data_name, path.parent / data_name)
         else:
             onnx.save_model(proto, str(tmp))
-        onnx.checker.check_model(str(tmp))
+        onnx.checker.check_model(str(tmp))  # by path: the checker finds the external data beside it
+        if use_external:
+            os.replace(Path(tmpdir) / data_name, path.parent / data_name)
+        elif (path.parent / data_name).exists():
+            (path.parent / data_name).unlink()  # stale data from an earlier external-data export
         os.replace(tmp, path)
     finally:
         for f in Path(tmpdir).glob("*"):
             f.unlink()
         os.rmdir(tmpdir)
+    return path
+
+
+def _topological_sort(graph) -> None:
+    """Reorder ``graph.node`` so every node comes after the producers of its inputs (stable)."""
+    ready = {i.name for i in graph.input} | {t.name for t in graph.initializer} | {""}
+    pending = list(graph.node)
+    ordered = []
+    while pending:
+        rest = []
+        for node in pending:
+            if all(i in ready for i in node.input):
+                ordered.append(node)
+                ready.update(node.output)
+            else:
+                rest.append(node)
+        if len(rest) == len(pending):  # a cycle or an input nobody produces: leave for the checker
+            ordered += rest
+            break
+        pending = rest
+    copies = [type(n)() for n in ordered]
+    for c, n in zip(copies, ordered):
+        c.CopyFrom(n)
+    del graph.node[:]
+    graph.node.extend(copies)
+
+
+def export_fp16_onnx(src: str | Path, dst: str | Path) -> Path:
+    """Half-precision copy of an ONNX model for GPU engines (TensorRT strongly-typed builds take
+    their precision from these types). Inputs and outputs stay float32 (Cast nodes at the edges),
+    so callers feed the same arrays as to the fp32 model."""
+    import onnx
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    src, dst = Path(src), Path(dst)
+    proto = onnx.load(str(src))
+    half = convert_float_to_float16(proto, keep_io_types=True, disable_shape_infer=False)
+    _topological_sort(half.graph)  # the converter appends its input Casts after their consumers
+    external = (src.parent / (src.name + ".data")).exists() or None  # follow the fp32 file's layout
+    return save_onnx(half, dst, external)
+
+
+def export_pt2(model: nn.Module, input_shape, path: str | Path, dynamic_batch: bool = True) -> Path:
+    """``torch.export`` program saved with ``torch.export.save`` (atomically), for serving with
+    PyTorch: ``torch.export.load(path).module()(x)`` returns the logits."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    wrapped = _LogitsOnly(model.eval().cpu()).eval()
+    example = torch.randn(2, *input_shape)  # batch 2: a size-1 example would be specialised
+    dyn = {"x": {0: torch.export.Dim("batch", min=1, max=4096)}} if dynamic_batch else None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        program = torch.export.export(wrapped, (example,), dynamic_shapes=dyn)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".pt2")
+    os.close(fd)
+    try:
+        torch.export.save(program, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
     return path
 
 
@@ -88,7 +172,7 @@ def parity(model: nn.Module, onnx_path: str | Path, x: torch.Tensor, threads: in
     model = model.eval().cpu()
     ref = logits_of(model(x)).numpy()
     sess = ort_session(onnx_path, threads)
-    got = sess.run(None, {sess.get_inputs()[0].name: x.numpy().astype(np.float32)})[0]
+    got = sess.run(None, {sess.get_inputs()[0].name: x.numpy().astype(np.float32)})[0].astype(np.float32)
     err = np.abs(ref - got)
     return {
         "parity_max_abs_error": float(err.max()),
@@ -126,7 +210,15 @@ def _trace_initializer(name: str, producers: dict, inits: dict):
         perm = next((list(a.ints) for a in node.attribute if a.name == "perm"), None)
         return np.transpose(src, perm)
     if node.op_type == "DequantizeLinear":
-        return src.astype(np.float32)  # zeros stay zeros; scale does not change the pattern
+        # y = (x - zero_point) * scale: a quantized weight is zero where x == zero_point
+        zp = _trace_initializer(node.input[2], producers, inits) if len(node.input) > 2 and node.input[2] else None
+        out = src.astype(np.float32)
+        if zp is not None and zp.size > 1:
+            axis = next((a.i for a in node.attribute if a.name == "axis"), 1)
+            shape = [1] * out.ndim
+            shape[axis] = -1
+            zp = zp.reshape(shape)
+        return out - (zp.astype(np.float32) if zp is not None else 0.0)
     if node.op_type in ("Reshape", "Unsqueeze", "Squeeze"):
         return None if node.op_type == "Reshape" else src
     return src
@@ -162,7 +254,7 @@ def check_sparsity(path: str | Path, n: int = 2, m: int = 4) -> dict:
             axis = 1
             group = next((a.i for a in node.attribute if a.name == "group"), 1)
             if group > 1 and w.shape[1] == 1:
-                layers.append({"node": node.name, "op": "Conv", "shape": list(w.shape), "axis": 1,
+                layers.append({"node": node.name or node.output[0], "op": "Conv", "shape": list(w.shape), "axis": 1,
                                "sparse_2_4": False, "eligible": False, "reason": "depthwise"})
                 continue
         elif node.op_type == "Gemm":
@@ -172,7 +264,7 @@ def check_sparsity(path: str | Path, n: int = 2, m: int = 4) -> dict:
             axis = w.ndim - 2  # MatMul: B is [.., K, N]; K (the reduction) is the second-to-last
         ok, frac = _n_m_ok(w, axis, n, m)
         eligible = w.shape[axis] % m == 0
-        layers.append({"node": node.name, "op": node.op_type, "shape": list(w.shape), "axis": axis,
+        layers.append({"node": node.name or node.output[0], "op": node.op_type, "shape": list(w.shape), "axis": axis,
                        "sparse_2_4": ok, "fraction_groups_ok": round(frac, 4), "eligible": eligible,
                        **({} if eligible else {"reason": f"reduction dim {w.shape[axis]} % {m} != 0"})})
     n_sparse = sum(1 for layer in layers if layer["sparse_2_4"])

@@ -1,6 +1,7 @@
 """One training loop for dense training, fine-tuning, distillation and masked (sparse) training."""
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import dataclass, field
 from typing import Callable
@@ -59,35 +60,47 @@ def distill_loss(student_logits, teacher_logits, targets, alpha: float, temperat
 
 def train(model: nn.Module, loader, cfg, device: torch.device | str = "cpu", teacher: nn.Module | None = None,
           distill=None, description: str = "train", eval_fn: Callable[[nn.Module], dict] | None = None,
-          on_step: Callable[[int, nn.Module, torch.optim.Optimizer], None] | None = None) -> TrainResult:
+          on_step: Callable[[int, nn.Module, torch.optim.Optimizer], None] | None = None,
+          start_step: int = 0, optimizer_state: dict | None = None) -> TrainResult:
     """Train ``model`` in place for ``cfg.epochs`` epochs (or ``cfg.max_steps`` steps).
+
+    ``start_step`` / ``optimizer_state`` resume a run at step k (late rewinding): the LR schedule,
+    the epoch count and the optimizer moments continue from there. A loader with ``set_epoch``
+    gets the epoch number first, so its data order can depend only on the epoch.
 
     Masks (``*_mask`` buffers) are honoured: gradients are masked before and weights after every
     step, and optimizer state at masked positions is zeroed, so pruned weights stay exactly zero.
     """
     model.to(device)
     opt = make_optimizer(model, cfg.optimizer)
+    base_lrs = [g["lr"] for g in opt.param_groups]  # before a loaded state overwrites them
+    if optimizer_state is not None:
+        opt.load_state_dict(copy.deepcopy(optimizer_state))  # load_state_dict may alias the caller's tensors
     masks.mask_optimizer_state(opt, model)
     steps_per_epoch = max(1, len(loader))
     total = cfg.epochs * steps_per_epoch
     if cfg.max_steps:
         total = min(total, cfg.max_steps) if cfg.epochs else cfg.max_steps
     warmup = int(round(cfg.warmup_epochs * steps_per_epoch))
-    base_lrs = [g["lr"] for g in opt.param_groups]
     if teacher is not None:
         teacher.to(device).eval()
-    result = TrainResult()
+    result = TrainResult(steps=start_step)
     use_masks = masks.has_masks(model)
-    if total == 0:
+    if total <= start_step:
         return result
     epochs = math.ceil(total / steps_per_epoch)
-    with task(description, total) as bar:
-        for epoch in range(epochs):
+    first_epoch, skip = divmod(start_step, steps_per_epoch)
+    with task(description, total - start_step) as bar:
+        for epoch in range(first_epoch, epochs):
             model.train()
             loss_sum, seen = 0.0, 0
-            for xb, yb in loader:
+            if hasattr(loader, "set_epoch"):
+                loader.set_epoch(epoch)
+            for batch_index, (xb, yb) in enumerate(loader):
                 if result.steps >= total:
                     break
+                if epoch == first_epoch and batch_index < skip:
+                    continue
                 f = lr_factor(result.steps, total, warmup, cfg.optimizer)
                 for g, lr in zip(opt.param_groups, base_lrs):
                     g["lr"] = lr * f

@@ -149,8 +149,11 @@ class _ArrayOnlyUnpickler(pickle.Unpickler):
         raise pickle.UnpicklingError(f"refusing to load {module}.{name} from a data file")
 
 
-def _load_cifar_python(blob: bytes) -> tuple[np.ndarray, np.ndarray]:
-    d = _ArrayOnlyUnpickler(io.BytesIO(blob), encoding="bytes").load()
+def _load_cifar_python(blob: bytes, name: str) -> tuple[np.ndarray, np.ndarray]:
+    try:
+        d = _ArrayOnlyUnpickler(io.BytesIO(blob), encoding="bytes").load()
+    except pickle.UnpicklingError as exc:
+        raise InputError(f"CIFAR-10 batch {name!r}: {exc}", field="data.root") from None
     x = np.asarray(d[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32)
     return x, np.asarray(d[b"labels"], dtype=np.int64)
 
@@ -183,7 +186,7 @@ def cifar10(cfg, input_shape=None, seed: int = 0) -> DataBundle:
     missing = [n for n in names if n not in blobs]
     if missing:
         raise InputError(f"CIFAR-10 batches missing under {str(root)!r}: {missing}", field="data.root")
-    parts = [_load_cifar_python(blobs[n]) for n in names]
+    parts = [_load_cifar_python(blobs[n], n) for n in names]
     xtr = np.concatenate([p[0] for p in parts[:5]])
     ytr = np.concatenate([p[1] for p in parts[:5]])
     xte, yte = parts[5]

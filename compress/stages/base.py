@@ -68,6 +68,9 @@ class StageContext:
     summary: dict[str, Any] = field(default_factory=dict)
     index: int = 0
     stage_dir: Path | None = None
+    # snapshot the current model as the dense teacher/reference (set by the runner); stages whose
+    # config says ``trains_dense`` call it themselves once their dense training is done
+    record_dense: Callable[[], nn.Module] | None = None
 
     @property
     def seed(self) -> int:

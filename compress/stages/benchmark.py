@@ -4,9 +4,11 @@ from __future__ import annotations
 
 from typing import Literal
 
+import torch
 from pydantic import Field, field_validator
 
 from ..config import StageConfig
+from ..errors import InputError
 from ..core.latency import BACKENDS, BackendUnavailable, time_interleaved
 from ..core.onnx_io import export_onnx
 from ..core.progress import log
@@ -21,6 +23,10 @@ class Config(StageConfig):
     warmup: int = Field(10, ge=0)
     iters: int = Field(100, ge=1, description="timed calls per model per batch size")
     rounds: int = Field(10, ge=1, description="interleaving rounds (order flips each round)")
+    precision: Literal["fp32", "fp16", "int8", "best"] = Field("fp16", description="tensorrt backend engines")
+    cuda_graph: bool = Field(False, description="tensorrt backend: replay a captured CUDA graph")
+    semi_structured: bool = Field(True, description="torch backends on CUDA: 2:4 Linear weights as "
+                                                    "torch.sparse semi-structured tensors")
 
     @field_validator("backends")
     @classmethod
@@ -51,20 +57,25 @@ def run(cfg: Config, ctx) -> StageOutput:
     if ctx.dense is not None and (dense_onnx is None or not dense_onnx.exists()):
         dense_onnx = export_onnx(ctx.dense, ctx.input_shape, ctx.stage_dir / "dense.onnx")
     rows, skipped = [], []
+    threads_before = torch.get_num_threads()
     for backend in cfg.backends:
         factory = BACKENDS.get(backend)
         for bs in cfg.batch_sizes:
-            opts = {"threads": cfg.threads, "device": str(ctx.device)}
+            opts = {"threads": cfg.threads, "device": str(ctx.device), "precision": cfg.precision,
+                    "cuda_graph": cfg.cuda_graph, "semi_structured": cfg.semi_structured}
             try:
-                runners = {"compressed": factory(compressed_onnx, ctx.model, ctx.input_shape, bs, opts)}
+                runners = {"compressed": factory(compressed_onnx, ctx.model, ctx.input_shape, bs,
+                                                 {**opts, "role": "compressed"})}
                 if dense_onnx is not None:
-                    runners["dense"] = factory(dense_onnx, ctx.dense, ctx.input_shape, bs, opts)
+                    runners["dense"] = factory(dense_onnx, ctx.dense, ctx.input_shape, bs, {**opts, "role": "dense"})
             except BackendUnavailable as exc:
                 if not cfg.optional:
-                    raise
+                    raise InputError(f"backend {backend!r} cannot run here: {exc} (mark the stage "
+                                     "'optional: true' to skip it on such machines)",
+                                     field=f"stages[{ctx.index}].backends") from None
                 skipped.append({"backend": backend, "reason": str(exc)})
                 log(f"[yellow]benchmark: {backend} unavailable here ({exc}); skipped[/]")
-                break
+                break  # said once per backend, not once per batch size
             t = time_interleaved(runners, warmup=cfg.warmup, iters=cfg.iters, rounds=cfg.rounds)
             row = {"backend": backend, "batch_size": bs, "threads": cfg.threads,
                    "compressed_ms_p50": t["compressed"]["p50"], "compressed_ms_p90": t["compressed"]["p90"],
@@ -75,5 +86,7 @@ def run(cfg: Config, ctx) -> StageOutput:
                             "dense_ms_p99": t["dense"]["p99"], "dense_throughput": bs * 1000.0 / t["dense"]["p50"],
                             "speedup": t["dense"]["p50"] / t["compressed"]["p50"]})
             rows.append(row)
-    return StageOutput(metrics={"rows": len(rows), "skipped": skipped},
+    torch.set_num_threads(threads_before)
+    none_ran = "; ".join(f"{s['backend']}: {s['reason']}" for s in skipped) if not rows else None
+    return StageOutput(metrics={"rows": len(rows), "skipped_backends": skipped}, skipped=none_ran,
                        summary={"benchmark": rows, **({"benchmark_skipped": skipped} if skipped else {})})

@@ -1,31 +1,113 @@
-"""``prune``: structured channel pruning on the dependency graph (Torch-Pruning DepGraph)."""
+"""``prune``: structured channel pruning on the dependency graph (Torch-Pruning DepGraph).
+
+Allocation (``scope``): ``uniform`` removes ``ratio`` of every group; ``global`` ranks all groups'
+per-group-normalised scores together (no group above ``max_ratio``); ``per_layer`` maps module-name
+patterns to ratios (``ratios: {"layers.0.*": 0.3}``; unmatched groups use ``ratio``). ``target:
+{macs: 0.5}`` / ``{params: 0.4}`` (fraction kept) replaces ``ratio`` by the smallest ratio that
+reaches it, found by bisection on pruned copies; the achieved value is reported exactly.
+``steps: k`` prunes in k equal steps, with ``finetune_between`` (a ``finetune`` block) in between.
+
+Guards (``guards:``; each on by default, ``null``/``false`` turns it off, each binding reported in
+the stage metrics ``guards.bound``): the first conv loses at most ``first_conv_max_ratio`` (0.5);
+the classifier (the last Conv/Linear to run) loses no outputs; no group drops below
+``min_channels`` (auto: max(8, original/16)); kept channel counts are multiples of ``round_to`` (8;
+for grouped layers, per group as far as the group count allows). A pruned model that no longer
+runs or whose output shape moved is refused (ModelBreakError: module and shapes named; exit 2).
+
+Attention: ``heads: {ratio: 0.25, head_dims: true}`` removes whole heads of q/k/v-projection
+attention (Hugging Face style) and, with ``head_dims``, channels inside the surviving heads; head
+counts and widths are patched so forward and ONNX export work. ``nn.MultiheadAttention`` keeps its
+head count and loses the same channels in every head.
+"""
 from __future__ import annotations
 
-from typing import Literal, Optional
+from typing import Literal, Optional, Union
 
 import torch
 from pydantic import Field, field_validator, model_validator
 
-from ..config import StageConfig
+from ..config import StageConfig, Strict
 from ..core import pruning
-from ..core.metrics import logits_of
-from ..errors import ModelBreakError
+from ..core.metrics import count_macs, count_params, logits_of
 from .base import StageOutput, register_stage
+from ..config import OptimizerConfig
+from ..core.early_bird import EarlyBird, train_until_early_bird
 from .finetune import FinetuneBlock, finetune
+
+
+class GuardsConfig(Strict):
+    """On by default; ``null`` (or ``false`` for ``classifier``) turns one off."""
+
+    first_conv_max_ratio: Optional[float] = Field(0.5, ge=0, le=1, description="the first conv loses at most this")
+    classifier: bool = Field(True, description="the output layer loses no outputs")
+    min_channels: Union[Literal["auto"], int, None] = Field(
+        "auto", description="no group below this; auto = max(8, original/16)")
+    round_to: Optional[int] = Field(8, ge=1, description="kept channel counts a multiple of this")
+
+    @field_validator("min_channels")
+    @classmethod
+    def _min(cls, v):
+        if isinstance(v, int) and v < 1:
+            raise ValueError("must be >= 1, 'auto' or null")
+        return v
+
+
+class HeadsConfig(Strict):
+    ratio: float = Field(0.25, ge=0, lt=1, description="fraction of attention heads removed (whole heads)")
+    head_dims: bool = Field(True, description="also prune channels inside the surviving heads")
+
+
+class TargetConfig(Strict):
+    """Fraction KEPT, reached by bisection on the ratio (exactly one of the two)."""
+
+    macs: Optional[float] = Field(None, gt=0, lt=1)
+    params: Optional[float] = Field(None, gt=0, lt=1)
+
+    @model_validator(mode="after")
+    def _one(self):
+        if (self.macs is None) == (self.params is None):
+            raise ValueError("give exactly one of macs or params")
+        return self
+
+    @property
+    def key(self) -> str:
+        return "macs" if self.macs is not None else "params"
+
+    @property
+    def value(self) -> float:
+        return self.macs if self.macs is not None else self.params
+
+
+class EarlyBirdConfig(FinetuneBlock):
+    """``when: early_bird``: train from the current (untrained) weights only until the BN-|gamma|
+    channel mask stops moving (You et al. 2020), then prune. ``epochs`` is the upper bound."""
+
+    epochs: int = 30
+    optimizer: OptimizerConfig = OptimizerConfig(lr=0.1, momentum=0.9, weight_decay=5e-4)
+    window: int = Field(5, ge=2, description="masks compared (the newest against the previous window-1)")
+    threshold: float = Field(0.1, gt=0, lt=1, description="max normalised Hamming distance for 'emerged'")
 
 
 class Config(StageConfig):
     kind: Literal["prune"] = "prune"
+    when: Literal["trained", "early_bird"] = Field(
+        "trained", description="trained: prune the model as it is; early_bird: train until the Early-Bird ticket emerges first")
+    early_bird: EarlyBirdConfig = Field(default_factory=EarlyBirdConfig)
     importance: str = "l2"
     ratio: float = Field(0.5, description="fraction of channels removed per group (uniform) or overall (global)")
     scope: Literal["uniform", "global", "per_layer"] = "global"
     ratios: dict[str, float] = Field(default_factory=dict, description="per_layer: module-name pattern -> ratio")
     steps: int = Field(1, ge=1, description=">1 prunes iteratively in equal steps")
-    round_to: Optional[int] = Field(8, ge=1, description="keep channel counts a multiple of this")
+    round_to: Optional[int] = Field(8, ge=1, description="keep channel counts a multiple of this (= guards.round_to)")
+    guards: GuardsConfig = Field(default_factory=GuardsConfig)
+    heads: Optional[HeadsConfig] = Field(None, description="attention: remove whole heads")
+    target: Optional[TargetConfig] = Field(None, description="reach a kept MACs/params fraction instead of a ratio")
     ignore: Optional[list[str]] = Field(None, description="module-name patterns never pruned; default: the classifier")
     max_ratio: float = Field(0.9, gt=0, le=1, description="no group loses more than this fraction (global scope)")
     calibration_batches: int = Field(4, ge=1, description="training batches for data-aware criteria")
     finetune_between: Optional[FinetuneBlock] = None
+    obs_update: bool = Field(False, description="importance obs: OBS-update the surviving weights")
+    obs_dampening: float = Field(0.01, gt=0, description="importance obs: Fisher dampening, relative to its mean diagonal")
 
     @field_validator("ratio")
     @classmethod
@@ -50,10 +132,43 @@ class Config(StageConfig):
         return v
 
     @model_validator(mode="after")
+    def _early_bird_ranks_by_bn(self):
+        # Early-Bird's ticket is a global BN-|gamma| ranking: prune by that unless told otherwise
+        if self.when == "early_bird" and "importance" not in self.model_fields_set:
+            self.__dict__["importance"] = "bn_scale"
+        return self
+
+    @property
+    def trains_dense(self) -> bool:
+        """The runner must not snapshot the dense teacher before this stage: the stage trains it."""
+        return self.when == "early_bird"
+
+    @model_validator(mode="after")
+    def _obs_update_needs_obs(self):
+        if self.obs_update and self.importance != "obs":
+            raise ValueError("obs_update needs importance: obs")
+        return self
+
+    @model_validator(mode="after")
     def _per_layer_needs_ratios(self):
         if self.scope == "per_layer" and not self.ratios:
             raise ValueError("scope per_layer needs a 'ratios' map")
+        if self.target is not None and self.scope == "per_layer":
+            raise ValueError("target needs scope uniform or global (per_layer fixes every ratio)")
         return self
+
+    def resolved_guards(self) -> pruning.Guards:
+        g = self.guards.model_dump()
+        if "round_to" not in self.guards.model_fields_set and "round_to" in self.model_fields_set:
+            g["round_to"] = self.round_to  # the older top-level spelling
+        return pruning.Guards(**g)
+
+    def pruner_kwargs(self) -> dict:
+        """Everything GuardedPruner needs besides the model, example and importance."""
+        return {"scope": self.scope, "per_layer": self.ratios if self.scope == "per_layer" else None,
+                "ignore": self.ignore, "guards": self.resolved_guards(), "max_ratio": self.max_ratio,
+                "heads_ratio": self.heads.ratio if self.heads else 0.0,
+                "head_dims": self.heads.head_dims if self.heads else True}
 
 
 def _output_signature(model, x):
@@ -63,37 +178,82 @@ def _output_signature(model, x):
 
 @register_stage("prune", Config)
 def run(cfg: Config, ctx) -> StageOutput:
-    """Remove whole channels (and the coupled channels of every dependent layer)."""
+    """Remove whole channels (and the coupled channels of every dependent layer), within the guards."""
+    early_bird = None
+    if cfg.when == "early_bird":
+        eb = cfg.early_bird
+        detector = EarlyBird(ratio=cfg.ratio, window=eb.window, threshold=eb.threshold)
+        train_until_early_bird(ctx.model, ctx.train_loader(eb.batch_size), eb, detector, ctx.device)
+        early_bird = {"found_at_epoch": detector.found_at, "max_epochs": eb.epochs,
+                      "distances": [None if d != d else round(d, 4) for d in detector.distances]}
+        ctx.record_dense()  # the early-bird-trained dense net is the teacher and the reference
     model = ctx.model.to(ctx.device).eval()
     example = ctx.example_inputs(1)
     before = ctx.stats()
     out_shape = _output_signature(model, example)
     criterion = pruning.IMPORTANCES.get(cfg.importance, field="importance")
-    importance = criterion.build()
-    pruner = pruning.build_pruner(model, example, importance, ratio=cfg.ratio, scope=cfg.scope,
-                                  steps=cfg.steps, round_to=cfg.round_to, ignore=cfg.ignore,
-                                  per_layer=cfg.ratios, max_ratio=cfg.max_ratio)
     calib = ctx.calibration_batches(cfg.calibration_batches) if (criterion.needs or criterion.calibrate) else []
-    step_metrics = []
+    kw = cfg.pruner_kwargs()
+
+    def build_importance():
+        return criterion.build(obs_update=cfg.obs_update, obs_dampening=cfg.obs_dampening)
+
+    def calibrate(m, imp):
+        pruning.calibrate(criterion, imp, m, calib, ctx.device)
+
+    # guards and max_ratio stay relative to the unpruned model across steps and pruner instances
+    kw["reference"] = pruning.channel_counts(model, example)
+    measure, goal, searches, ratios = None, None, [], []
+    if cfg.target is not None:
+        key, goal = cfg.target.key, cfg.target.value
+        base = before[key]
+        measure = ((lambda m: count_macs(m, ctx.input_shape, ctx.device) / base) if key == "macs"
+                   else (lambda m: count_params(m) / base))
+
+    gp, step_metrics, guard_hits = None, [], []
     for step in range(cfg.steps):
-        pruning.calibrate(criterion, importance, model, calib, ctx.device)
-        pruner.step()
+        if cfg.target is not None:
+            # iterative with a target: each step reaches its share of the budget on the current
+            # (possibly fine-tuned) model, so the last step lands on the goal itself
+            step_goal = 1 - (1 - goal) * (step + 1) / cfg.steps
+            r, trials = pruning.ratio_for_target(model, example, build_importance, measure, step_goal,
+                                                 hi=min(0.95, cfg.max_ratio), prepare_step=calibrate, **kw)
+            searches.append({"step": step + 1, "goal": step_goal, "ratio_found": r, "trials": trials})
+            gp = pruning.GuardedPruner(model, example, build_importance(), ratio=r, steps=1, **kw)
+            ratios.append(r)
+        elif gp is None:
+            gp = pruning.GuardedPruner(model, example, build_importance(), ratio=cfg.ratio, steps=cfg.steps, **kw)
+            ratios.append(cfg.ratio)
+        if step == 0:
+            guard_hits += gp.bound  # the classifier guard, recorded once
+        calibrate(model, gp.pruner.importance)
+        guard_hits += gp.step()
         model.zero_grad(set_to_none=True)
-        try:
-            got = _output_signature(model.eval(), example)
-        except RuntimeError as exc:
-            raise ModelBreakError(f"model no longer runs after pruning step {step + 1}: {exc}") from None
-        if got != out_shape:
-            raise ModelBreakError(f"pruning changed the output shape {out_shape} -> {got}")
+        pruning.check_model_runs(model, example, out_shape, gp.output_name, when=f"after pruning step {step + 1}")
         if cfg.finetune_between is not None and step < cfg.steps - 1:
             step_metrics.append(finetune(cfg.finetune_between, ctx, description=f"finetune {step + 1}"))
+    ratio = ratios[0] if len(ratios) == 1 else ratios
     ctx.model = model
     after = ctx.stats()
     acc = ctx.evaluate()["accuracy"]
-    return StageOutput(metrics={
-        "importance": cfg.importance, "scope": cfg.scope, "ratio": cfg.ratio, "steps": cfg.steps,
+    metrics = {
+        "importance": cfg.importance, "scope": cfg.scope, "ratio": ratio, "steps": cfg.steps,
         "params_before": before["params"], "params_after": after["params"],
         "macs_before": before["macs"], "macs_after": after["macs"],
         "macs_kept": after["macs"] / max(1, before["macs"]), "params_kept": after["params"] / max(1, before["params"]),
-        "accuracy_after_prune": acc, **({"finetune_between": step_metrics} if step_metrics else {}),
-    })
+        "accuracy_after_prune": acc,
+        "guards": {**vars(kw["guards"]), "bound": guard_hits},
+    }
+    if gp.sites:
+        metrics["attention"] = [{"module": s.name, "heads": s.heads, "head_dim": s.head_dim} for s in gp.sites]
+    search = None
+    if cfg.target is not None:
+        key = cfg.target.key
+        search = {"target": {key: goal}, "achieved": {key: metrics[f"{key}_kept"]}, "steps": searches}
+        metrics["target"] = search
+    if step_metrics:
+        metrics["finetune_between"] = step_metrics
+    if early_bird is not None:
+        metrics["early_bird"] = early_bird
+    summary = {"prune": {"target": search["target"], "achieved": search["achieved"], "ratio": ratio}} if search else {}
+    return StageOutput(metrics=metrics, summary=summary)

@@ -10,9 +10,10 @@ from torch import nn
 from ..config import StageConfig
 from ..core import masks
 from ..core.pruning import match_any, output_layer
+from ..core.sparsegpt import sparsegpt_masks
 from .base import StageOutput, register_stage
 
-SPARSIFY_METHODS = ("magnitude",)
+SPARSIFY_METHODS = ("magnitude", "sparsegpt")
 
 
 class Config(StageConfig):
@@ -21,7 +22,9 @@ class Config(StageConfig):
     method: str = "magnitude"
     ignore: Optional[list[str]] = Field(None, description="module-name patterns left dense; default: none")
     asp_rule: bool = Field(False, description="only layers with out % 8 == 0 and in % 16 == 0 (NVIDIA ASP)")
-    calibration_batches: int = Field(8, ge=1)
+    calibration_batches: int = Field(8, ge=1, description="training-split batches for sparsegpt's Hessians")
+    block_size: int = Field(128, ge=4, description="sparsegpt: columns per lazy-update block")
+    damp: float = Field(0.01, gt=0, le=1, description="sparsegpt: Hessian dampening, fraction of mean diagonal")
 
     @field_validator("pattern")
     @classmethod
@@ -79,8 +82,15 @@ def run(cfg: Config, ctx) -> StageOutput:
     n, m = cfg.n_m
     ignore = cfg.ignore
     layers, skipped = eligible_layers(ctx.model, m, ignore, cfg.asp_rule)
-    for name, mod in layers:
-        masks.set_mask(mod, masks.n_m_mask(mod.weight, n, m))
+    if cfg.method == "sparsegpt":
+        batches = ctx.calibration_batches(cfg.calibration_batches)
+        found = sparsegpt_masks(ctx.model, dict(layers), batches, n, m, block=cfg.block_size, damp=cfg.damp,
+                                device=ctx.device)
+        for name, mod in layers:
+            masks.set_mask(mod, found[name])
+    else:
+        for name, mod in layers:
+            masks.set_mask(mod, masks.n_m_mask(mod.weight, n, m))
     total = sum(mod.weight.numel() for _, mod in layers)
     zeros = sum(int((mod.weight == 0).sum()) for _, mod in layers)
     acc = ctx.evaluate()["accuracy"]

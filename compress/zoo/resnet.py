@@ -76,6 +76,16 @@ class CifarResNet(nn.Module):
         return self.fc(torch.flatten(self.pool(x), 1))
 
 
+def bottleneck_stages(cin: int, blocks, planes, groups: int = 1, base_width: int = 64) -> tuple[nn.Sequential, int]:
+    """Bottleneck stages (stride 2 at the start of every stage but the first); returns (layers, out channels)."""
+    layers = []
+    for stage, (nb, p) in enumerate(zip(blocks, planes)):
+        for i in range(nb):
+            layers.append(Bottleneck(cin, p, 2 if (stage > 0 and i == 0) else 1, groups, base_width))
+            cin = p * Bottleneck.expansion
+    return nn.Sequential(*layers), cin
+
+
 class ImageNetResNet(nn.Module):
     """ResNet-50-class bottleneck network (optionally ResNeXt via ``groups``) for latency work."""
 
@@ -85,14 +95,7 @@ class ImageNetResNet(nn.Module):
         self.conv1 = nn.Conv2d(in_channels, 64, 7, 2, 3, bias=False)
         self.bn1 = nn.BatchNorm2d(64)
         self.maxpool = nn.MaxPool2d(3, 2, 1)
-        layers = []
-        cin = 64
-        for stage, (nb, planes) in enumerate(zip(blocks, [64, 128, 256, 512])):
-            for i in range(nb):
-                stride = 2 if (stage > 0 and i == 0) else 1
-                layers.append(Bottleneck(cin, planes, stride, groups, base_width))
-                cin = planes * Bottleneck.expansion
-        self.layers = nn.Sequential(*layers)
+        self.layers, cin = bottleneck_stages(64, blocks, (64, 128, 256, 512), groups, base_width)
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.fc = nn.Linear(cin, num_classes)
 

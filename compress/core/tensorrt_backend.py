@@ -1,0 +1,367 @@
+"""TensorRT engines from ONNX (extra ``compress[tensorrt]``): build, inspect, benchmark.
+
+Everything that touches TensorRT or CUDA imports it lazily and raises
+:class:`~compress.core.latency.BackendUnavailable` when it is missing, so this module imports (and
+its log / inspector parsers run) on any machine.
+
+Precision and typing. TensorRT 10 builds *weakly typed* networks by default: precision is a
+builder hint (``BuilderFlag.FP16`` / ``INT8``). Weak typing is deprecated from 10.12 and removed in
+11, where every network is *strongly typed*: each tensor keeps the type the ONNX graph gives it,
+so fp16 comes from an fp16 ONNX file (``export: {onnx: {fp16: true}}``) and int8 from Q/DQ nodes.
+``typing: auto`` picks strong typing on TensorRT >= 10.12 and weak typing before.
+
+Sparsity. With ``BuilderFlag.SPARSE_WEIGHTS`` the builder times sparse tactics for layers whose
+constant weights hold 2:4 along the reduction axis and keeps them only when faster. Its INFO log
+says which layers were eligible and which picked a sparse implementation; the engine inspector
+(``ProfilingVerbosity.DETAILED``) names each layer's tactic. Both are parsed into one report.
+"""
+from __future__ import annotations
+
+import json
+import re
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Iterable, Literal
+
+from .latency import BackendUnavailable, percentiles
+from .model_io import _atomic_write_bytes, atomic_write_json, atomic_write_text
+
+ELIGIBLE_MARK = "(Sparsity) Layers eligible for sparse math:"
+PICKED_MARK = "picked sparse implementation for layers:"
+
+
+# ---------------------------------------------------------------------------------------------
+# Parsers (pure Python: unit-tested on captured text)
+
+def _layer_list(text: str) -> list[str]:
+    """``"Conv_3 + Relu_4, MatMul_7"`` -> ``["Conv_3 + Relu_4", "MatMul_7"]`` (fused layers keep their ``+``)."""
+    return [p.strip() for p in text.split(",") if p.strip()]
+
+
+def parse_sparsity_log(lines: Iterable[str]) -> dict[str, list[str]]:
+    """Layers the builder found eligible for sparse math and those whose chosen tactic is sparse,
+    from its INFO log (``trtexec --verbose`` or a Python ILogger). The last build in the log wins."""
+    eligible: list[str] = []
+    picked: list[str] = []
+    for line in lines:
+        if ELIGIBLE_MARK in line:
+            eligible = _layer_list(line.split(ELIGIBLE_MARK, 1)[1])
+        elif PICKED_MARK in line:
+            picked = _layer_list(line.split(PICKED_MARK, 1)[1])
+    return {"eligible": eligible, "picked": picked}
+
+
+def parse_inspector(info: str | dict) -> dict:
+    """Engine-inspector JSON (``LayerInformationFormat.JSON``): per layer its type and tactic; a
+    tactic whose name says ``sparse`` runs on sparse tensor cores. Without DETAILED profiling
+    verbosity the layers are bare names and tactics are unknown."""
+    data = json.loads(info) if isinstance(info, str) else info
+    layers = data.get("Layers", []) if isinstance(data, dict) else []
+    out, sparse = [], []
+    for layer in layers:
+        if isinstance(layer, str):
+            out.append({"name": layer})
+            continue
+        name = layer.get("Name", "")
+        tactic = str(layer.get("TacticName") or layer.get("Tactic") or layer.get("TacticValue") or "")
+        entry = {"name": name, "type": layer.get("LayerType", ""), "tactic": tactic}
+        out.append(entry)
+        if re.search(r"sparse", tactic, re.IGNORECASE):
+            sparse.append(name)
+    detailed = any("tactic" in e for e in out)
+    return {"layers": out, "num_layers": len(out), "sparse_tactic_layers": sparse, "detailed": detailed}
+
+
+def sparsity_report(log_lines: Iterable[str], inspector: str | dict | None) -> dict:
+    """Eligible vs sparse-picked layers: the builder log's view, checked against the inspector."""
+    log = parse_sparsity_log(log_lines)
+    rep = {"eligible_layers": log["eligible"], "picked_sparse_layers": log["picked"],
+           "eligible_not_picked": [n for n in log["eligible"] if n not in set(log["picked"])],
+           "num_eligible": len(log["eligible"]), "num_picked_sparse": len(log["picked"])}
+    if inspector is not None:
+        insp = parse_inspector(inspector)
+        rep["inspector_sparse_tactic_layers"] = insp["sparse_tactic_layers"]
+        rep["inspector_layers"] = insp["num_layers"]
+    return rep
+
+
+# ---------------------------------------------------------------------------------------------
+# TensorRT / CUDA availability
+
+def require_tensorrt():
+    """The ``tensorrt`` module, or BackendUnavailable saying what is missing (checked in this order)."""
+    try:
+        import tensorrt as trt
+    except ImportError:
+        raise BackendUnavailable("TensorRT is not installed (pip install 'compress[tensorrt]')") from None
+    import torch
+
+    if not torch.cuda.is_available():
+        raise BackendUnavailable("TensorRT needs a CUDA GPU and none is visible")
+    return trt
+
+
+def trt_version(trt) -> tuple[int, int]:
+    major, minor = (int(p) for p in trt.__version__.split(".")[:2])
+    return major, minor
+
+
+def use_strong_typing(trt, typing: str) -> bool:
+    major, minor = trt_version(trt)
+    if major >= 11:
+        return True  # weak typing (precision flags) is gone
+    if typing == "auto":
+        return (major, minor) >= (10, 12)
+    return typing == "strong"
+
+
+def onnx_for_precision(path: str | Path, precision: str, strong: bool) -> Path:
+    """Strongly typed networks take their precision from the ONNX types: fp16 (and ``best``)
+    builds read ``<stem>.fp16.onnx`` beside ``path``, written on first use."""
+    path = Path(path)
+    if not (strong and precision in ("fp16", "best")) or path.stem.endswith(".fp16"):
+        return path
+    half = path.with_name(path.stem + ".fp16.onnx")
+    if not half.exists():
+        from .onnx_io import export_fp16_onnx
+
+        export_fp16_onnx(path, half)
+    return half
+
+
+def _make_logger(trt, lines: list[str]):
+    """An ILogger that keeps INFO-and-worse messages (the sparsity lines are INFO)."""
+
+    class _Logger(trt.ILogger):
+        def __init__(self):
+            trt.ILogger.__init__(self)
+
+        def log(self, severity, msg):
+            if int(severity) <= int(trt.ILogger.Severity.INFO):
+                lines.append(f"[{str(severity).rsplit('.', 1)[-1]}] {msg}")
+
+    return _Logger()
+
+
+# ---------------------------------------------------------------------------------------------
+# Build
+
+@dataclass
+class BuildOptions:
+    precision: Literal["fp32", "fp16", "int8", "best"] = "fp16"
+    sparse_weights: bool = True
+    typing: Literal["auto", "strong", "weak"] = "auto"
+    min_batch: int = 1
+    opt_batch: int = 32
+    max_batch: int = 64
+    workspace_mb: int = 4096
+    optimization_level: int = 3
+    timing_cache: str | None = None
+
+
+@dataclass
+class BuiltEngine:
+    name: str
+    engine: str
+    inspector: str
+    log: str
+    onnx: str
+    strongly_typed: bool
+    precision: str
+    sparse_weights: bool
+    build_seconds: float
+    tensorrt: str
+    sparsity: dict = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _configure_precision(trt, config, precision: str, strong: bool, notes: list[str]) -> None:
+    if strong:
+        if precision in ("int8", "best"):
+            notes.append("strongly typed: int8 runs only where the ONNX graph has Q/DQ nodes")
+        return
+    if precision in ("fp16", "best"):
+        config.set_flag(trt.BuilderFlag.FP16)
+    if precision in ("int8", "best"):
+        config.set_flag(trt.BuilderFlag.INT8)
+        notes.append("weakly typed int8 without a calibrator: layers lacking Q/DQ scales stay in higher precision")
+
+
+def _add_profile(trt, builder, network, config, opts: BuildOptions) -> list[dict]:
+    """One optimization profile covering every dynamic input: the batch dim (0) spans
+    min/opt/max; any other dynamic dim is an error (export fixes them)."""
+    profile, shapes = None, []
+    for i in range(network.num_inputs):
+        inp = network.get_input(i)
+        dims = list(inp.shape)
+        if -1 not in dims:
+            continue
+        if any(d == -1 for d in dims[1:]):
+            raise ValueError(f"input {inp.name!r} has dynamic non-batch dims {dims}; export with fixed shapes")
+        profile = profile or builder.create_optimization_profile()
+        mins, opt, maxs = ([b, *dims[1:]] for b in (opts.min_batch, opts.opt_batch, opts.max_batch))
+        profile.set_shape(inp.name, mins, opt, maxs)
+        shapes.append({"input": inp.name, "min": mins, "opt": opt, "max": maxs})
+    if profile is not None:
+        config.add_optimization_profile(profile)
+    return shapes
+
+
+def build_engine(onnx_path: str | Path, out_dir: str | Path, name: str, opts: BuildOptions) -> BuiltEngine:
+    """Parse ``onnx_path``, build with ``opts`` and write ``<name>.engine``, ``<name>.layers.json``
+    (engine inspector) and ``<name>.build.log`` into ``out_dir``."""
+    trt = require_tensorrt()
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    lines: list[str] = []
+    logger = _make_logger(trt, lines)
+    notes: list[str] = []
+    strong = use_strong_typing(trt, opts.typing)
+    builder = trt.Builder(logger)
+    flags = 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED) if strong else 0
+    network = builder.create_network(flags)
+    parser = trt.OnnxParser(network, logger)
+    if not parser.parse_from_file(str(onnx_path)):  # from a file, so external data is found
+        errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
+        raise ValueError(f"TensorRT cannot parse {onnx_path}: {errors}")
+    config = builder.create_builder_config()
+    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, opts.workspace_mb << 20)
+    config.builder_optimization_level = opts.optimization_level
+    config.profiling_verbosity = trt.ProfilingVerbosity.DETAILED  # tactic names in the inspector
+    _configure_precision(trt, config, opts.precision, strong, notes)
+    if opts.sparse_weights:
+        config.set_flag(trt.BuilderFlag.SPARSE_WEIGHTS)
+    profiles = _add_profile(trt, builder, network, config, opts)
+    cache_path = Path(opts.timing_cache) if opts.timing_cache else None
+    cache = config.create_timing_cache(cache_path.read_bytes() if cache_path and cache_path.exists() else b"")
+    config.set_timing_cache(cache, ignore_mismatch=False)
+    t0 = time.perf_counter()
+    serialized = builder.build_serialized_network(network, config)
+    seconds = time.perf_counter() - t0
+    atomic_write_text(out_dir / f"{name}.build.log", "\n".join(lines) + "\n")
+    if serialized is None:
+        raise ValueError(f"TensorRT engine build failed for {onnx_path}; see {out_dir / (name + '.build.log')}")
+    blob = bytes(memoryview(serialized))
+    engine_path = out_dir / f"{name}.engine"
+    _atomic_write_bytes(engine_path, blob)
+    if cache_path is not None:
+        _atomic_write_bytes(cache_path, bytes(memoryview(config.get_timing_cache().serialize())))
+    runtime = trt.Runtime(logger)
+    engine = runtime.deserialize_cuda_engine(blob)
+    info = engine.create_engine_inspector().get_engine_information(trt.LayerInformationFormat.JSON)
+    inspector_path = out_dir / f"{name}.layers.json"
+    atomic_write_text(inspector_path, info)
+    if profiles:
+        notes.append(f"optimization profile: {profiles}")
+    return BuiltEngine(name=name, engine=str(engine_path), inspector=str(inspector_path),
+                       log=str(out_dir / f"{name}.build.log"), onnx=str(onnx_path), strongly_typed=strong,
+                       precision=opts.precision, sparse_weights=opts.sparse_weights,
+                       build_seconds=round(seconds, 3), tensorrt=trt.__version__,
+                       sparsity=sparsity_report(lines, info), notes=notes)
+
+
+# ---------------------------------------------------------------------------------------------
+# Run and time
+
+class EngineRunner:
+    """One engine, one execution context, device buffers from torch (no extra CUDA bindings), a
+    private stream; optionally replays a captured CUDA graph. ``__call__`` runs once and waits."""
+
+    def __init__(self, engine_path: str | Path, batch_size: int, cuda_graph: bool = False):
+        import numpy as np
+        import torch
+
+        trt = require_tensorrt()
+        self._lines: list[str] = []
+        self._logger = _make_logger(trt, self._lines)
+        self._runtime = trt.Runtime(self._logger)
+        self.engine = self._runtime.deserialize_cuda_engine(Path(engine_path).read_bytes())
+        if self.engine is None:
+            raise ValueError(f"cannot deserialize {engine_path} (built by another TensorRT version or GPU?)")
+        self.context = self.engine.create_execution_context()
+        self.stream = torch.cuda.Stream()
+        self.buffers: dict[str, torch.Tensor] = {}
+        names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
+        inputs = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
+        gen = torch.Generator(device="cuda").manual_seed(0)
+        for n in inputs:
+            shape = [batch_size if (i == 0 and d == -1) else d for i, d in enumerate(self.engine.get_tensor_shape(n))]
+            self.context.set_input_shape(n, shape)
+            dtype = torch.from_numpy(np.empty(0, dtype=trt.nptype(self.engine.get_tensor_dtype(n)))).dtype
+            t = torch.randn(shape, generator=gen, device="cuda").to(dtype)
+            self.buffers[n] = t
+        for n in names:
+            if n in self.buffers:
+                continue
+            shape = list(self.context.get_tensor_shape(n))
+            dtype = torch.from_numpy(np.empty(0, dtype=trt.nptype(self.engine.get_tensor_dtype(n)))).dtype
+            self.buffers[n] = torch.empty(shape, dtype=dtype, device="cuda")
+        for n, t in self.buffers.items():
+            self.context.set_tensor_address(n, t.data_ptr())
+        self.graph = None
+        self._enqueue()  # first call outside capture: TensorRT finishes shape-dependent setup here
+        self.stream.synchronize()
+        if cuda_graph:
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph, stream=self.stream):
+                self._enqueue()
+            self.stream.synchronize()
+
+    def _enqueue(self) -> None:
+        if not self.context.execute_async_v3(self.stream.cuda_stream):
+            raise RuntimeError("TensorRT execute_async_v3 failed")
+
+    def launch(self) -> None:
+        import torch
+
+        if self.graph is not None:
+            with torch.cuda.stream(self.stream):
+                self.graph.replay()
+        else:
+            self._enqueue()
+
+    def __call__(self) -> None:
+        self.launch()
+        self.stream.synchronize()
+
+    def time_gpu(self, iters: int) -> list[float]:
+        """GPU compute time per call (CUDA events on the engine's stream), in ms."""
+        import torch
+
+        pairs = []
+        for _ in range(iters):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record(self.stream)
+            self.launch()
+            end.record(self.stream)
+            pairs.append((start, end))
+        self.stream.synchronize()
+        return [s.elapsed_time(e) for s, e in pairs]
+
+
+def time_engines(runners: dict[str, EngineRunner], batch_size: int, warmup: int = 20, iters: int = 200,
+                 rounds: int = 10) -> dict[str, dict]:
+    """Interleaved GPU timing of several engines (order flips each round): median/p90/p99 GPU
+    compute time and throughput at the median."""
+    names = list(runners)
+    for n in names:
+        runners[n].time_gpu(warmup)
+    samples: dict[str, list[float]] = {n: [] for n in names}
+    per_round = max(1, iters // rounds)
+    for r in range(rounds):
+        for n in (names if r % 2 == 0 else reversed(names)):
+            samples[n] += runners[n].time_gpu(per_round)
+    out = {}
+    for n, s in samples.items():
+        p = percentiles(s)
+        out[n] = {"batch_size": batch_size, "gpu_ms_p50": p["p50"], "gpu_ms_p90": p["p90"],
+                  "gpu_ms_p99": p["p99"], "throughput": batch_size * 1000.0 / p["p50"], "n": p["n"]}
+    return out
+
+
+def write_build_record(path: str | Path, engines: list[BuiltEngine]) -> None:
+    atomic_write_json(path, [e.to_dict() for e in engines])

@@ -63,6 +63,7 @@ class Pruner:
         self.device = device
         self.example = torch.randn(1, *self.input_shape, device=device)
         self.groups = pruning.describe_groups(dense, self.example, ignore)
+        self.reference = pruning.channel_counts(dense, self.example)
         self.prunable = {m for g in self.groups for m in g["members"]}
         mods = dict(dense.named_modules())
         # every out-side Conv/Linear of a group carries the group's ratio: Torch-Pruning reads the
@@ -85,11 +86,13 @@ class Pruner:
             return model
         crit = pruning.IMPORTANCES.get(self.importance, field="importance")
         imp = crit.build()
-        p = pruning.build_pruner(model, self.example, imp, ratio=ratio if scope != "per_layer" else 0.0,
-                                 scope=scope, round_to=self.round_to, ignore=self.ignore, per_layer=per_layer,
-                                 max_ratio=self.max_ratio if scope == "global" else 1.0)
+        # the prune stage's own pruner and default guards, so a pasted per_layer block rebuilds this model
+        gp = pruning.GuardedPruner(model, self.example, imp, ratio=ratio if scope != "per_layer" else 0.0,
+                                   scope=scope, per_layer=per_layer, ignore=self.ignore,
+                                   guards=pruning.Guards(round_to=self.round_to), max_ratio=self.max_ratio,
+                                   reference=self.reference)
         pruning.calibrate(crit, imp, model, self.calibration if (crit.needs or crit.calibrate) else [], self.device)
-        p.step()
+        gp.step()
         model.zero_grad(set_to_none=True)
         return model.eval()
 

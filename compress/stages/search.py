@@ -301,7 +301,8 @@ def run(cfg: Config, ctx) -> StageOutput:
     chosen = max(pool, key=lambda r: (r[score], -r["measured_ms"]))
     chosen_model = models[chosen["name"]]
     block = {"kind": "prune", "importance": cfg.importance, "scope": "per_layer", "ratio": 0.0,
-             "round_to": cfg.round_to, "ratios": pruner.per_layer_block(chosen["group_ratios"])}
+             "round_to": cfg.round_to, "max_ratio": cfg.max_ratio,
+             "ratios": pruner.per_layer_block(chosen["group_ratios"])}
     if cfg.ignore is not None:
         block["ignore"] = cfg.ignore
 

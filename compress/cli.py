@@ -180,6 +180,62 @@ def schema(out: Optional[Path] = typer.Option(None, "--out", help="write to a fi
     _guard(go)
 
 
+@app.command()
+def search(
+    recipe: Path = typer.Argument(..., help="recipe YAML with a search stage"),
+    out: Optional[Path] = typer.Option(None, "--out", help="run directory (default runs/<name>)"),
+    trials: Optional[int] = typer.Option(None, "--trials", help="trials to add to the study"),
+    workers: Optional[int] = typer.Option(None, "--workers", help="parallel trials in this process"),
+    storage: Optional[str] = typer.Option(None, "--storage", help="Optuna RDB URL (default: SQLite in the run dir)"),
+    set_: List[str] = typer.Option([], "--set", help="override a field: PATH=VALUE"),
+    device: Optional[str] = typer.Option(None, "--device", help="auto | cpu | cuda"),
+):
+    """Search per-layer pruning ratios within a latency budget. Runs the recipe up to its search
+    stage; re-running continues the same Optuna study (earlier stages are reused)."""
+
+    def go():
+        import yaml
+
+        from .recipe import load_recipe
+        from .runner import run_recipe, stage_dir
+
+        r = load_recipe(recipe, list(set_) + ([f"device={device}"] if device else []))
+        idx = next((i for i, s in enumerate(r.stages) if s.kind == "search"), None)
+        if idx is None:
+            raise InputError("the recipe has no stage of kind 'search'", field="stages")
+        extra = [f"stages.{idx}.{k}={v}" for k, v in (("trials", trials), ("workers", workers),
+                                                       ("storage", storage)) if v is not None]
+        r = load_recipe(recipe, list(set_) + extra + ([f"device={device}"] if device else []))
+        r = r.model_copy(update={"stages": r.stages[: idx + 1]})
+        run_dir = out or Path("runs") / r.name
+        saved = run_dir / "recipe.yaml"
+        resume = saved.exists()
+        if resume:  # same stages before the search: reuse them, run the search again (the study continues)
+            old = yaml.safe_load(saved.read_text())
+            new = r.model_dump(mode="json")
+            if {k: v for k, v in old.items() if k != "stages"} != {k: v for k, v in new.items() if k != "stages"} \
+                    or old.get("stages", [])[:idx] != new["stages"][:idx]:
+                raise InputError(f"run directory {str(run_dir)!r} was started with a different recipe", field="--out")
+            import shutil
+
+            shutil.rmtree(stage_dir(run_dir, idx, "search"), ignore_errors=True)
+            from .core.model_io import atomic_write_text
+
+            atomic_write_text(saved, yaml.safe_dump(new, sort_keys=False))
+        summary = run_recipe(r, run_dir, resume=resume)
+        res = summary["search"]
+        typer.echo(f"{r.name}: {res['trials_total']} trials in study {res['study']} ({res['trials_added']} added)")
+        typer.echo(f"  budget: {res['budget_desc']}")
+        for row in res["rows"]:
+            acc = f"  test acc {row['test_accuracy']:.2f}%" if "test_accuracy" in row else ""
+            typer.echo(f"  {row['name']:11s} MACs {row['macs']:>14,}  measured {row['measured_ms']:.3f} ms"
+                       f"  predicted {row['predicted_ms']:.3f} ms{acc}")
+        sdir = stage_dir(run_dir, idx, "search")
+        typer.echo(f"  chosen: {res['chosen']}; prune block: {sdir / 'prune_block.yaml'}")
+
+    _guard(go)
+
+
 @app.command("check-sparsity")
 def check_sparsity_cmd(onnx_file: Path = typer.Argument(..., help="model.onnx"),
                        pattern: str = typer.Option("2:4", "--pattern"),

@@ -21,7 +21,7 @@ from .stages import STAGES, StageContext, StageOutput
 from .stages.base import seed_everything
 
 DONE = "DONE"
-STRUCTURE_CHANGING = {"prune", "sparsify", "lottery"}  # the teacher is the model before the first of these
+STRUCTURE_CHANGING = {"prune", "sparsify", "lottery", "search"}  # the teacher is the model before the first of these
 
 
 def resolve_device(name: str) -> torch.device:

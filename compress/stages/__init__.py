@@ -4,3 +4,4 @@ from .base import STAGES, StageContext, StageOutput, StageSpec, register_stage  
 from . import train, prune, finetune, sparsify, export, benchmark  # noqa: F401,E402
 from . import tensorrt  # noqa: F401,E402
 from . import lottery  # noqa: F401,E402
+from . import search  # noqa: F401,E402

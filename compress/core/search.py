@@ -1,0 +1,273 @@
+"""Latency-aware per-group pruning-ratio search with Optuna.
+
+The procedure (documented in benchmarks/results/search.md):
+
+1. Baselines, the lecture's way: bisect the uniform ratio and the global ratio that just meet the
+   budget (predicted latency, or MACs).
+2. Optuna searches one ratio per prunable channel group (TPE for "accuracy proxy subject to the
+   budget", NSGA-II for the two-objective Pareto front). The uniform and global solutions are
+   enqueued as the first trials, so the search starts from them. A trial prunes a copy of the
+   dense model, predicts its latency from the per-layer table (cheap), and only when it is within
+   the budget pays for the accuracy proxy.
+3. Accuracy proxy ``finetune``: ``proxy_steps`` distillation steps from the dense teacher on
+   training batches, then accuracy on a held-out validation split carved from the training set
+   (never the test set). ``kept_importance`` (data-free, for latency-only studies): the fraction
+   of the dense model's L2 channel importance that the pruned model keeps.
+4. The best ``top_k`` candidates, the uniform and the global model are exported and timed end to
+   end, interleaved (predicted vs measured), get the same short distilled fine-tune, and the
+   candidate with the best validation accuracy within the measured budget is chosen.
+
+Storage: an Optuna RDB URL; a SQLite file in the run directory by default, so re-running
+continues the study, and a shared PostgreSQL URL lets several machines work on one study.
+"""
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from . import pruning
+from .latency import BACKENDS, time_interleaved
+from .latency_table import LatencyPredictor
+from .metrics import count_macs, count_params, evaluate
+from .onnx_io import export_onnx
+
+
+@dataclass
+class SearchData:
+    """What the accuracy proxy and the fine-tune need (empty for data-free proxies)."""
+
+    train_loader_fn: Callable[[int], Any] | None = None   # seed offset -> loader
+    val: tuple[torch.Tensor, torch.Tensor] | None = None
+    test: tuple[torch.Tensor, torch.Tensor] | None = None
+    calibration: list = field(default_factory=list)
+
+
+class Pruner:
+    """Prunes copies of one dense model: uniform, global or per-group ratios."""
+
+    def __init__(self, dense: nn.Module, input_shape, importance: str = "l2", round_to: int | None = 8,
+                 ignore=None, max_ratio: float = 0.9, calibration=None, device="cpu"):
+        self.dense = dense.eval()
+        self.input_shape = tuple(input_shape)
+        self.importance = importance
+        self.round_to = round_to
+        self.ignore = ignore
+        self.max_ratio = max_ratio
+        self.calibration = calibration or []
+        self.device = device
+        self.example = torch.randn(1, *self.input_shape, device=device)
+        self.groups = pruning.describe_groups(dense, self.example, ignore)
+        self.reference = pruning.channel_counts(dense, self.example)
+        self.prunable = {m for g in self.groups for m in g["members"]}
+        mods = dict(dense.named_modules())
+        # every out-side Conv/Linear of a group carries the group's ratio: Torch-Pruning reads the
+        # ratio of whichever of them it meets first
+        self.group_layers = [[m[:-4] for m in g["members"] if m.endswith(".out")
+                              and isinstance(mods.get(m[:-4]), (nn.Conv2d, nn.Linear))] for g in self.groups]
+
+    def per_layer_block(self, group_ratios: list[float]) -> dict[str, float]:
+        out: dict[str, float] = {}
+        for names, r in zip(self.group_layers, group_ratios):
+            if r > 0:
+                for n in names:
+                    out[n] = round(float(r), 4)
+        return out
+
+    def prune(self, scope: str, ratio: float = 0.0, group_ratios: list[float] | None = None) -> nn.Module:
+        model = copy.deepcopy(self.dense)
+        per_layer = self.per_layer_block(group_ratios) if group_ratios is not None else None
+        if scope == "per_layer" and not per_layer:
+            return model
+        crit = pruning.IMPORTANCES.get(self.importance, field="importance")
+        imp = crit.build()
+        # the prune stage's own pruner and default guards, so a pasted per_layer block rebuilds this model
+        gp = pruning.GuardedPruner(model, self.example, imp, ratio=ratio if scope != "per_layer" else 0.0,
+                                   scope=scope, per_layer=per_layer, ignore=self.ignore,
+                                   guards=pruning.Guards(round_to=self.round_to), max_ratio=self.max_ratio,
+                                   reference=self.reference)
+        pruning.calibrate(crit, imp, model, self.calibration if (crit.needs or crit.calibrate) else [], self.device)
+        gp.step()
+        model.zero_grad(set_to_none=True)
+        return model.eval()
+
+    def widths(self, model: nn.Module) -> list[int]:
+        """Channels left in each group of ``model``."""
+        mods = dict(model.named_modules())
+        out = []
+        for names in self.group_layers:
+            p = mods[names[0]]
+            out.append(int(p.out_channels if isinstance(p, nn.Conv2d) else p.out_features))
+        return out
+
+    def group_ratios_of(self, model: nn.Module) -> list[float]:
+        """Per-group fraction of channels removed in ``model`` (to replay a global solution)."""
+        mods_d, mods_p = dict(self.dense.named_modules()), dict(model.named_modules())
+        out = []
+        for names in self.group_layers:
+            n = names[0]
+            d, p = mods_d[n], mods_p[n]
+            dc = d.out_channels if isinstance(d, nn.Conv2d) else d.out_features
+            pc = p.out_channels if isinstance(p, nn.Conv2d) else p.out_features
+            out.append(1.0 - pc / dc)
+        return out
+
+
+@torch.no_grad()
+def recalibrate_batchnorm(model: nn.Module, loader, batches: int, device) -> None:
+    """Adaptive BatchNorm (Li et al., EagleEye, ECCV 2020): re-estimate running statistics of the
+    pruned network on a few training batches. Pruning leaves BN statistics of the dense network;
+    re-estimated, held-out accuracy ranks sub-networks like their fine-tuned accuracy does."""
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if not bns:
+        return
+    for bn in bns:
+        bn.reset_running_stats()
+        bn.momentum = None  # cumulative average over the batches below
+    model.train()
+    for i, (xb, _) in enumerate(loader):
+        if i >= batches:
+            break
+        model(xb.to(device))
+    for bn in bns:
+        bn.momentum = 0.1
+    model.eval()
+
+
+def kept_importance(dense: nn.Module, pruned: nn.Module) -> float:
+    """Data-free proxy: sum over layers of the kept filters' L2 norms / the dense sum, averaged."""
+    dm, pm = dict(dense.named_modules()), dict(pruned.named_modules())
+    fracs = []
+    for name, d in dm.items():
+        if isinstance(d, nn.Conv2d) and name in pm:
+            p = pm[name]
+            fracs.append(p.weight.detach().pow(2).sum().item() / max(1e-12, d.weight.detach().pow(2).sum().item()))
+    return 100.0 * sum(fracs) / max(1, len(fracs))
+
+
+def bisect_ratio(fn_cost: Callable[[float], float], budget: float, hi: float, coarse: float = 0.1,
+                 iters: int = 4) -> tuple[float, float]:
+    """Smallest ratio in [0, hi] whose cost is <= budget; returns (ratio, cost).
+
+    Not a plain bisection over [0, hi]: the cost is not monotone near the top, because Torch-Pruning
+    skips a group that ``round_to`` would empty (a 64-channel group at 0.9 with round_to 8 keeps all
+    64). So: a coarse scan upward for the first feasible ratio, then bisection inside that step.
+    If nothing is feasible, the ratio with the lowest cost."""
+    prev, best_any = 0.0, None
+    r = 0.0
+    while r <= hi + 1e-9:
+        c = fn_cost(r)
+        if best_any is None or c < best_any[1]:
+            best_any = (r, c)
+        if c <= budget:
+            lo, up, best = prev, r, (r, c)
+            if r == 0.0:
+                return best
+            for _ in range(iters):
+                mid = (lo + up) / 2
+                cm = fn_cost(mid)
+                if cm <= budget:
+                    up, best = mid, (mid, cm)
+                else:
+                    lo = mid
+            return best
+        prev, r = r, round(r + coarse, 10)
+    return best_any
+
+
+def measure_models(models: dict[str, nn.Module], input_shape, directory: Path, backend: str, batch_size: int,
+                   threads: int, warmup: int, iters: int, rounds: int) -> dict[str, dict]:
+    """Export each model and time them all against each other, interleaved (medians)."""
+    factory = BACKENDS.get(backend)
+    runners = {}
+    for name, m in models.items():
+        path = export_onnx(copy.deepcopy(m), input_shape, directory / f"{name}.onnx")
+        runners[name] = factory(path, m, input_shape, batch_size, {"threads": threads})
+    return time_interleaved(runners, warmup=warmup, iters=iters, rounds=rounds)
+
+
+def make_study(storage: str, study_name: str, mode: str, seed: int, budget_key: str | None):
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+    if mode == "pareto":
+        sampler = optuna.samplers.NSGAIISampler(seed=seed, population_size=8)
+        directions = ["maximize", "minimize"]
+    else:
+        # the budget violation is reported per trial with trial.set_constraint (<= 0: feasible)
+        sampler = optuna.samplers.TPESampler(seed=seed, n_startup_trials=8, multivariate=True)
+        directions = ["maximize"]
+    return optuna.create_study(storage=storage, study_name=study_name, sampler=sampler, directions=directions,
+                               load_if_exists=True)
+
+
+def feasible(trial, budget_metric: str, limit: float) -> bool:
+    """Latency: predicted/dense <= ``limit`` (a fraction); MACs: macs <= ``limit``."""
+    key = "predicted_rel" if budget_metric == "latency" else "macs"
+    return trial.user_attrs.get(key, math.inf) <= limit + 1e-12
+
+
+def pareto_front(points: list[tuple[float, float]]) -> list[int]:
+    """Indices of points (accuracy up, latency down) that no other point dominates."""
+    front = []
+    for i, (a, t) in enumerate(points):
+        if not any((a2 >= a and t2 <= t) and (a2 > a or t2 < t) for a2, t2 in points):
+            front.append(i)
+    return front
+
+
+def plot_pareto(trials: list[dict], baselines: dict[str, dict], budget_ms: float | None, path: Path,
+                title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    xs = [t["predicted_ms"] for t in trials]
+    ys = [t["proxy"] for t in trials]
+    ax.scatter(xs, ys, s=12, c="#9bb", label="trials (predicted latency)")
+    front = sorted(pareto_front(list(zip(ys, xs))), key=lambda i: xs[i])
+    ax.plot([xs[i] for i in front], [ys[i] for i in front], "-o", c="#157", ms=4, label="Pareto front")
+    for name, b in baselines.items():
+        ax.scatter([b["predicted_ms"]], [b["proxy"]], marker="*", s=140, label=name, zorder=5)
+    if budget_ms:
+        ax.axvline(budget_ms, ls="--", c="grey", lw=1, label="budget")
+    ax.set_xlabel("predicted latency (ms)")
+    ax.set_ylabel("accuracy proxy")
+    ax.set_title(title)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def comparison_markdown(rows: list[dict], budget_desc: str) -> str:
+    lines = [f"Budget: {budget_desc}", "",
+             "| model | MACs | params | predicted ms | measured ms (p50) | error % | proxy | val acc % | test acc % |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        def f(k, fmt):
+            v = r.get(k)
+            return format(v, fmt) if v is not None else "-"
+        lines.append(f"| {r['name']} | {r['macs']:,} | {r['params']:,} | {f('predicted_ms', '.3f')} | "
+                     f"{f('measured_ms', '.3f')} | {f('error_pct', '+.1f')} | {f('proxy', '.2f')} | "
+                     f"{f('val_accuracy', '.2f')} | {f('test_accuracy', '.2f')} |")
+    return "\n".join(lines) + "\n"
+
+
+def model_row(name: str, model: nn.Module, input_shape, predictor: LatencyPredictor) -> dict:
+    return {"name": name, "macs": count_macs(model, input_shape), "params": count_params(model),
+            "predicted_ms": predictor.predict(model)}
+
+
+def evaluate_on(model, split, device) -> dict:
+    if split is None:
+        return {}
+    return evaluate(model, split[0], split[1], batch_size=256, device=device)

@@ -190,16 +190,27 @@ def segformer_part(args, workdir: Path) -> dict:
         out["full_model_pruning"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
     print("full-model pruning:", out["full_model_pruning"], flush=True)
 
-    # 2) what the current pruner handles: the Mix-FFN hidden channels (fc1 -> depthwise conv -> fc2)
-    keep_prunable = ("mlp.fc1", "mlp.dwconv.dwconv")
-    ignore = [n for n, m in dense.named_modules()
-              if isinstance(m, (nn.Linear, nn.Conv2d)) and not n.endswith(keep_prunable)]
+    # 2) the sweep: the whole model when the pruner handles it (attention heads patched), else only
+    #    the Mix-FFN hidden channels (fc1 -> depthwise conv -> fc2)
+    scope = "global"
+    if out["full_model_pruning"] == "ok":
+        # uniform: the efficient-attention sequence-reduction conv must keep as many outputs as the
+        # residual stream has channels (a reshape the tracer cannot see); a uniform ratio keeps the two
+        # equal, a global ranking does not (ModelBreakError at 50 %, see criteria_segformer.md)
+        out["sweep_scope"] = "whole model, uniform ratio"
+        scope = "uniform"
+        ignore = ["model.decode_head.classifier"]
+    else:
+        out["sweep_scope"] = "Mix-FFN hidden channels only"
+        keep_prunable = ("mlp.fc1", "mlp.dwconv.dwconv")
+        ignore = [n for n, m in dense.named_modules()
+                  if isinstance(m, (nn.Linear, nn.Conv2d)) and not n.endswith(keep_prunable)]
     for crit in ("l2", "taylor"):
         for ratio in args.seg_ratios:
             seed_everything(args.seed + 1)
             ctx.model, ctx.dense = copy.deepcopy(dense), dense
             try:
-                pm = run_stage("prune", ctx, importance=crit, ratio=ratio, scope="global", round_to=8,
+                pm = run_stage("prune", ctx, importance=crit, ratio=ratio, scope=scope, round_to=8,
                                ignore=ignore, calibration_batches=args.calibration_batches)
             except Exception as exc:
                 out["rows"].append({"criterion": crit, "ratio": ratio, "error": f"{type(exc).__name__}: {exc}"[:200]})
@@ -274,6 +285,13 @@ def render(args, info: dict, mnist: dict | None, seg: dict | None, seconds: floa
                   "patching the head size). So the sweep below prunes only what the current pruner handles: the "
                   "Mix-FFN hidden channels (`mlp.fc1` -> depthwise `mlp.dwconv` -> `mlp.fc2` input), every other "
                   "layer is in `ignore`. Ratios are fractions of those channels; `round_to: 8`.", ""]
+        else:
+            L += ["The sweep prunes the whole model with one ratio for every channel group (attention q/k/v "
+                  "channels included, head sizes patched; the classifier kept; default guards, `round_to: 8`). "
+                  "Uniform, not global: with a global ranking the efficient-attention sequence-reduction conv "
+                  "loses a different number of channels than the residual stream it is reshaped against, and "
+                  "the prune stage refuses the model (ModelBreakError naming "
+                  "`attention.sequence_reduction`) from 50 % on.", ""]
         L += ["| criterion | removed | mIoU pruned | mIoU fine-tuned | MACs kept | params kept | dense ms | pruned ms | speedup |",
               "|---|---|---|---|---|---|---|---|---|"]
         for r in seg["rows"]:

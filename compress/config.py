@@ -50,3 +50,10 @@ class StageConfig(Strict):
 
     kind: str
     optional: bool = False
+
+
+def require_exactly_one(model, *names: str):
+    """For 'one of these alternatives' blocks (``{iterations|epochs}``, ``{macs|params}``)."""
+    if sum(getattr(model, n) is not None for n in names) != 1:
+        raise ValueError(f"give exactly one of {' or '.join(names)}")
+    return model

@@ -12,7 +12,7 @@ from typing import Literal, Optional, Union
 import torch
 from pydantic import Field, model_validator
 
-from ..config import OptimizerConfig, StageConfig, Strict, TrainLoopConfig
+from ..config import OptimizerConfig, StageConfig, Strict, TrainLoopConfig, require_exactly_one
 from ..core import lottery
 from ..core.model_io import atomic_write_json, build_model
 from ..errors import InputError
@@ -27,9 +27,7 @@ class RewindConfig(Strict):
 
     @model_validator(mode="after")
     def _one(self):
-        if (self.iterations is None) == (self.epochs is None):
-            raise ValueError("give exactly one of iterations or epochs")
-        return self
+        return require_exactly_one(self, "iterations", "epochs")
 
 
 class TrainBlock(Strict):
@@ -44,9 +42,7 @@ class TrainBlock(Strict):
 
     @model_validator(mode="after")
     def _one(self):
-        if (self.iterations is None) == (self.epochs is None):
-            raise ValueError("give exactly one of iterations or epochs")
-        return self
+        return require_exactly_one(self, "iterations", "epochs")
 
 
 class Config(StageConfig):

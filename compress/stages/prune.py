@@ -26,11 +26,10 @@ from typing import Literal, Optional, Union
 import torch
 from pydantic import Field, field_validator, model_validator
 
-from ..config import StageConfig, Strict
+from ..config import OptimizerConfig, StageConfig, Strict, require_exactly_one
 from ..core import pruning
 from ..core.metrics import count_macs, count_params, logits_of
 from .base import StageOutput, register_stage
-from ..config import OptimizerConfig
 from ..core.early_bird import EarlyBird, train_until_early_bird
 from .finetune import FinetuneBlock, finetune
 
@@ -65,9 +64,7 @@ class TargetConfig(Strict):
 
     @model_validator(mode="after")
     def _one(self):
-        if (self.macs is None) == (self.params is None):
-            raise ValueError("give exactly one of macs or params")
-        return self
+        return require_exactly_one(self, "macs", "params")
 
     @property
     def key(self) -> str:

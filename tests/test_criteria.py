@@ -151,6 +151,10 @@ def test_obs_is_optimal_brain_surgeon_on_the_consumer():
     torch.testing.assert_close(score("obs", TwoLinear()), mean_normalised(expected), rtol=1e-4, atol=1e-5)
 
 
+# tiny layers: let them halve (min_channels/round_to would keep them whole)
+NO_SIZE_GUARDS = pruning.Guards(min_channels=None, round_to=None)
+
+
 def test_obs_update_compensates_the_surviving_columns():
     W2, Finv = obs_fisher_inverse(damp=0.05)
     model = TwoLinear()
@@ -160,9 +164,8 @@ def test_obs_update_compensates_the_surviving_columns():
     scores = score("obs", TwoLinear(), obs_dampening=0.05)
     pruned = sorted(scores.argsort()[:2].tolist())
     kept = [c for c in range(N_HID) if c not in pruned]
-    pruner = pruning.build_pruner(model, torch.zeros(1, N_IN), imp, ratio=0.5, scope="uniform", round_to=None,
-                                  ignore=["fc2"])
-    criteria.prune_step(pruner, imp)
+    pruning.GuardedPruner(model, torch.zeros(1, N_IN), imp, ratio=0.5, scope="uniform", ignore=["fc2"],
+                          guards=NO_SIZE_GUARDS).step()
     S = torch.tensor(pruned)
     updated = W2 - W2[:, S] @ torch.linalg.inv(Finv[S][:, S]) @ Finv[S]
     assert model.fc2.weight.shape == (N_OUT, 2)
@@ -251,9 +254,9 @@ def test_obs_update_through_a_concat_consumer():
     x, y = torch.randn(16, 3, 8, 8), torch.randint(0, 10, (16,))
     crit = pruning.IMPORTANCES.get("obs")
     imp = crit.build(obs_update=True)
-    pruner = pruning.build_pruner(model, x[:1], imp, ratio=0.5, scope="uniform", round_to=None)
+    pruner = pruning.GuardedPruner(model, x[:1], imp, ratio=0.5, scope="uniform", guards=NO_SIZE_GUARDS)
     pruning.calibrate(crit, imp, model, [(x, y)], "cpu")
-    criteria.prune_step(pruner, imp)
+    pruner.step()
     assert model.c.in_channels == 8 and model(x).shape == (16, 10)
     # both groups updated c; after each update the inverse Fisher was downdated to the surviving columns
     assert imp._inverse[model.c].shape == (8 * 9, 8 * 9)

@@ -369,18 +369,6 @@ def _calibrate_curvature(importance: _CurvatureImportance, model, batches, devic
     importance.calibrate(model, batches, device)
 
 
-def prune_step(pruner: tp.pruner.BasePruner, importance) -> None:
-    """One pruner step; criteria with a ``before_prune(group)`` hook (OBS weight update) see every
-    group just before its channels are removed."""
-    hook = getattr(importance, "before_prune", None)
-    if hook is None:
-        pruner.step()
-        return
-    for group in pruner.step(interactive=True):
-        hook(group)
-        group.prune()
-
-
 # ---------------------------------------------------------------- the registry
 
 IMPORTANCES.add("l1", Criterion(

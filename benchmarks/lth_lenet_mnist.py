@@ -164,7 +164,7 @@ def write_markdown(args, table: list[dict], wall: float | None, path: Path, png:
         "",
         f"Command: `nice -n 10 python benchmarks/lth_lenet_mnist.py --seeds {' '.join(map(str, args.seeds))} "
         f"--workers {args.workers} --iterations {args.iterations} --eval-every {args.eval_every}`  ",
-        f"Recipe: `recipes/lth-lenet300-mnist.yaml` (one `compress run` per seed)  ",
+        "Recipe: `recipes/lth-lenet300-mnist.yaml` (one `compress run` per seed)  ",
         f"Machine: {platform.machine()}, {os.cpu_count()} CPU cores shared with other jobs, 1 torch thread per run; "
         f"torch {torch.__version__}, Python {platform.python_version()}  ",
         f"Date: {datetime.now(timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}  ",

@@ -14,7 +14,6 @@ import time
 from pathlib import Path
 from typing import Literal, Optional
 
-import torch
 import yaml
 from pydantic import Field, field_validator, model_validator
 

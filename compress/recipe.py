@@ -4,6 +4,7 @@ rely on; extend it, never rename fields.
 Errors name the field path (``stages[2].ratio``) and the YAML line, in one line."""
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Annotated, Any, Literal, Optional, Union
 
@@ -71,6 +72,8 @@ class Gates(Strict):
     max_accuracy_drop: Optional[float] = Field(None, ge=0, description="percentage points vs the dense model")
     min_speedup: Optional[float] = Field(None, gt=0, description="compressed vs dense, first backend, first batch size")
     max_parity_error: Optional[float] = Field(None, gt=0, description="max |ONNX Runtime - torch|")
+    max_int8_accuracy_drop: Optional[float] = Field(
+        None, ge=0, description="percentage points, int8 ONNX (export.onnx.int8) vs the compressed fp32 model")
 
 
 def _stage_union():
@@ -94,7 +97,19 @@ class Recipe(Strict):
     def _checks(self):
         if self.model.checkpoint is not None and not Path(self.model.checkpoint).expanduser().is_file():
             raise InputError(f"file {self.model.checkpoint!r} does not exist", field="model.checkpoint")
+        self._check_int8_source()
         return self
+
+    def _check_int8_source(self) -> None:
+        """A stage that reads the int8 ONNX file (``reads_int8_onnx`` names its field) needs an
+        export stage with ``onnx.int8`` before it: say so now, not after the training stages."""
+        written = False
+        for i, st in enumerate(self.stages):
+            reads = getattr(st, "reads_int8_onnx", None)
+            if reads and not written:
+                raise InputError("needs the int8 ONNX model: add 'int8: true' to the onnx block of an export "
+                                 "stage before this one", field=f"stages[{i}].{reads}")
+            written = written or bool(getattr(st, "writes_int8_onnx", False))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -190,6 +205,11 @@ def validate_data(data: Any, root_node: yaml.Node | None = None, source: str = "
         raise InputError("a recipe must be a YAML mapping", field=source)
     try:
         return Recipe.model_validate(data)
+    except InputError as exc:  # cross-field checks: add the YAML line of the field they name
+        if exc.line is None and exc.field:
+            parts = [int(p) if p.isdigit() else p for p in re.findall(r"[^.\[\]]+", exc.field)]
+            exc.line = _yaml_line(root_node, parts)
+        raise
     except ValidationError as exc:
         err = exc.errors()[0]
         parts = _loc_to_path(err["loc"])

@@ -47,6 +47,12 @@ def render(summary: dict) -> str:
         for key, label in (("onnx_fp16", "fp16 ONNX"), ("pt2", "torch.export program")):
             if key in exp:
                 lines.append(f"- {label}: `{exp[key]}`")
+        if "onnx_int8" in exp:
+            q, sp8 = exp.get("int8_quantized_layers", {}), exp.get("int8_sparsity_2_4", {})
+            lines.append(f"- int8 Q/DQ ONNX: `{exp['onnx_int8']}`: accuracy {_fmt(exp.get('int8_accuracy'))}% "
+                         f"(ONNX Runtime, test split), top-1 agreement with torch fp32 "
+                         f"{_fmt(exp.get('int8_parity_top1_agreement'))}%, {q.get('int8_layers', 0)} of "
+                         f"{q.get('layers', 0)} Conv/Gemm/MatMul in int8, 2:4 kept in {sp8.get('sparse_layers', 0)}")
     if summary.get("benchmark"):
         lines += ["", "## Latency (median of interleaved runs, ms)", "",
                   "| backend | batch | dense p50 | compressed p50 | compressed p90 | compressed p99 | speedup |",
@@ -79,6 +85,14 @@ def _tensorrt_section(trt: dict) -> list[str]:
              f"{sp.get('num_picked_sparse', 0)}"]
     if sp.get("eligible_not_picked"):
         lines.append(f"- eligible but dense tactic was faster: {', '.join(sp['eligible_not_picked'])}")
+    if "inspector_sparse_weight_layers" in sp:
+        lines.append(f"- engine inspector: {len(sp['inspector_sparse_weight_layers'])} layers run with sparse "
+                     f"weights (HasSparseWeights), {len(sp.get('inspector_sparse_tactic_layers', []))} "
+                     "with a sparse tactic name")
+    for engine in trt.get("engines", []):
+        for note in engine.get("notes", []):
+            if not note.startswith("optimization profile"):
+                lines.append(f"- {engine.get('name')}: {note}")
     lines += ["", "| engine | batch | GPU ms p50 | p90 | p99 | samples/s |", "|---|---|---|---|---|---|"]
     for t in trt.get("timings", []):
         lines.append(f"| {t['engine']} | {t['batch_size']} | {t['gpu_ms_p50']:.4f} | {t['gpu_ms_p90']:.4f} | "

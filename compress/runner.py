@@ -178,6 +178,15 @@ def check_gates(recipe: Recipe, dense: dict, final: dict, summary: dict) -> dict
             checked["parity_max_abs_error"] = err
             if err > g.max_parity_error:
                 failures.append(f"parity error {err:.3g} > max_parity_error {g.max_parity_error}")
+    if g.max_int8_accuracy_drop is not None:
+        acc8 = summary.get("export", {}).get("int8_accuracy")
+        if acc8 is None:
+            failures.append("max_int8_accuracy_drop set but no export stage wrote an int8 model (onnx.int8)")
+        else:
+            drop = final["accuracy"] - acc8
+            checked["int8_accuracy_drop"] = drop
+            if drop > g.max_int8_accuracy_drop:
+                failures.append(f"int8 accuracy drop {drop:.2f} pp > max_int8_accuracy_drop {g.max_int8_accuracy_drop}")
     return {"passed": not failures, "failures": failures, "checked": checked}
 
 

@@ -36,13 +36,19 @@ SAMPLE_LOG = """\
 [11/21/2026-10:00:09] [I] [TRT] Engine generation completed in 8.1 seconds.
 """
 
+# Layout of a DETAILED inspector dump (fields as TensorRT writes them for convolutions:
+# "HasSparseWeights" 0/1 beside "TacticName"); the reformat layer has neither field.
 SAMPLE_INSPECTOR = {
     "Layers": [
-        {"Name": "/model/stem/Conv + /model/stem/Relu", "LayerType": "CaskConvolution",
+        {"Name": "Reformatting CopyNode for Input Tensor 0 to /model/stem/Conv", "LayerType": "Reformat",
+         "TacticValue": "0x00000000000003e8"},
+        {"Name": "/model/stem/Conv + /model/stem/Relu", "LayerType": "CaskConvolution", "HasSparseWeights": 0,
          "TacticName": "sm80_xmma_fprop_implicit_gemm_f16f16_f16f16_f16_nhwckrsc_nhwc_tilesize128x64x32"},
         {"Name": "/model/stage2/conv1/Conv + /model/stage2/relu/Relu", "LayerType": "CaskConvolution",
+         "HasSparseWeights": 1,
          "TacticName": "sm80_xmma_fprop_sparse_conv_f16f16_f16f16_f16_nhwckrsc_nhwc_tilesize128x128x64"},
-        {"Name": "/model/fc/Gemm", "LayerType": "CaskGemmConvolution", "TacticName": "sm80_xmma_gemm_f16f16"},
+        {"Name": "/model/fc/Gemm", "LayerType": "CaskGemmConvolution", "HasSparseWeights": 0,
+         "TacticName": "sm80_xmma_gemm_f16f16"},
     ],
     "Bindings": ["input", "logits"],
 }
@@ -57,7 +63,10 @@ def test_parse_sparsity_log_and_report():
     assert rep["num_eligible"] == 3 and rep["num_picked_sparse"] == 1
     assert rep["eligible_not_picked"] == ["/model/stage3/conv1/Conv", "/model/fc/Gemm"]
     assert rep["inspector_sparse_tactic_layers"] == ["/model/stage2/conv1/Conv + /model/stage2/relu/Relu"]
-    assert rep["inspector_layers"] == 3
+    assert rep["inspector_sparse_weight_layers"] == ["/model/stage2/conv1/Conv + /model/stage2/relu/Relu"]
+    assert rep["inspector_layers"] == 4 and rep["inspector_detailed"]
+    layers = trb.parse_inspector(SAMPLE_INSPECTOR)["layers"]
+    assert [la.get("sparse_weights") for la in layers] == [None, False, True, False]
 
 
 def test_parse_sparsity_log_empty_lists_and_rebuilds():
@@ -186,6 +195,40 @@ def test_tensorrt_build_inspect_and_run_matches_onnxruntime(tmp_path):
     res = trb.time_engines({"sparse": runner, "graph": trb.EngineRunner(built.engine, 4, cuda_graph=True)}, 4,
                            warmup=2, iters=20, rounds=2)
     assert res["sparse"]["gpu_ms_p50"] > 0 and res["graph"]["throughput"] > 0
+
+
+@pytest.mark.gpu
+@pytest.mark.tensorrt
+@needs_trt
+def test_tensorrt_int8_engine_from_qdq_onnx_matches_onnxruntime_int8(tmp_path):
+    """The export stage's int8 file (symmetric Q/DQ, float biases) parses and builds with
+    SPARSE_WEIGHTS in either typing mode, and computes what ONNX Runtime computes from it."""
+    from compress.core.quantize import export_int8_onnx
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(16, 64, 3, padding=1), nn.ReLU(), nn.Conv2d(64, 64, 3, padding=1),
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(64, 10)).eval()
+    for mod in (model[0], model[2], model[5]):
+        masks.set_mask(mod, masks.n_m_mask(mod.weight))
+    onnx_path = export_onnx(model, (16, 16, 16), tmp_path / "m.onnx")
+    rng = np.random.default_rng(0)
+    export_int8_onnx(onnx_path, tmp_path / "m.int8.onnx",
+                     [rng.standard_normal((8, 16, 16, 16)).astype(np.float32) for _ in range(4)])
+    trt = trb.require_tensorrt()
+    for typing in ("strong", "weak") if trb.trt_version(trt)[0] < 11 else ("strong",):
+        strong = trb.use_strong_typing(trt, typing)
+        src = trb.onnx_for_precision(onnx_path, "int8", strong)
+        assert src.name == "m.int8.onnx"
+        opts = trb.BuildOptions(precision="int8", typing=typing, sparse_weights=True, min_batch=1, opt_batch=4,
+                                max_batch=8, workspace_mb=512)
+        built = trb.build_engine(src, tmp_path, f"int8_{typing}", opts)
+        runner = trb.EngineRunner(built.engine, 4)
+        runner()
+        x = runner.buffers["input"].float().cpu().numpy()
+        ref = ort_session(src).run(None, {"input": x})[0]
+        got = runner.buffers["logits"].float().cpu().numpy()
+        assert np.abs(got - ref).mean() < 0.05 * np.abs(ref).mean() + 1e-3  # int8 kernels round differently
+        assert (got.argmax(-1) == ref.argmax(-1)).mean() >= 0.75
 
 
 @pytest.mark.gpu

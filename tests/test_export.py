@@ -134,12 +134,9 @@ def test_export_functions_external_data_dynamic_batch_and_parity_gate(tmp_path):
     p2 = export_pt2(model, (16,), tmp_path / "m.pt2")
     torch.testing.assert_close(torch.export.load(str(p2)).module()(x), model(x))
 
-    class _G:
-        max_accuracy_drop = min_speedup = None
-        max_parity_error = 1e-9
+    from types import SimpleNamespace
 
-    class _R:
-        gates = _G()
+    from compress.recipe import Gates
 
-    g = check_gates(_R(), {}, {}, {"export": par})
+    g = check_gates(SimpleNamespace(gates=Gates(max_parity_error=1e-9)), {}, {}, {"export": par})
     assert not g["passed"] and "max_parity_error" in g["failures"][0]

@@ -50,6 +50,15 @@ def onnxruntime_runner(onnx_path: str | Path, model, input_shape, batch_size: in
     return run
 
 
+@BACKENDS.register("onnxruntime_int8")
+def onnxruntime_int8_runner(onnx_path: str | Path, model, input_shape, batch_size: int, options: dict) -> Runner:
+    """ONNX Runtime CPU on the int8 Q/DQ export beside ``onnx_path`` (``export.onnx.int8``): the
+    same session settings as ``onnxruntime``, so the two rows compare fp32 and int8 files."""
+    from .quantize import int8_onnx_beside
+
+    return onnxruntime_runner(int8_onnx_beside(onnx_path), model, input_shape, batch_size, options)
+
+
 def _torch_device(options: dict):
     import torch
 

@@ -182,6 +182,20 @@ def parity(model: nn.Module, onnx_path: str | Path, x: torch.Tensor, threads: in
     }
 
 
+
+def onnx_accuracy(onnx_path: str | Path, x: torch.Tensor, y: torch.Tensor, batch_size: int = 256,
+                  threads: int = 1) -> float:
+    """Top-1 accuracy (%) of an ONNX model on ``(x, y)`` with ONNX Runtime's CPU provider: what a
+    deployed file scores, e.g. after int8 quantization, rather than what the torch model scores."""
+    sess = ort_session(onnx_path, threads)
+    name = sess.get_inputs()[0].name
+    xs = x.cpu().numpy().astype(np.float32)
+    correct = 0
+    for i in range(0, len(xs), batch_size):
+        out = sess.run(None, {name: xs[i:i + batch_size]})[0]
+        correct += int((out.argmax(-1) == y[i:i + batch_size].cpu().numpy()).sum())
+    return 100.0 * correct / max(1, len(xs))
+
 # ---------------------------------------------------------------------------------------------
 # 2:4 check on ONNX initializers, along the axis TensorRT reads.
 

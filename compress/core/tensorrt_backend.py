@@ -7,7 +7,8 @@ its log / inspector parsers run) on any machine.
 Precision and typing. TensorRT 10 builds *weakly typed* networks by default: precision is a
 builder hint (``BuilderFlag.FP16`` / ``INT8``). Weak typing is deprecated from 10.12 and removed in
 11, where every network is *strongly typed*: each tensor keeps the type the ONNX graph gives it,
-so fp16 comes from an fp16 ONNX file (``export: {onnx: {fp16: true}}``) and int8 from Q/DQ nodes.
+so fp16 comes from an fp16 ONNX file (``export: {onnx: {fp16: true}}``) and int8 from the Q/DQ
+nodes of the calibrated int8 file (``export: {onnx: {int8: true}}``).
 ``typing: auto`` picks strong typing on TensorRT >= 10.12 and weak typing before.
 
 Sparsity. With ``BuilderFlag.SPARSE_WEIGHTS`` the builder times sparse tactics for layers whose
@@ -53,12 +54,14 @@ def parse_sparsity_log(lines: Iterable[str]) -> dict[str, list[str]]:
 
 
 def parse_inspector(info: str | dict) -> dict:
-    """Engine-inspector JSON (``LayerInformationFormat.JSON``): per layer its type and tactic; a
-    tactic whose name says ``sparse`` runs on sparse tensor cores. Without DETAILED profiling
-    verbosity the layers are bare names and tactics are unknown."""
+    """Engine-inspector JSON (``LayerInformationFormat.JSON``): per layer its type, tactic and
+    whether it runs with sparse weights. With DETAILED profiling verbosity convolution and matmul
+    layers carry ``HasSparseWeights`` (0/1), the engine's own answer; a tactic whose name says
+    ``sparse`` (``sm80_xmma_fprop_sparse_conv...``) is the second, name-based signal. Without
+    DETAILED verbosity the layers are bare names and neither is known."""
     data = json.loads(info) if isinstance(info, str) else info
     layers = data.get("Layers", []) if isinstance(data, dict) else []
-    out, sparse = [], []
+    out, by_tactic, by_flag = [], [], []
     for layer in layers:
         if isinstance(layer, str):
             out.append({"name": layer})
@@ -66,11 +69,16 @@ def parse_inspector(info: str | dict) -> dict:
         name = layer.get("Name", "")
         tactic = str(layer.get("TacticName") or layer.get("Tactic") or layer.get("TacticValue") or "")
         entry = {"name": name, "type": layer.get("LayerType", ""), "tactic": tactic}
+        if "HasSparseWeights" in layer:
+            entry["sparse_weights"] = bool(int(layer["HasSparseWeights"]))
+            if entry["sparse_weights"]:
+                by_flag.append(name)
         out.append(entry)
         if re.search(r"sparse", tactic, re.IGNORECASE):
-            sparse.append(name)
+            by_tactic.append(name)
     detailed = any("tactic" in e for e in out)
-    return {"layers": out, "num_layers": len(out), "sparse_tactic_layers": sparse, "detailed": detailed}
+    return {"layers": out, "num_layers": len(out), "sparse_tactic_layers": by_tactic,
+            "sparse_weight_layers": by_flag, "detailed": detailed}
 
 
 def sparsity_report(log_lines: Iterable[str], inspector: str | dict | None) -> dict:
@@ -82,7 +90,9 @@ def sparsity_report(log_lines: Iterable[str], inspector: str | dict | None) -> d
     if inspector is not None:
         insp = parse_inspector(inspector)
         rep["inspector_sparse_tactic_layers"] = insp["sparse_tactic_layers"]
+        rep["inspector_sparse_weight_layers"] = insp["sparse_weight_layers"]
         rep["inspector_layers"] = insp["num_layers"]
+        rep["inspector_detailed"] = insp["detailed"]
     return rep
 
 
@@ -117,10 +127,15 @@ def use_strong_typing(trt, typing: str) -> bool:
 
 
 def onnx_for_precision(path: str | Path, precision: str, strong: bool) -> Path:
-    """Strongly typed networks take their precision from the ONNX types: fp16 (and ``best``)
-    builds read ``<stem>.fp16.onnx`` beside ``path``, written on first use."""
+    """The ONNX file an engine of ``precision`` is built from. int8 and ``best`` read the int8 Q/DQ
+    export beside ``path`` (explicit quantization; both typing modes). Strongly typed fp16 builds
+    read ``<stem>.fp16.onnx``, written on first use; everything else reads ``path`` itself."""
     path = Path(path)
-    if not (strong and precision in ("fp16", "best")) or path.stem.endswith(".fp16"):
+    if precision in ("int8", "best"):
+        from .quantize import int8_onnx_beside
+
+        return int8_onnx_beside(path)
+    if not (strong and precision == "fp16") or path.stem.endswith(".fp16"):
         return path
     half = path.with_name(path.stem + ".fp16.onnx")
     if not half.exists():
@@ -180,15 +195,19 @@ class BuiltEngine:
 
 
 def _configure_precision(trt, config, precision: str, strong: bool, notes: list[str]) -> None:
+    """int8 is explicit (Q/DQ nodes from the export stage's calibration), never TensorRT's
+    deprecated implicit calibrator: the flags only say which precisions the builder may use."""
     if strong:
         if precision in ("int8", "best"):
-            notes.append("strongly typed: int8 runs only where the ONNX graph has Q/DQ nodes")
+            notes.append("strongly typed: int8 where the ONNX graph has Q/DQ nodes (Conv/Gemm/MatMul), "
+                         "the other layers in the graph's float type (fp32)")
         return
     if precision in ("fp16", "best"):
         config.set_flag(trt.BuilderFlag.FP16)
     if precision in ("int8", "best"):
         config.set_flag(trt.BuilderFlag.INT8)
-        notes.append("weakly typed int8 without a calibrator: layers lacking Q/DQ scales stay in higher precision")
+        notes.append("weakly typed, explicit quantization: int8 at the Q/DQ nodes"
+                     + (", fp16 allowed elsewhere" if precision == "best" else ""))
 
 
 def _add_profile(trt, builder, network, config, opts: BuildOptions) -> list[dict]:

@@ -28,6 +28,12 @@ class Config(StageConfig):
     semi_structured: bool = Field(True, description="torch backends on CUDA: 2:4 Linear weights as "
                                                     "torch.sparse semi-structured tensors")
 
+    @property
+    def reads_int8_onnx(self) -> str | None:
+        """``onnxruntime_int8``, and ``tensorrt`` at int8/best, time the export stage's int8 file."""
+        trt8 = "tensorrt" in self.backends and self.precision in ("int8", "best")
+        return "backends" if "onnxruntime_int8" in self.backends or trt8 else None
+
     @field_validator("backends")
     @classmethod
     def _backends(cls, v: list[str]) -> list[str]:

@@ -1,16 +1,27 @@
 """``export``: ONNX for the compressed model (and the dense one, for benchmarking), parity on real
 validation inputs, the 2:4 check read back from the ONNX initializers, and optionally an fp16 ONNX
-(for GPU engines) and a ``torch.export`` ``.pt2`` program (for serving with PyTorch)."""
+(for GPU engines), an int8 Q/DQ ONNX calibrated on training batches (for TensorRT int8 engines and
+ONNX Runtime int8 on CPU) and a ``torch.export`` ``.pt2`` program (for serving with PyTorch)."""
 from __future__ import annotations
 
-from typing import Literal
+from typing import Literal, Optional
 
-from pydantic import Field
+from pydantic import Field, field_validator, model_validator
 
 from ..config import Strict, StageConfig
-from ..core.onnx_io import check_sparsity, export_fp16_onnx, export_onnx, export_pt2, parity
+from ..core.onnx_io import check_sparsity, export_fp16_onnx, export_onnx, export_pt2, onnx_accuracy, parity
+from ..core.quantize import export_int8_onnx, quantized_nodes
 from ..core.progress import log
 from .base import StageOutput, register_stage
+
+
+class Int8Options(Strict):
+    """Post-training int8 (explicit Q/DQ, symmetric, per-channel weights); ``int8: true`` takes
+    these defaults."""
+
+    calibration_batches: int = Field(8, ge=1, description="training-split batches for the activation ranges")
+    calibration: Literal["minmax", "entropy", "percentile"] = "minmax"
+    per_channel: bool = True
 
 
 class OnnxOptions(Strict):
@@ -19,6 +30,21 @@ class OnnxOptions(Strict):
     exporter: Literal["torchscript", "dynamo"] = "torchscript"
     external_data: bool | None = Field(None, description="default: on for models over 1.5 GB")
     fp16: bool = Field(False, description="also write model.fp16.onnx (float16 weights, float32 inputs/outputs)")
+    int8: Optional[Int8Options] = Field(None, description="also write model.int8.onnx (Q/DQ, calibrated); "
+                                                          "true for the defaults")
+
+    @field_validator("int8", mode="before")
+    @classmethod
+    def _int8_switch(cls, v):
+        if v is True:
+            return {}
+        return None if v is False else v
+
+    @model_validator(mode="after")
+    def _int8_opset(self):
+        if self.int8 is not None and self.opset < 13:
+            raise ValueError("int8 needs opset >= 13 (per-channel DequantizeLinear)")
+        return self
 
 
 class Config(StageConfig):
@@ -26,6 +52,10 @@ class Config(StageConfig):
     onnx: OnnxOptions = Field(default_factory=OnnxOptions)
     pt2: bool = Field(False, description="also write model.pt2 (torch.export.save)")
     parity_samples: int = Field(256, ge=1, description="validation inputs compared torch vs ONNX Runtime")
+
+    @property
+    def writes_int8_onnx(self) -> bool:
+        return self.onnx.int8 is not None
 
 
 def export_pair(cfg: Config, ctx, out_dir) -> dict:
@@ -44,6 +74,14 @@ def export_pair(cfg: Config, ctx, out_dir) -> dict:
         if ctx.dense is not None:
             result["dense_onnx_fp16"] = str(export_fp16_onnx(out_dir / "dense.onnx", out_dir / "dense.fp16.onnx")
                                             .relative_to(ctx.run_dir))
+    if o.int8 is not None:
+        calib = [xb.cpu().numpy() for xb, _ in ctx.calibration_batches(o.int8.calibration_batches)]
+        kw8 = dict(method=o.int8.calibration, per_channel=o.int8.per_channel)
+        result["onnx_int8"] = str(export_int8_onnx(compressed, ctx.run_dir / "model.int8.onnx", calib, **kw8)
+                                  .relative_to(ctx.run_dir))
+        if ctx.dense is not None:
+            result["dense_onnx_int8"] = str(export_int8_onnx(out_dir / "dense.onnx", out_dir / "dense.int8.onnx",
+                                                             calib, **kw8).relative_to(ctx.run_dir))
     if cfg.pt2:
         result["pt2"] = str(export_pt2(ctx.model, ctx.input_shape, ctx.run_dir / "model.pt2",
                                        dynamic_batch=o.dynamic_batch).relative_to(ctx.run_dir))
@@ -62,6 +100,17 @@ def _fp16_parity(ctx, path, x) -> dict:
     return {"fp16_" + k: v for k, v in p.items() if k != "parity_samples"}
 
 
+def _int8_report(ctx, path, x) -> dict:
+    """int8 file vs torch fp32: parity on the validation inputs, accuracy on the whole test split
+    (ONNX Runtime CPU), how many layers run in int8 and whether 2:4 survived quantization."""
+    p = parity(ctx.model, path, x)
+    sp = check_sparsity(path)
+    return {"int8_" + k: v for k, v in p.items() if k != "parity_samples"} | {
+        "int8_accuracy": onnx_accuracy(path, ctx.data.test_x, ctx.data.test_y),
+        "int8_quantized_layers": quantized_nodes(path),
+        "int8_sparsity_2_4": {"sparse_layers": sp["sparse_layers"], "total_layers": sp["total_layers"]}}
+
+
 @register_stage("export", Config)
 def run(cfg: Config, ctx) -> StageOutput:
     """Export to ONNX, check parity with ONNX Runtime and read back the 2:4 pattern."""
@@ -69,6 +118,8 @@ def run(cfg: Config, ctx) -> StageOutput:
     x = ctx.data.test_x[: cfg.parity_samples].cpu()
     par = parity(ctx.model, ctx.run_dir / paths["onnx"], x)
     extra = _fp16_parity(ctx, ctx.run_dir / paths["onnx_fp16"], x) if "onnx_fp16" in paths else {}
+    if "onnx_int8" in paths:
+        extra |= _int8_report(ctx, ctx.run_dir / paths["onnx_int8"], x)
     sparsity = check_sparsity(ctx.run_dir / paths["onnx"])
     summary = {"export": {**paths, "opset": cfg.onnx.opset, "dynamic_batch": cfg.onnx.dynamic_batch,
                           "exporter": cfg.onnx.exporter, **par, **extra,
@@ -78,4 +129,5 @@ def run(cfg: Config, ctx) -> StageOutput:
     ctx.model.to(ctx.device)
     if ctx.dense is not None:
         ctx.dense.to(ctx.device)
-    return StageOutput(metrics={**par, "sparse_layers": sparsity["sparse_layers"]}, summary=summary)
+    int8 = {k: extra[k] for k in ("int8_accuracy", "int8_parity_top1_agreement") if k in extra}
+    return StageOutput(metrics={**par, **int8, "sparse_layers": sparsity["sparse_layers"]}, summary=summary)

@@ -38,6 +38,11 @@ class Config(StageConfig):
     iters: int = Field(200, ge=1)
     rounds: int = Field(10, ge=1)
 
+    @property
+    def reads_int8_onnx(self) -> str | None:
+        """int8 and best engines are built from the export stage's int8 Q/DQ file."""
+        return "precision" if self.precision in ("int8", "best") else None
+
     @model_validator(mode="after")
     def _batches(self):
         if not self.min_batch <= self.opt_batch <= self.max_batch:

@@ -86,11 +86,14 @@ def bench_linears(tokens: list[int], dtype, warmup: int, iters: int, rounds: int
     return rows
 
 
-def bench_resnet50_tensorrt(batch: int, precision: str, warmup: int, iters: int, rounds: int) -> list[dict]:
-    """ResNet-50 with 2:4 magnitude masks on every eligible conv; the same ONNX file built twice
-    (without / with SPARSE_WEIGHTS), so the difference is the sparse tactics alone."""
+def bench_resnet50_tensorrt(batch: int, precisions: list[str], warmup: int, iters: int, rounds: int) -> list[dict]:
+    """ResNet-50 with 2:4 magnitude masks on every eligible conv; for each precision the same ONNX
+    file is built twice (without / with SPARSE_WEIGHTS), so the difference is the sparse tactics
+    alone. int8 reads a Q/DQ file calibrated on random inputs: the weights are random too, so these
+    rows are about speed only."""
     from compress.core import tensorrt_backend as trb
-    from compress.core.onnx_io import export_fp16_onnx, export_onnx
+    from compress.core.onnx_io import export_onnx
+    from compress.core.quantize import export_int8_onnx
     from compress.stages.sparsify import eligible_layers
     from compress.zoo import MODELS
 
@@ -101,26 +104,33 @@ def bench_resnet50_tensorrt(batch: int, precision: str, warmup: int, iters: int,
         masks.set_mask(mod, masks.n_m_mask(mod.weight))
     out = Path(tempfile.mkdtemp(prefix="gpu_sparse_"))
     onnx_path = export_onnx(model, (3, 224, 224), out / "resnet50_24.onnx")
+    if "int8" in precisions:
+        rng = np.random.default_rng(0)
+        export_int8_onnx(onnx_path, out / "resnet50_24.int8.onnx",
+                         [rng.standard_normal((8, 3, 224, 224)).astype(np.float32) for _ in range(4)])
     strong = trb.use_strong_typing(trt, "auto")
-    if strong and precision == "fp16":
-        onnx_path = export_fp16_onnx(onnx_path, out / "resnet50_24.fp16.onnx")
-    built = {}
-    for name, sparse in (("dense_math", False), ("sparse_math", True)):
-        opts = trb.BuildOptions(precision=precision, sparse_weights=sparse, min_batch=1, opt_batch=batch,
-                                max_batch=batch, timing_cache=str(out / "timing.cache"))
-        built[name] = trb.build_engine(onnx_path, out, name, opts)
-    runners = {n: trb.EngineRunner(b.engine, batch) for n, b in built.items()}
-    res = trb.time_engines(runners, batch, warmup=warmup, iters=iters, rounds=rounds)
-    sp = built["sparse_math"].sparsity
-    print(f"resnet50 TensorRT batch {batch}: dense {res['dense_math']['gpu_ms_p50']:.3f} ms, "
-          f"2:4 {res['sparse_math']['gpu_ms_p50']:.3f} ms; {sp['num_picked_sparse']}/{sp['num_eligible']} "
-          "eligible layers picked sparse tactics", flush=True)
-    return [{"model": "resnet50 (2:4 on %d of %d convs/linears)" % (len(layers), len(layers) + len(skipped)),
-             "batch": batch, "precision": precision, "strongly_typed": strong,
-             "dense_ms": res["dense_math"]["gpu_ms_p50"], "sparse_ms": res["sparse_math"]["gpu_ms_p50"],
-             "dense_p90": res["dense_math"]["gpu_ms_p90"], "sparse_p90": res["sparse_math"]["gpu_ms_p90"],
-             "speedup": res["dense_math"]["gpu_ms_p50"] / res["sparse_math"]["gpu_ms_p50"],
-             "eligible": sp["num_eligible"], "picked_sparse": sp["num_picked_sparse"]}]
+    rows = []
+    for precision in precisions:
+        src = trb.onnx_for_precision(onnx_path, precision, strong)
+        built = {}
+        for name, sparse in (("dense_math", False), ("sparse_math", True)):
+            opts = trb.BuildOptions(precision=precision, sparse_weights=sparse, min_batch=1, opt_batch=batch,
+                                    max_batch=batch, timing_cache=str(out / "timing.cache"))
+            built[name] = trb.build_engine(src, out, f"{name}_{precision}", opts)
+        runners = {n: trb.EngineRunner(b.engine, batch) for n, b in built.items()}
+        res = trb.time_engines(runners, batch, warmup=warmup, iters=iters, rounds=rounds)
+        del runners
+        sp = built["sparse_math"].sparsity
+        print(f"resnet50 TensorRT {precision} batch {batch}: dense {res['dense_math']['gpu_ms_p50']:.3f} ms, "
+              f"2:4 {res['sparse_math']['gpu_ms_p50']:.3f} ms; {sp['num_picked_sparse']}/{sp['num_eligible']} "
+              "eligible layers picked sparse tactics", flush=True)
+        rows.append({"model": "resnet50 (2:4 on %d of %d convs/linears)" % (len(layers), len(layers) + len(skipped)),
+                     "batch": batch, "precision": precision, "strongly_typed": strong,
+                     "dense_ms": res["dense_math"]["gpu_ms_p50"], "sparse_ms": res["sparse_math"]["gpu_ms_p50"],
+                     "dense_p90": res["dense_math"]["gpu_ms_p90"], "sparse_p90": res["sparse_math"]["gpu_ms_p90"],
+                     "speedup": res["dense_math"]["gpu_ms_p50"] / res["sparse_math"]["gpu_ms_p50"],
+                     "eligible": sp["num_eligible"], "picked_sparse": sp["num_picked_sparse"]})
+    return rows
 
 
 def environment() -> dict[str, str]:
@@ -173,6 +183,8 @@ def main(argv=None) -> int:
     ap.add_argument("--tokens", type=int, nargs="+", default=[512, 1024, 2048, 4096, 8192])
     ap.add_argument("--dtype", choices=["fp16", "bf16"], default="fp16")
     ap.add_argument("--resnet-batch", type=int, default=32)
+    ap.add_argument("--resnet-precisions", nargs="+", choices=["fp32", "fp16", "int8", "best"],
+                    default=["fp16", "int8"], help="TensorRT precisions for the ResNet-50 part")
     ap.add_argument("--no-tensorrt", action="store_true", help="skip the ResNet-50 TensorRT part")
     ap.add_argument("--warmup", type=int, default=20)
     ap.add_argument("--iters", type=int, default=200)
@@ -197,7 +209,8 @@ def main(argv=None) -> int:
         notes.append("ResNet-50 TensorRT part skipped (--no-tensorrt).")
     else:
         try:
-            resnet = bench_resnet50_tensorrt(args.resnet_batch, "fp16", args.warmup, args.iters, args.rounds)
+            resnet = bench_resnet50_tensorrt(args.resnet_batch, args.resnet_precisions, args.warmup, args.iters,
+                                             args.rounds)
         except BackendUnavailable as exc:
             notes.append(f"ResNet-50 TensorRT part not measured: {exc}.")
     notes.append("torch semi-structured kernels cover Linear only; convolutions are measured through TensorRT.")

@@ -292,3 +292,42 @@ def test_report_tensorrt_section_from_build_report():
     assert "layers eligible for sparse math: 3; picked sparse tactics: 1" in text
     assert "eligible but dense tactic was faster: /model/stage3/conv1/Conv, /model/fc/Gemm" in text
     assert "| compressed | 32 | 1.6000 |" in text and "strongly typed, CUDA graph" in text
+
+
+def test_gpu_sparse_conv_gemms_are_the_conv_and_keep_2_4():
+    """What gpu_sparse.py times for convolutions is the conv: F.linear over the (r, s, c)-ordered
+    im2col equals the conv, and the masked weight matrix holds 2:4 along its reduction dim."""
+    from benchmarks import gpu_sparse
+    from compress.core.sparsegpt import conv_columns, weight_rows
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 16, 3, stride=2, padding=1),
+                          nn.ReLU(), nn.Conv2d(16, 16, 1), nn.Conv2d(16, 16, 1), nn.Conv2d(16, 16, 3, groups=16)).eval()
+    shapes = gpu_sparse.conv_gemms(model, (3, 16, 16), batch=4)
+    assert sorted((s["rows"], s["reduction"], s["cols"], s["count"], s["kernel"]) for s in shapes) == [
+        (4 * 8 * 8, 16, 16, 2, "1x1"), (4 * 8 * 8, 72, 16, 1, "3x3")]  # stem (C=3) and depthwise left out
+    conv = model[2]
+    masks.set_mask(conv, masks.n_m_mask(conv.weight))
+    x = torch.randn(4, 8, 16, 16)
+    (cols,), (w2d,) = conv_columns(conv, x), weight_rows(conv)
+    assert masks.is_n_m_sparse(w2d, axis=1)
+    out = torch.nn.functional.linear(cols, w2d, conv.bias).reshape(4, 8, 8, 16).permute(0, 3, 1, 2)
+    torch.testing.assert_close(out, conv(x), atol=1e-5, rtol=1e-5)
+
+
+def test_gpu_sparse_render_all_sections():
+    """The GPU-only script's markdown renders every section (checked here so a GPU session's few
+    minutes are not lost to a formatting bug); the numbers are placeholders, never written."""
+    from benchmarks import gpu_sparse
+
+    args = SimpleNamespace(dtype="fp16", resnet_batch=32)
+    linear = [{"shape": "3072x768", "where": "MLP", "tokens": 512, "dense_ms": 0.1, "sparse_ms": 0.08,
+               "dense_p90": 0.11, "sparse_p90": 0.09, "speedup": 1.25, "dense_tflops": 100.0, "max_abs_diff": 0.0}]
+    convs = [{"shape": "100352x576 @ 576x64", "kernel": "3x3", "count": 3, "dense_ms": 0.2, "sparse_ms": 0.15,
+              "speedup": 1.33},
+             {"shape": "8x16 @ 16x8", "kernel": "1x1", "count": 1, "error": "shape too small"}]
+    resnet = [{"model": "resnet50", "batch": 32, "precision": "int8", "dense_ms": 1.0, "sparse_ms": 0.8,
+               "dense_p90": 1.1, "sparse_p90": 0.9, "speedup": 1.25, "eligible": 50, "picked_sparse": 30}]
+    text = gpu_sparse.render({"device": "test"}, linear, convs, resnet, ["a note"], args)
+    assert "| **all 3 layers** | | | 0.600 | 0.450 | 1.33x |" in text
+    assert "not supported: shape too small" in text and "| resnet50 | 32 | int8 |" in text and "- a note" in text

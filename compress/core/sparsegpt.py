@@ -21,7 +21,7 @@ from torch import nn
 from torch.nn import functional as F
 
 
-def _conv_columns(module: nn.Conv2d, x: torch.Tensor) -> list[torch.Tensor]:
+def conv_columns(module: nn.Conv2d, x: torch.Tensor) -> list[torch.Tensor]:
     """im2col of a conv input, one ``[rows, R*S*C_g]`` matrix per group, columns in (r, s, c) order."""
     cols = F.unfold(x, module.kernel_size, dilation=module.dilation, padding=module.padding,
                     stride=module.stride)  # [N, C*R*S, L], order (c, r, s)
@@ -33,7 +33,7 @@ def _conv_columns(module: nn.Conv2d, x: torch.Tensor) -> list[torch.Tensor]:
     return [c.reshape(n * length, rs * cg) for c in cols]
 
 
-def _weight_rows(module: nn.Module) -> list[torch.Tensor]:
+def weight_rows(module: nn.Module) -> list[torch.Tensor]:
     """The weight as ``[out, cols]`` matrices (one per conv group), columns in the Hessian's order."""
     w = module.weight.detach()
     if isinstance(module, nn.Linear):
@@ -65,7 +65,7 @@ class HessianCollector:
     def _hook(self, name: str):
         def hook(module, args):
             x = args[0].detach()
-            mats = _conv_columns(module, x) if isinstance(module, nn.Conv2d) else [x.reshape(-1, x.shape[-1])]
+            mats = conv_columns(module, x) if isinstance(module, nn.Conv2d) else [x.reshape(-1, x.shape[-1])]
             dtype = torch.float64 if x.device.type == "cpu" else torch.float32
             acc = self.h.setdefault(name, [torch.zeros(a.shape[1], a.shape[1], dtype=dtype, device=x.device)
                                            for a in mats])
@@ -148,7 +148,7 @@ def sparsegpt_masks(model: nn.Module, layers: dict[str, nn.Module], batches: Ite
         if name not in collector.h:
             raise ValueError(f"layer {name!r} saw no calibration input")
         pruned, masks_ = [], []
-        for wr, h in zip(_weight_rows(mod), collector.hessians(name)):
+        for wr, h in zip(weight_rows(mod), collector.hessians(name)):
             pw, pm = prune_matrix(wr.to(h.device), h, n, m, block=block, damp=damp)
             pruned.append(pw)
             masks_.append(pm)

@@ -170,3 +170,17 @@ def test_int8_end_to_end_through_the_cli(write_recipe, tmp_path, one_thread):
     report = (out / "report.md").read_text()
     assert "int8 Q/DQ ONNX: `model.int8.onnx`" in report and "| onnxruntime_int8 | 1 |" in report
     assert yaml.safe_load((out / "recipe.yaml").read_text())["stages"][5]["onnx"]["int8"]["calibration_batches"] == 2
+
+
+def test_deploy_guide_recipe_validates():
+    """The GPU recipe in docs/deploy.md (int8 export feeding int8 engines) is a valid recipe."""
+    from conftest import REPO
+
+    text = (REPO / "docs" / "deploy.md").read_text()
+    block = text.split("```yaml\n", 1)[1].split("```", 1)[0]
+    data = yaml.safe_load(block)
+    data["model"]["checkpoint"] = None  # the guide's weights file is the reader's own
+    r = validate_data(data)
+    kinds = [st.kind for st in r.stages]
+    assert r.stages[kinds.index("tensorrt")].precision == "int8"
+    assert r.stages[kinds.index("export")].onnx.int8.calibration == "entropy"

@@ -169,16 +169,21 @@ def test_plot_latency(tmp_path):
 # ---------------------------------------------------------------------------------------------
 # GPU / TensorRT (skipped on CPU machines)
 
-@pytest.mark.gpu
-@pytest.mark.tensorrt
-@needs_trt
-def test_tensorrt_build_inspect_and_run_matches_onnxruntime(tmp_path):
+def _sparse_convnet_onnx(tmp_path) -> Path:
+    """A conv net wide enough for sparse tactics (C, K >= 16), 2:4 on every conv and the classifier."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(16, 64, 3, padding=1), nn.ReLU(), nn.Conv2d(64, 64, 3, padding=1),
                           nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(64, 10)).eval()
     for mod in (model[0], model[2], model[5]):
         masks.set_mask(mod, masks.n_m_mask(mod.weight))
-    onnx_path = export_onnx(model, (16, 16, 16), tmp_path / "m.onnx")
+    return export_onnx(model, (16, 16, 16), tmp_path / "m.onnx")
+
+
+@pytest.mark.gpu
+@pytest.mark.tensorrt
+@needs_trt
+def test_tensorrt_build_inspect_and_run_matches_onnxruntime(tmp_path):
+    onnx_path = _sparse_convnet_onnx(tmp_path)
     opts = trb.BuildOptions(precision="fp32", sparse_weights=True, min_batch=1, opt_batch=4, max_batch=8,
                             timing_cache=str(tmp_path / "timing.cache"), workspace_mb=512)
     built = trb.build_engine(onnx_path, tmp_path, "sparse", opts)
@@ -205,12 +210,7 @@ def test_tensorrt_int8_engine_from_qdq_onnx_matches_onnxruntime_int8(tmp_path):
     SPARSE_WEIGHTS in either typing mode, and computes what ONNX Runtime computes from it."""
     from compress.core.quantize import export_int8_onnx
 
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Conv2d(16, 64, 3, padding=1), nn.ReLU(), nn.Conv2d(64, 64, 3, padding=1),
-                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(64, 10)).eval()
-    for mod in (model[0], model[2], model[5]):
-        masks.set_mask(mod, masks.n_m_mask(mod.weight))
-    onnx_path = export_onnx(model, (16, 16, 16), tmp_path / "m.onnx")
+    onnx_path = _sparse_convnet_onnx(tmp_path)
     rng = np.random.default_rng(0)
     export_int8_onnx(onnx_path, tmp_path / "m.int8.onnx",
                      [rng.standard_normal((8, 16, 16, 16)).astype(np.float32) for _ in range(4)])

@@ -62,20 +62,29 @@ def cuda_time(fns: dict, warmup: int, iters: int, rounds: int) -> dict[str, dict
     return {k: {"p50": float(np.median(v)), "p90": float(np.percentile(v, 90))} for k, v in samples.items()}
 
 
-def bench_linears(tokens: list[int], dtype, warmup: int, iters: int, rounds: int) -> list[dict]:
+def _weight_pair(out_features: int, in_features: int, dtype, gen) -> tuple[torch.Tensor, torch.Tensor]:
+    """A random ``[out, in]`` weight with 2:4 along ``in`` (the sparsify stage's groups) and its
+    ``torch.sparse`` semi-structured copy (raises where the kernels reject the shape or dtype)."""
     from torch.sparse import to_sparse_semi_structured
 
+    w = torch.randn(out_features, in_features, device="cuda", dtype=dtype, generator=gen)
+    w = w * masks.n_m_mask(w)
+    return w, to_sparse_semi_structured(w)
+
+
+def _time_dense_vs_24(x, w, ws, warmup: int, iters: int, rounds: int) -> dict[str, dict[str, float]]:
+    return cuda_time({"dense": lambda: F.linear(x, w), "sparse": lambda: F.linear(x, ws)}, warmup, iters, rounds)
+
+
+def bench_linears(tokens: list[int], dtype, warmup: int, iters: int, rounds: int) -> list[dict]:
     rows = []
     gen = torch.Generator(device="cuda").manual_seed(0)
     for fin, fout, where in LINEAR_SHAPES:
-        w = torch.randn(fout, fin, device="cuda", dtype=dtype, generator=gen)
-        w = w * masks.n_m_mask(w)
-        ws = to_sparse_semi_structured(w)
+        w, ws = _weight_pair(fout, fin, dtype, gen)
         for t in tokens:
             x = torch.randn(t, fin, device="cuda", dtype=dtype, generator=gen)
             err = (F.linear(x, ws) - F.linear(x, w)).abs().max().item()
-            res = cuda_time({"dense": lambda: F.linear(x, w), "sparse": lambda: F.linear(x, ws)},
-                            warmup, iters, rounds)
+            res = _time_dense_vs_24(x, w, ws, warmup, iters, rounds)
             flops = 2.0 * t * fin * fout
             rows.append({"shape": f"{fout}x{fin}", "where": where, "tokens": t,
                          "dense_ms": res["dense"]["p50"], "sparse_ms": res["sparse"]["p50"],
@@ -120,23 +129,18 @@ def bench_conv_gemms(shapes: list[dict], dtype, warmup: int, iters: int, rounds:
     """Each conv GEMM dense vs 2:4 (weight ``[K, C*R*S]`` masked along the reduction, the same
     groups the sparsify stage keeps). The im2col of the input is not timed: these rows bound what
     2:4 can give the convolutions themselves."""
-    from torch.sparse import to_sparse_semi_structured
-
     rows = []
     gen = torch.Generator(device="cuda").manual_seed(0)
     for sh in shapes:
         m, k, n = sh["rows"], sh["reduction"], sh["cols"]
-        w = torch.randn(n, k, device="cuda", dtype=dtype, generator=gen)
-        w = w * masks.n_m_mask(w)
-        cols = torch.randn(m, k, device="cuda", dtype=dtype, generator=gen)
         row = {**sh, "shape": f"{m}x{k} @ {k}x{n}"}
         try:
-            ws = to_sparse_semi_structured(w)
+            w, ws = _weight_pair(n, k, dtype, gen)
         except (RuntimeError, ValueError) as exc:
             rows.append({**row, "error": str(exc).splitlines()[0][:120]})
             continue
-        res = cuda_time({"dense": lambda: F.linear(cols, w), "sparse": lambda: F.linear(cols, ws)},
-                        warmup, iters, rounds)
+        cols = torch.randn(m, k, device="cuda", dtype=dtype, generator=gen)
+        res = _time_dense_vs_24(cols, w, ws, warmup, iters, rounds)
         rows.append({**row, "dense_ms": res["dense"]["p50"], "sparse_ms": res["sparse"]["p50"],
                      "speedup": res["dense"]["p50"] / res["sparse"]["p50"]})
         print(f"conv gemm {row['shape']} ({sh['kernel']}, x{sh['count']}): dense {res['dense']['p50']:.4f} ms, "

@@ -167,10 +167,16 @@ def ort_session(path: str | Path, threads: int = 1, sequential: bool = True):
 
 
 @torch.no_grad()
-def parity(model: nn.Module, onnx_path: str | Path, x: torch.Tensor, threads: int = 1) -> dict[str, float]:
-    """Compare torch and ONNX Runtime on real inputs ``x``: max/mean abs error, top-1 agreement."""
-    model = model.eval().cpu()
-    ref = logits_of(model(x)).numpy()
+def torch_logits(model: nn.Module, x: torch.Tensor) -> np.ndarray:
+    """The model's logits on ``x`` (eval mode, CPU): the reference ONNX files are compared with."""
+    return logits_of(model.eval().cpu()(x)).numpy()
+
+
+def parity(model: nn.Module, onnx_path: str | Path, x: torch.Tensor, threads: int = 1,
+           reference: np.ndarray | None = None) -> dict[str, float]:
+    """Compare torch and ONNX Runtime on real inputs ``x``: max/mean abs error, top-1 agreement.
+    ``reference`` (``torch_logits(model, x)``) saves the torch pass when several files are compared."""
+    ref = torch_logits(model, x) if reference is None else reference
     sess = ort_session(onnx_path, threads)
     got = sess.run(None, {sess.get_inputs()[0].name: x.numpy().astype(np.float32)})[0].astype(np.float32)
     err = np.abs(ref - got)
@@ -180,7 +186,6 @@ def parity(model: nn.Module, onnx_path: str | Path, x: torch.Tensor, threads: in
         "parity_top1_agreement": float((ref.argmax(-1) == got.argmax(-1)).mean() * 100.0),
         "parity_samples": int(len(x)),
     }
-
 
 
 def onnx_accuracy(onnx_path: str | Path, x: torch.Tensor, y: torch.Tensor, batch_size: int = 256,
@@ -195,6 +200,7 @@ def onnx_accuracy(onnx_path: str | Path, x: torch.Tensor, y: torch.Tensor, batch
         out = sess.run(None, {name: xs[i:i + batch_size]})[0]
         correct += int((out.argmax(-1) == y[i:i + batch_size].cpu().numpy()).sum())
     return 100.0 * correct / max(1, len(xs))
+
 
 # ---------------------------------------------------------------------------------------------
 # 2:4 check on ONNX initializers, along the axis TensorRT reads.

@@ -30,7 +30,8 @@ from typing import Iterable
 
 import numpy as np
 
-CALIBRATION_METHODS = ("minmax", "entropy", "percentile")
+# recipe name -> ONNX Runtime's CalibrationMethod member
+CALIBRATION_METHODS = {"minmax": "MinMax", "entropy": "Entropy", "percentile": "Percentile"}
 QUANTIZED_OPS = ("Conv", "Gemm", "MatMul")
 
 
@@ -78,8 +79,7 @@ def export_int8_onnx(src: str | Path, dst: str | Path, calibration: Iterable[np.
         raise ValueError("int8 calibration needs at least one batch")
     input_name = onnx.load(str(src), load_external_data=False).graph.input[0].name
     external = (src.parent / (src.name + ".data")).exists()
-    calib = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
-             "percentile": CalibrationMethod.Percentile}[method]
+    calib = getattr(CalibrationMethod, CALIBRATION_METHODS[method])
     tmpdir = tempfile.mkdtemp(dir=dst.parent, prefix=".int8-")
     try:
         tmp = Path(tmpdir) / dst.name
@@ -105,7 +105,6 @@ def quantized_nodes(path: str | Path) -> dict[str, int]:
     dq_out = {o for n in g.node if n.op_type == "DequantizeLinear" for o in n.output}
     ops = [n for n in g.node if n.op_type in QUANTIZED_OPS]
     return {"int8_layers": sum(1 for n in ops if n.input and n.input[0] in dq_out), "layers": len(ops)}
-
 
 
 def int8_onnx_beside(path: str | Path) -> Path:

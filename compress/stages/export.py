@@ -9,7 +9,8 @@ from typing import Literal, Optional
 from pydantic import Field, field_validator, model_validator
 
 from ..config import Strict, StageConfig
-from ..core.onnx_io import check_sparsity, export_fp16_onnx, export_onnx, export_pt2, onnx_accuracy, parity
+from ..core.onnx_io import (check_sparsity, export_fp16_onnx, export_onnx, export_pt2, onnx_accuracy, parity,
+                            torch_logits)
 from ..core.quantize import export_int8_onnx, quantized_nodes
 from ..core.progress import log
 from .base import StageOutput, register_stage
@@ -88,11 +89,11 @@ def export_pair(cfg: Config, ctx, out_dir) -> dict:
     return result
 
 
-def _fp16_parity(ctx, path, x) -> dict:
+def _fp16_parity(ctx, path, x, ref) -> dict:
     """fp16 ONNX vs torch fp32, reported (not gated: half precision is not meant to match to 1e-4).
     ONNX Runtime's CPU provider lacks some fp16 kernels; then the check says so."""
     try:
-        p = parity(ctx.model, path, x)
+        p = parity(ctx.model, path, x, reference=ref)
     except Exception as exc:  # onnxruntime raises its own types (NOT_IMPLEMENTED) for missing kernels
         msg = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
         log(f"[yellow]export: fp16 parity not measurable with ONNX Runtime CPU here ({msg})[/]")
@@ -100,10 +101,10 @@ def _fp16_parity(ctx, path, x) -> dict:
     return {"fp16_" + k: v for k, v in p.items() if k != "parity_samples"}
 
 
-def _int8_report(ctx, path, x) -> dict:
+def _int8_report(ctx, path, x, ref) -> dict:
     """int8 file vs torch fp32: parity on the validation inputs, accuracy on the whole test split
     (ONNX Runtime CPU), how many layers run in int8 and whether 2:4 survived quantization."""
-    p = parity(ctx.model, path, x)
+    p = parity(ctx.model, path, x, reference=ref)
     sp = check_sparsity(path)
     return {"int8_" + k: v for k, v in p.items() if k != "parity_samples"} | {
         "int8_accuracy": onnx_accuracy(path, ctx.data.test_x, ctx.data.test_y),
@@ -116,10 +117,11 @@ def run(cfg: Config, ctx) -> StageOutput:
     """Export to ONNX, check parity with ONNX Runtime and read back the 2:4 pattern."""
     paths = export_pair(cfg, ctx, ctx.stage_dir)
     x = ctx.data.test_x[: cfg.parity_samples].cpu()
-    par = parity(ctx.model, ctx.run_dir / paths["onnx"], x)
-    extra = _fp16_parity(ctx, ctx.run_dir / paths["onnx_fp16"], x) if "onnx_fp16" in paths else {}
+    ref = torch_logits(ctx.model, x)  # one torch pass for every file compared
+    par = parity(ctx.model, ctx.run_dir / paths["onnx"], x, reference=ref)
+    extra = _fp16_parity(ctx, ctx.run_dir / paths["onnx_fp16"], x, ref) if "onnx_fp16" in paths else {}
     if "onnx_int8" in paths:
-        extra |= _int8_report(ctx, ctx.run_dir / paths["onnx_int8"], x)
+        extra |= _int8_report(ctx, ctx.run_dir / paths["onnx_int8"], x, ref)
     sparsity = check_sparsity(ctx.run_dir / paths["onnx"])
     summary = {"export": {**paths, "opset": cfg.onnx.opset, "dynamic_batch": cfg.onnx.dynamic_batch,
                           "exporter": cfg.onnx.exporter, **par, **extra,

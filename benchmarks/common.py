@@ -38,7 +38,7 @@ def _git_commit() -> str:
 def write_results(name: str, markdown: str, data: dict) -> Path:
     out = Path(__file__).parent / "results"
     out.mkdir(exist_ok=True)
-    from compress.core.model_io import atomic_write_json, atomic_write_text
+    from compress.io import atomic_write_json, atomic_write_text
 
     atomic_write_text(out / f"{name}.md", markdown)
     atomic_write_json(out / f"{name}.json", data)

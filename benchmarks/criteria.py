@@ -30,15 +30,17 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 from torch.nn import functional as F  # noqa: E402
 
-from compress.core import pruning  # noqa: E402
-from compress.core.latency import BACKENDS, time_interleaved  # noqa: E402
-from compress.core.model_io import atomic_write_json, atomic_write_text, build_model  # noqa: E402
-from compress.core.onnx_io import export_onnx  # noqa: E402
-from compress.core.training import train  # noqa: E402
+from compress.deploy.backends import BACKENDS  # noqa: E402
+from compress.deploy.timing import time_interleaved  # noqa: E402
+from compress.io import atomic_write_json, atomic_write_text  # noqa: E402
+from compress.model_io import build_model  # noqa: E402
+from compress.deploy.onnx_io import export_onnx  # noqa: E402
+from compress.train.loop import train  # noqa: E402
 from compress.data import DataBundle, build_data  # noqa: E402
 from compress.recipe import validate_data  # noqa: E402
 from compress.stages import STAGES, StageContext  # noqa: E402
 from compress.stages.base import seed_everything  # noqa: E402
+from compress.structured import criteria  # noqa: E402
 
 
 UPDATE = "+update"  # "obs+update": the obs criterion with obs_update: true
@@ -317,7 +319,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--data-root", default=str(REPO.parent / "shared" / "datasets" / "mnist"))
     ap.add_argument("--dataset", default="mnist", choices=["mnist", "fashion_mnist"])
-    ap.add_argument("--criteria", nargs="+", default=sorted(pruning.IMPORTANCES.names()) + ["obs" + UPDATE],
+    ap.add_argument("--criteria", nargs="+", default=sorted(criteria.IMPORTANCES.names()) + ["obs" + UPDATE],
                     help="registry names; 'obs+update' is obs with obs_update: true")
     ap.add_argument("--ratios", nargs="+", type=float, default=[0.3, 0.5, 0.7])
     ap.add_argument("--width", type=int, default=16)

@@ -27,8 +27,9 @@ from torch.nn import functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from compress.core import masks  # noqa: E402
-from compress.core.latency import BackendUnavailable  # noqa: E402
+from compress.sparsity import masks  # noqa: E402
+from compress.deploy.timing import BackendUnavailable  # noqa: E402
+from compress.sparsity import n_m  # noqa: E402
 
 LINEAR_SHAPES = [  # (in_features, out_features, where it comes from)
     (768, 3072, "ViT-B / BERT-base MLP up"),
@@ -68,7 +69,7 @@ def _weight_pair(out_features: int, in_features: int, dtype, gen) -> tuple[torch
     from torch.sparse import to_sparse_semi_structured
 
     w = torch.randn(out_features, in_features, device="cuda", dtype=dtype, generator=gen)
-    w = w * masks.n_m_mask(w)
+    w = w * n_m.n_m_mask(w)
     return w, to_sparse_semi_structured(w)
 
 
@@ -154,9 +155,9 @@ def bench_resnet50_tensorrt(batch: int, precisions: list[str], warmup: int, iter
     file is built twice (without / with SPARSE_WEIGHTS), so the difference is the sparse tactics
     alone. int8 reads a Q/DQ file calibrated on random inputs: the weights are random too, so these
     rows are about speed only."""
-    from compress.core import tensorrt_backend as trb
-    from compress.core.onnx_io import export_onnx
-    from compress.core.quantize import export_int8_onnx
+    from compress.deploy import tensorrt as trb
+    from compress.deploy.onnx_io import export_onnx
+    from compress.deploy.quantize import export_int8_onnx
     from compress.stages.sparsify import eligible_layers
     from compress.zoo import MODELS
 
@@ -164,7 +165,7 @@ def bench_resnet50_tensorrt(batch: int, precisions: list[str], warmup: int, iter
     model = MODELS.get("resnet50")(num_classes=1000).eval()
     layers, skipped = eligible_layers(model, 4, None, False)
     for _, mod in layers:
-        masks.set_mask(mod, masks.n_m_mask(mod.weight))
+        masks.set_mask(mod, n_m.n_m_mask(mod.weight))
     out = Path(tempfile.mkdtemp(prefix="gpu_sparse_"))
     onnx_path = export_onnx(model, (3, 224, 224), out / "resnet50_24.onnx")
     if "int8" in precisions:
@@ -300,7 +301,7 @@ def main(argv=None) -> int:
     notes.append("torch semi-structured kernels are GEMMs: the ResNet-50 convolutions are timed as their implicit "
                  "GEMMs without the im2col, so that table bounds the conv speedup; whole-network numbers come "
                  "from TensorRT.")
-    from compress.core.model_io import atomic_write_text
+    from compress.io import atomic_write_text
 
     atomic_write_text(args.out, render(environment(), linear, convs, resnet, notes, args))
     print(f"wrote {args.out}")

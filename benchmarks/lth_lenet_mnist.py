@@ -124,8 +124,9 @@ def long_budget(args, seed: int, levels: list[int], iterations: int) -> list[dic
     import torch
 
     from compress.config import TrainLoopConfig
-    from compress.core import lottery
-    from compress.core.model_io import build_model
+    from compress.lottery import experiment as lottery
+    from compress.sparsity import masks
+    from compress.model_io import build_model
     from compress.data import build_data
     from compress.recipe import load_recipe
 
@@ -144,10 +145,10 @@ def long_budget(args, seed: int, levels: list[int], iterations: int) -> list[dic
         net = build_model(r.model.factory, r.model.kwargs)
         net.load_state_dict(lottery.load_tensors(work / "init.pt"))
         level_masks = lottery.load_tensors(work / f"masks-{level:02d}.pt")
-        lottery.apply(net, level_masks)
+        masks.set_masks(net, level_masks)
         t0 = time.perf_counter()
         rec, _ = lottery.train_level(net, plan, lottery.Evalsets(val, (data.test_x, data.test_y)))
-        rows.append({"level": level, "percent_remaining": lottery.percent_remaining(level_masks),
+        rows.append({"level": level, "percent_remaining": masks.percent_remaining(level_masks),
                      **{k: v for k, v in rec.items() if k != "history"}, "seconds": time.perf_counter() - t0})
         print(f"long budget seed {seed} level {level}: {rows[-1]}", flush=True)
     name = f"long-seed-{seed}-levels-{'-'.join(map(str, levels))}.json"

@@ -97,7 +97,7 @@ METHOD = """## Method
 
 def run_one(recipe: dict, out: Path) -> dict:
     from compress.recipe import validate_data
-    from compress.runner import run_recipe
+    from compress.pipeline.runner import run_recipe
 
     if out.exists():
         shutil.rmtree(out)
@@ -109,7 +109,7 @@ def run_one(recipe: dict, out: Path) -> dict:
 
 
 def section(title: str, res: dict, png: str) -> str:
-    from compress.core.search import comparison_markdown
+    from compress.search.candidates import comparison_markdown
 
     rows = res["rows"]
     base = [r for r in rows if r["name"] in ("uniform", "global")]
@@ -150,8 +150,8 @@ def main() -> None:
     import onnxruntime
     import torch
 
-    from compress.core.latency_table import cpu_model
-    from compress.core.progress import set_quiet
+    from compress.search.latency_table import cpu_model
+    from compress.progress import set_quiet
 
     torch.set_num_threads(1)
     set_quiet(True)

@@ -5,7 +5,7 @@ from pathlib import Path
 
 from torch import nn
 
-from .core.model_io import load_portable
+from .model_io import load_portable
 from .errors import InputError
 
 

@@ -47,7 +47,7 @@ def _guard(fn):
 
 @app.callback()
 def _main(quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bars or stage logs (CI)")):
-    from .core.progress import set_quiet
+    from .progress import set_quiet
 
     set_quiet(quiet)
 
@@ -63,13 +63,13 @@ def run(
 ):
     """Run a recipe end to end."""
     if quiet:
-        from .core.progress import set_quiet
+        from .progress import set_quiet
 
         set_quiet(True)
 
     def go():
         from .recipe import load_recipe
-        from .runner import run_recipe
+        from .pipeline.runner import run_recipe
 
         overrides = list(set_) + ([f"device={device}"] if device else [])
         r = load_recipe(recipe, overrides)
@@ -81,7 +81,7 @@ def run(
 
 
 def _print_summary(summary: dict, run_dir: Path) -> None:
-    from .core.progress import console, is_quiet
+    from .progress import console, is_quiet
 
     d, f = summary["dense"], summary["final"]
     lines = [f"{summary['name']}: {summary['status']}",
@@ -121,9 +121,9 @@ def inspect(recipe: Path = typer.Argument(...),
     def go():
         import torch
 
-        from .core.metrics import count_macs, count_params
-        from .core.model_io import build_model, load_weights
-        from .core.pruning import annotate_guards, describe_groups, io_layers
+        from .metrics import count_macs, count_params
+        from .model_io import build_model, load_weights
+        from .structured.pruner import annotate_guards, describe_groups, io_layers
         from .recipe import load_recipe
 
         if format not in ("text", "json"):
@@ -168,7 +168,7 @@ def schema(out: Optional[Path] = typer.Option(None, "--out", help="write to a fi
     """Print the recipe's JSON Schema (for editor completion)."""
 
     def go():
-        from .core.model_io import atomic_write_text
+        from .io import atomic_write_text
         from .recipe import recipe_schema
 
         text = json.dumps(recipe_schema(), indent=2)
@@ -197,7 +197,7 @@ def search(
         import yaml
 
         from .recipe import load_recipe
-        from .runner import run_recipe, stage_dir
+        from .pipeline.runner import run_recipe, stage_dir
 
         r = load_recipe(recipe, list(set_) + ([f"device={device}"] if device else []))
         idx = next((i for i, s in enumerate(r.stages) if s.kind == "search"), None)
@@ -219,7 +219,7 @@ def search(
             import shutil
 
             shutil.rmtree(stage_dir(run_dir, idx, "search"), ignore_errors=True)
-            from .core.model_io import atomic_write_text
+            from .io import atomic_write_text
 
             atomic_write_text(saved, yaml.safe_dump(new, sort_keys=False))
         summary = run_recipe(r, run_dir, resume=resume)
@@ -243,7 +243,7 @@ def check_sparsity_cmd(onnx_file: Path = typer.Argument(..., help="model.onnx"),
     """Report, per Conv/Gemm/MatMul, whether the ONNX weight holds N:M along TensorRT's reduction axis."""
 
     def go():
-        from .core.onnx_io import check_sparsity
+        from .deploy.onnx_io import check_sparsity
 
         if not onnx_file.is_file():
             raise InputError(f"file {str(onnx_file)!r} does not exist", field="onnx_file")
@@ -275,7 +275,7 @@ app.add_typer(analyze_app, name="analyze")
 def _load_any(path: Path):
     """A portable checkpoint folder (arch.json) or a run directory (its final model)."""
     from .api import load
-    from .core.model_io import load_portable
+    from .model_io import load_portable
 
     if (path / "arch.json").is_file():
         return load_portable(path)
@@ -294,8 +294,8 @@ def analyze_interpolate(a: Path = typer.Argument(..., help="run directory or che
     """Test error along the straight line between two networks and its barrier (e.g. dense vs sparse)."""
 
     def go():
-        from .core import connectivity
-        from .core.model_io import atomic_write_json
+        from .lottery import connectivity
+        from .io import atomic_write_json
         from .data import build_data
         from .recipe import load_recipe
 
@@ -324,8 +324,9 @@ def analyze_instability(recipe: Path = typer.Argument(..., help="recipe with a l
 
     def go():
         from .config import TrainLoopConfig
-        from .core import connectivity, lottery
-        from .core.model_io import atomic_write_json, build_model
+        from .lottery import connectivity, experiment as lottery
+        from .io import atomic_write_json
+        from .model_io import build_model
         from .data import build_data
         from .recipe import load_recipe
         from .stages.base import seed_everything

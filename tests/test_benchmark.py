@@ -13,14 +13,16 @@ import pytest
 import torch
 from torch import nn
 
-from compress.core import masks
-from compress.core import tensorrt_backend as trb
-from compress.core.latency import BACKENDS, BackendUnavailable, time_interleaved
-from compress.core.onnx_io import export_onnx, ort_session
+from compress.sparsity import masks
+from compress.deploy import tensorrt as trb
+from compress.deploy.backends import BACKENDS
+from compress.deploy.timing import BackendUnavailable, time_interleaved
+from compress.deploy.onnx_io import export_onnx, ort_session
 from compress.errors import InputError
-from compress.report import plot_latency
+from compress.pipeline.report import plot_latency
 from compress.stages import benchmark as bench_stage
 from compress.stages import tensorrt as trt_stage
+from compress.sparsity import n_m
 
 HAS_TRT = importlib.util.find_spec("tensorrt") is not None
 HAS_CUDA = torch.cuda.is_available()
@@ -175,7 +177,7 @@ def _sparse_convnet_onnx(tmp_path) -> Path:
     model = nn.Sequential(nn.Conv2d(16, 64, 3, padding=1), nn.ReLU(), nn.Conv2d(64, 64, 3, padding=1),
                           nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(64, 10)).eval()
     for mod in (model[0], model[2], model[5]):
-        masks.set_mask(mod, masks.n_m_mask(mod.weight))
+        masks.set_mask(mod, n_m.n_m_mask(mod.weight))
     return export_onnx(model, (16, 16, 16), tmp_path / "m.onnx")
 
 
@@ -208,7 +210,7 @@ def test_tensorrt_build_inspect_and_run_matches_onnxruntime(tmp_path):
 def test_tensorrt_int8_engine_from_qdq_onnx_matches_onnxruntime_int8(tmp_path):
     """The export stage's int8 file (symmetric Q/DQ, float biases) parses and builds with
     SPARSE_WEIGHTS in either typing mode, and computes what ONNX Runtime computes from it."""
-    from compress.core.quantize import export_int8_onnx
+    from compress.deploy.quantize import export_int8_onnx
 
     onnx_path = _sparse_convnet_onnx(tmp_path)
     rng = np.random.default_rng(0)
@@ -234,12 +236,12 @@ def test_tensorrt_int8_engine_from_qdq_onnx_matches_onnxruntime_int8(tmp_path):
 @pytest.mark.gpu
 @needs_cuda
 def test_semi_structured_linear_on_cuda():
-    from compress.core.latency import semi_structured_linears
+    from compress.deploy.backends import semi_structured_linears
 
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(128, 256), nn.ReLU(), nn.Linear(256, 128)).cuda().half().eval()
     for mod in (model[0], model[2]):
-        masks.set_mask(mod, masks.n_m_mask(mod.weight))
+        masks.set_mask(mod, n_m.n_m_mask(mod.weight))
     x = torch.randn(64, 128, device="cuda", dtype=torch.half)
     ref = model(x)
     done, skipped = semi_structured_linears(model)
@@ -278,7 +280,7 @@ def test_onnx_for_precision_strong_fp16_uses_fp16_export(tmp_path):
 
 
 def test_report_tensorrt_section_from_build_report():
-    from compress.report import render
+    from compress.pipeline.report import render
 
     sp = trb.sparsity_report(SAMPLE_LOG.splitlines(), SAMPLE_INSPECTOR)
     timings = [{"engine": e, "batch_size": 32, "gpu_ms_p50": ms, "gpu_ms_p90": ms * 1.1, "gpu_ms_p99": ms * 1.3,
@@ -298,7 +300,7 @@ def test_gpu_sparse_conv_gemms_are_the_conv_and_keep_2_4():
     """What gpu_sparse.py times for convolutions is the conv: F.linear over the (r, s, c)-ordered
     im2col equals the conv, and the masked weight matrix holds 2:4 along its reduction dim."""
     from benchmarks import gpu_sparse
-    from compress.core.sparsegpt import conv_columns, weight_rows
+    from compress.sparsity.sparsegpt import conv_columns, weight_rows
 
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 16, 3, stride=2, padding=1),
@@ -307,10 +309,10 @@ def test_gpu_sparse_conv_gemms_are_the_conv_and_keep_2_4():
     assert sorted((s["rows"], s["reduction"], s["cols"], s["count"], s["kernel"]) for s in shapes) == [
         (4 * 8 * 8, 16, 16, 2, "1x1"), (4 * 8 * 8, 72, 16, 1, "3x3")]  # stem (C=3) and depthwise left out
     conv = model[2]
-    masks.set_mask(conv, masks.n_m_mask(conv.weight))
+    masks.set_mask(conv, n_m.n_m_mask(conv.weight))
     x = torch.randn(4, 8, 16, 16)
     (cols,), (w2d,) = conv_columns(conv, x), weight_rows(conv)
-    assert masks.is_n_m_sparse(w2d, axis=1)
+    assert n_m.is_n_m_sparse(w2d, axis=1)
     out = torch.nn.functional.linear(cols, w2d, conv.bias).reshape(4, 8, 8, 16).permute(0, 3, 1, 2)
     torch.testing.assert_close(out, conv(x), atol=1e-5, rtol=1e-5)
 

@@ -8,9 +8,9 @@ import torch_pruning as tp
 from torch import nn
 
 from compress.api import final_checkpoint, load
-from compress.core import criteria, pruning
+from compress.structured import criteria, pruner as pruning
 from compress.recipe import validate_data
-from compress.runner import run_recipe
+from compress.pipeline.runner import run_recipe
 
 from conftest import tiny_recipe
 
@@ -43,9 +43,9 @@ def batches():
 
 def score(name: str, model: nn.Module, **build) -> torch.Tensor:
     """The criterion's per-channel score for fc1's output channels (group: fc1 rows, fc2 columns)."""
-    crit = pruning.IMPORTANCES.get(name)
+    crit = criteria.IMPORTANCES.get(name)
     imp = crit.build(**build)
-    pruning.calibrate(crit, imp, model, batches(), "cpu")
+    criteria.calibrate(crit, imp, model, batches(), "cpu")
     DG = tp.DependencyGraph().build_dependency(model, example_inputs=torch.zeros(2, N_IN))
     group = DG.get_pruning_group(model.fc1, tp.prune_linear_out_channels, idxs=list(range(N_HID)))
     return imp(group)
@@ -158,9 +158,9 @@ NO_SIZE_GUARDS = pruning.Guards(min_channels=None, round_to=None)
 def test_obs_update_compensates_the_surviving_columns():
     W2, Finv = obs_fisher_inverse(damp=0.05)
     model = TwoLinear()
-    crit = pruning.IMPORTANCES.get("obs")
+    crit = criteria.IMPORTANCES.get("obs")
     imp = crit.build(obs_update=True, obs_dampening=0.05)
-    pruning.calibrate(crit, imp, model, batches(), "cpu")
+    criteria.calibrate(crit, imp, model, batches(), "cpu")
     scores = score("obs", TwoLinear(), obs_dampening=0.05)
     pruned = sorted(scores.argsort()[:2].tolist())
     kept = [c for c in range(N_HID) if c not in pruned]
@@ -173,7 +173,7 @@ def test_obs_update_compensates_the_surviving_columns():
     assert not torch.allclose(updated[:, kept], W2[:, kept])  # the update really moved the survivors
 
 
-CASES = [(name, {}) for name in sorted(pruning.IMPORTANCES.names())] + [("obs", {"obs_update": True})]
+CASES = [(name, {}) for name in sorted(criteria.IMPORTANCES.names())] + [("obs", {"obs_update": True})]
 
 
 @pytest.fixture(scope="module")
@@ -252,10 +252,10 @@ def test_obs_update_through_a_concat_consumer():
     torch.manual_seed(0)
     model = ConcatNet().eval()
     x, y = torch.randn(16, 3, 8, 8), torch.randint(0, 10, (16,))
-    crit = pruning.IMPORTANCES.get("obs")
+    crit = criteria.IMPORTANCES.get("obs")
     imp = crit.build(obs_update=True)
     pruner = pruning.GuardedPruner(model, x[:1], imp, ratio=0.5, scope="uniform", guards=NO_SIZE_GUARDS)
-    pruning.calibrate(crit, imp, model, [(x, y)], "cpu")
+    criteria.calibrate(crit, imp, model, [(x, y)], "cpu")
     pruner.step()
     assert model.c.in_channels == 8 and model(x).shape == (16, 10)
     # both groups updated c; after each update the inverse Fisher was downdated to the surviving columns

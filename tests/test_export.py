@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 import torch
 
-from compress.core.onnx_io import check_sparsity, export_onnx, export_pt2, ort_session, parity
-from compress.runner import check_gates
+from compress.deploy.onnx_io import check_sparsity, export_onnx, export_pt2, ort_session, parity
+from compress.pipeline.runner import check_gates
 from tests.conftest import REPO, cli, tiny_recipe
 
 

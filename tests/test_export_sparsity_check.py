@@ -8,7 +8,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from compress.core.onnx_io import check_sparsity
+from compress.deploy.onnx_io import check_sparsity
 from tests.conftest import cli
 
 

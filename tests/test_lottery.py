@@ -15,8 +15,9 @@ import torch
 from torch import nn
 
 from compress.config import OptimizerConfig, TrainLoopConfig
-from compress.core import lottery, masks
-from compress.core.training import train
+from compress.lottery import experiment as lottery
+from compress.sparsity import masks
+from compress.train.loop import train
 from compress.zoo import lenet_300_100
 
 from conftest import REPO, cli
@@ -37,7 +38,7 @@ def test_per_layer_rates_prune_fraction_of_remaining_smallest_weights():
     model = _mlp()
     names = lottery.prunable_tensors(model)
     assert names == ["features.1.weight", "features.3.weight", "fc.weight"]
-    m0 = lottery.current_masks(model, names)
+    m0 = masks.current_masks(model, names)
     m1 = lottery.magnitude_prune(model, m0, 0.2, {"fc": 0.1})
     assert int(m1["features.1.weight"].sum()) == round(0.8 * 64 * 300)
     assert int(m1["fc.weight"].sum()) == round(0.9 * 1000)
@@ -46,7 +47,7 @@ def test_per_layer_rates_prune_fraction_of_remaining_smallest_weights():
     assert kept.min() >= dropped.max()  # magnitude: every kept weight is at least as large as any pruned one
 
     # round 2 removes 20 % of what *remains*, and never revives a pruned weight
-    lottery.apply(model, m1)
+    masks.set_masks(model, m1)
     m2 = lottery.magnitude_prune(model, m1, 0.2, {"fc": 0.1})
     assert int(m2["features.1.weight"].sum()) == round(0.8 * int(m1["features.1.weight"].sum()))
     assert bool((m2["features.1.weight"] <= m1["features.1.weight"]).all())
@@ -64,7 +65,7 @@ def test_global_scope_with_ignore_ranks_all_tensors_together():
     with torch.no_grad():
         w = model.features[1].weight
         w.copy_(w.sign() * (w.abs() + 1.0))  # every first-layer weight now outranks every other one
-    m = lottery.magnitude_prune(model, lottery.current_masks(model, names), 0.5, scope="global")
+    m = lottery.magnitude_prune(model, masks.current_masks(model, names), 0.5, scope="global")
     total = 64 * 300 + 300 * 100
     assert sum(int(v.sum()) for v in m.values()) == round(total * 0.5)
     assert float(m["features.1.weight"].mean()) == 1.0  # global ranking kept the large layer whole
@@ -73,11 +74,11 @@ def test_global_scope_with_ignore_ranks_all_tensors_together():
 def test_random_masks_keep_per_layer_density_but_move_positions():
     model = _mlp()
     names = lottery.prunable_tensors(model)
-    m = lottery.magnitude_prune(model, lottery.current_masks(model, names), 0.6, {"fc": 0.3})
-    r = lottery.random_masks_like(m, seed=3)
+    m = lottery.magnitude_prune(model, masks.current_masks(model, names), 0.6, {"fc": 0.3})
+    r = masks.random_masks_like(m, seed=3)
     assert all(int(r[n].sum()) == int(m[n].sum()) for n in names)
     assert not torch.equal(r["features.1.weight"], m["features.1.weight"])
-    assert torch.equal(r["fc.weight"], lottery.random_masks_like(m, seed=3)["fc.weight"])  # seeded
+    assert torch.equal(r["fc.weight"], masks.random_masks_like(m, seed=3)["fc.weight"])  # seeded
 
 
 # ---------------------------------------------------------------------------------------------
@@ -91,7 +92,7 @@ def test_train_resumed_from_captured_state_matches_uninterrupted_run():
     def fresh():  # the same init and the same 50 % magnitude masks
         m = _mlp(1)
         names = lottery.prunable_tensors(m)
-        lottery.apply(m, lottery.magnitude_prune(m, lottery.current_masks(m, names), 0.5))
+        masks.set_masks(m, lottery.magnitude_prune(m, masks.current_masks(m, names), 0.5))
         return m
 
     full = fresh()
@@ -126,9 +127,9 @@ def _recipe(**stage) -> dict:
 
 def _run(recipe: dict, out: Path) -> dict:
     """In-process run (the CLI path is exercised by the resume and error tests)."""
-    from compress.core.progress import set_quiet
+    from compress.progress import set_quiet
     from compress.recipe import validate_data
-    from compress.runner import run_recipe
+    from compress.pipeline.runner import run_recipe
 
     set_quiet(True)
     return run_recipe(validate_data(recipe), out)

@@ -8,9 +8,10 @@ import pytest
 import torch
 
 from compress.config import OptimizerConfig, TrainLoopConfig
-from compress.core import connectivity, lottery
-from compress.core.metrics import evaluate
+from compress.lottery import connectivity, experiment as lottery
+from compress.metrics import evaluate
 from compress.zoo import lenet_300_100
+from compress.sparsity import masks
 
 from conftest import cli
 
@@ -34,7 +35,7 @@ def test_curve_endpoints_are_the_two_models_and_barrier_definition():
     x, y = _data()
     a, b = _mlp(0), _mlp(1)
     names = lottery.prunable_tensors(b)
-    lottery.apply(b, lottery.magnitude_prune(b, lottery.current_masks(b, names), 0.9))  # dense vs 90 % sparse
+    masks.set_masks(b, lottery.magnitude_prune(b, masks.current_masks(b, names), 0.9))  # dense vs 90 % sparse
     curve = connectivity.interpolation_curve(a, b, x, y, points=7)
     assert [c["alpha"] for c in curve] == pytest.approx([i / 6 for i in range(7)], abs=1e-6)
     assert curve[0]["error"] == pytest.approx(100 - evaluate(a, x, y)["accuracy"])
@@ -80,11 +81,11 @@ def test_cli_instability_and_interpolate(tmp_path, write_recipe):
     assert r.returncode == 2 and "Traceback" not in r.stderr
 
     # dense vs 90 % sparse, from two portable checkpoints
-    from compress.core.model_io import save_portable
+    from compress.model_io import save_portable
 
     dense, sparse = _mlp(0), _mlp(1)
     names = lottery.prunable_tensors(sparse)
-    lottery.apply(sparse, lottery.magnitude_prune(sparse, lottery.current_masks(sparse, names), 0.9))
+    masks.set_masks(sparse, lottery.magnitude_prune(sparse, masks.current_masks(sparse, names), 0.9))
     kwargs = {"num_classes": 10, "in_channels": 1, "image_size": 8}
     save_portable(dense, tmp_path / "a", "lenet_300_100", kwargs, [1, 8, 8])
     save_portable(sparse, tmp_path / "b", "lenet_300_100", kwargs, [1, 8, 8])

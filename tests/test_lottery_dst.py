@@ -7,10 +7,12 @@ import pytest
 import torch
 
 from compress.config import OptimizerConfig, TrainLoopConfig
-from compress.core import lottery, masks
-from compress.core.sparse_training import DynamicSparsity
-from compress.core.training import train
+from compress.lottery import experiment as lottery
+from compress.sparsity import masks
+from compress.sparsity.dynamic import DynamicSparsity
+from compress.train.loop import train
 from compress.zoo import lenet_300_100
+from compress.modules import tensor_owner
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -20,14 +22,14 @@ def _sparse_model():
     torch.manual_seed(0)
     m = lenet_300_100(num_classes=10, in_channels=1, image_size=8)
     names = lottery.prunable_tensors(m)
-    lottery.apply(m, lottery.random_masks_like(lottery.magnitude_prune(m, lottery.current_masks(m, names), 0.8), 1))
+    masks.set_masks(m, masks.random_masks_like(lottery.magnitude_prune(m, masks.current_masks(m, names), 0.8), 1))
     return m, names
 
 
 @pytest.mark.parametrize("method", ["set", "rigl"])
 def test_drop_grow_keeps_density_and_zeros(method):
     model, names = _sparse_model()
-    start = lottery.current_masks(model, names)
+    start = masks.current_masks(model, names)
     x, y = torch.randn(256, 1, 8, 8), torch.randint(0, 10, (256,))
     batches = lottery.ShuffledBatches(x, y, 32, 0)
     it = iter(lottery.ShuffledBatches(x, y, 32, 1))
@@ -35,11 +37,11 @@ def test_drop_grow_keeps_density_and_zeros(method):
     cfg = TrainLoopConfig(epochs=0, max_steps=32, optimizer=OptimizerConfig(name="adam", lr=1e-3))
     train(model, batches, cfg, on_step=dyn)
     assert dyn.updates == 5  # steps 5..25; none at or after end_step
-    end = lottery.current_masks(model, names)
+    end = masks.current_masks(model, names)
     for n in names:
         assert int(end[n].sum()) == int(start[n].sum())
         assert not torch.equal(end[n], start[n])
-        w = getattr(*lottery._get(model, n))
+        w = getattr(*tensor_owner(model, n))
         assert bool((w[end[n] == 0] == 0).all())
     assert dyn.fraction(0) == pytest.approx(0.3) and dyn.fraction(30) == pytest.approx(0.0)
 
@@ -47,7 +49,7 @@ def test_drop_grow_keeps_density_and_zeros(method):
 def test_rigl_grows_where_dense_gradient_is_largest():
     model, names = _sparse_model()
     x, y = torch.randn(32, 1, 8, 8), torch.randint(0, 10, (32,))
-    before = lottery.current_masks(model, names)
+    before = masks.current_masks(model, names)
     dyn = DynamicSparsity(["fc.weight"], "rigl", every=1, end_step=10, alpha=0.2, grad_batch=lambda: (x, y))
     grads = dyn._dense_grads(model)["fc.weight"].abs()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)

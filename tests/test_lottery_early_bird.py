@@ -6,8 +6,8 @@ import torch
 from torch import nn
 
 from compress.config import OptimizerConfig, TrainLoopConfig
-from compress.core.early_bird import EarlyBird, channel_mask, split_mask, train_until_early_bird
-from compress.core.lottery import ShuffledBatches
+from compress.structured.early_bird import EarlyBird, channel_mask, split_mask, train_until_early_bird
+from compress.lottery.experiment import ShuffledBatches
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -7,9 +7,10 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from compress.core import lottery
-from compress.core.pruning_at_init import prune_at_init, snip_scores
+from compress.lottery import experiment as lottery
+from compress.sparsity.at_init import prune_at_init, snip_scores
 from compress.zoo import lenet_300_100
+from compress.sparsity import masks
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -20,7 +21,7 @@ def _setup(seed=0):
     model = lenet_300_100(num_classes=10, in_channels=1, image_size=8)
     names = lottery.prunable_tensors(model)
     batches = [(torch.randn(32, 1, 8, 8), torch.randint(0, 10, (32,))) for _ in range(2)]
-    return model, names, lottery.current_masks(model, names), batches
+    return model, names, masks.current_masks(model, names), batches
 
 
 def test_snip_ranks_by_abs_grad_times_weight():
@@ -57,7 +58,7 @@ def test_synflow_avoids_layer_collapse_where_one_shot_magnitude_would_not():
     with torch.no_grad():
         model[5].weight.mul_(0.01)  # a layer of small weights: global magnitude removes it entirely
     names = lottery.prunable_tensors(model)
-    ones = lottery.current_masks(model, names)
+    ones = masks.current_masks(model, names)
     mag = lottery.magnitude_prune(model, ones, 1 - 0.02, scope="global")
     assert int(mag["5.weight"].sum()) == 0
     syn = prune_at_init(model, ones, "synflow", 0.02, input_shape=(1, 8, 8), iterations=50)
@@ -65,9 +66,9 @@ def test_synflow_avoids_layer_collapse_where_one_shot_magnitude_would_not():
 
 
 def test_stage_method_snip_trains_masks_from_init(tmp_path):
-    from compress.core.progress import set_quiet
+    from compress.progress import set_quiet
     from compress.recipe import validate_data
-    from compress.runner import run_recipe
+    from compress.pipeline.runner import run_recipe
 
     set_quiet(True)
     recipe = {"name": "pai", "seed": 0, "device": "cpu",

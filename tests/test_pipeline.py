@@ -129,7 +129,7 @@ def test_load_in_fresh_process_without_pickle(tiny_run, tmp_path):
     expect = ",".join(f"{v:.6f}" for v in m(x).flatten().tolist())
     assert res.stdout.strip() == expect
     # masks came back as buffers, so later fine-tunes keep the 2:4 zeros
-    from compress.core.masks import has_masks
+    from compress.sparsity.masks import has_masks
 
     assert has_masks(m)
 

@@ -9,8 +9,8 @@ import torch
 import torch_pruning as tp
 from torch import nn
 
-from compress.core import pruning
-from compress.core.metrics import count_macs, count_params
+from compress.structured import pruner as pruning
+from compress.metrics import count_macs, count_params
 from compress.zoo import MODELS
 
 from conftest import tiny_recipe
@@ -92,9 +92,9 @@ def test_target_by_bisection(key, goal):
 
 def _run(write_recipe, tmp_path, prune: dict):
     """The real runner in-process (the CLI path is covered by the exit-code tests)."""
-    from compress.core.progress import set_quiet
+    from compress.progress import set_quiet
     from compress.recipe import load_recipe
-    from compress.runner import run_recipe
+    from compress.pipeline.runner import run_recipe
 
     set_quiet(True)
     r = tiny_recipe()

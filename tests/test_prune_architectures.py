@@ -8,11 +8,11 @@ import pytest
 import torch
 import torch_pruning as tp
 
-from compress.core import pruning
-from compress.core.attention import find_attention
-from compress.core.metrics import count_macs, logits_of
-from compress.core.model_io import load_portable, save_portable
-from compress.core.onnx_io import export_onnx, parity
+from compress.structured import pruner as pruning
+from compress.structured.attention import find_attention
+from compress.metrics import count_macs, logits_of
+from compress.model_io import load_portable, save_portable
+from compress.deploy.onnx_io import export_onnx, parity
 from compress.errors import InputError
 from compress.zoo import MODELS
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 from compress.recipe import validate_data
-from compress.runner import run_recipe
+from compress.pipeline.runner import run_recipe
 
 from conftest import tiny_recipe
 

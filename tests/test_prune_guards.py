@@ -8,8 +8,8 @@ import torch
 import torch_pruning as tp
 from torch import nn
 
-from compress.core import pruning
-from compress.core.metrics import logits_of
+from compress.structured import pruner as pruning
+from compress.metrics import logits_of
 from compress.errors import ModelBreakError
 from compress.zoo import MODELS
 

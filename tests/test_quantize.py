@@ -13,14 +13,16 @@ import yaml
 from onnx import numpy_helper
 from torch import nn
 
-from compress.core import masks
-from compress.core import tensorrt_backend as trb
-from compress.core.latency import BACKENDS
-from compress.core.onnx_io import check_sparsity, export_onnx, onnx_accuracy, ort_session, parity
-from compress.core.quantize import export_int8_onnx, int8_onnx_beside, quantized_nodes
+from compress.sparsity import masks
+from compress.deploy import tensorrt as trb
+from compress.deploy.backends import BACKENDS
+from compress.deploy.onnx_io import check_sparsity, export_onnx, onnx_accuracy, ort_session, parity
+from compress.deploy.quantize import export_int8_onnx, quantized_nodes
+from compress.deploy.files import int8_onnx_beside
 from compress.errors import InputError
 from compress.recipe import validate_data
-from compress.runner import check_gates
+from compress.pipeline.runner import check_gates
+from compress.sparsity import n_m
 from conftest import cli, tiny_recipe
 
 
@@ -30,7 +32,7 @@ def _net():
                           nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
                           nn.Linear(32, 10)).eval()
     for i in (0, 3, 7):
-        masks.set_mask(model[i], masks.n_m_mask(model[i].weight))
+        masks.set_mask(model[i], n_m.n_m_mask(model[i].weight))
     return model
 
 

@@ -9,8 +9,8 @@ import pytest
 import torch
 import yaml
 
-from compress.core.latency_table import LatencyPredictor, LatencyTable
-from compress.core.search import Pruner, bisect_ratio, measure_models
+from compress.search.latency_table import LatencyPredictor, LatencyTable
+from compress.search.candidates import Pruner, bisect_ratio, measure_models
 from compress.errors import InputError
 from compress.recipe import validate_data
 from compress.zoo import small_cnn
@@ -138,7 +138,8 @@ def test_bisect_finds_the_smallest_feasible_ratio_despite_a_non_monotone_top():
 
 @pytest.mark.tensorrt
 def test_table_measures_on_tensorrt(tmp_path):
-    from compress.core.latency import BACKENDS, BackendUnavailable
+    from compress.deploy.backends import BACKENDS
+    from compress.deploy.timing import BackendUnavailable
 
     if "tensorrt" not in BACKENDS:
         pytest.skip("no 'tensorrt' backend registered in this build")

@@ -10,11 +10,12 @@ from sklearn.datasets import load_digits
 from torch import nn
 
 from compress.config import TrainLoopConfig
-from compress.core import masks
-from compress.core.sparsegpt import prune_matrix, sparsegpt_masks
-from compress.core.training import train
+from compress.sparsity import masks
+from compress.sparsity.sparsegpt import prune_matrix, sparsegpt_masks
+from compress.train.loop import train
 from compress.data import make_loader
 from compress.stages.sparsify import eligible_layers
+from compress.sparsity import n_m
 
 
 def _digits(n: int = 512) -> torch.Tensor:
@@ -36,26 +37,26 @@ def _groups_ok_conv(w: torch.Tensor, n: int = 2, m: int = 4) -> bool:
 def test_conv_mask_groups_input_channels_per_position():
     torch.manual_seed(0)
     w = torch.randn(6, 8, 3, 3)
-    mask = masks.n_m_mask(w)
+    mask = n_m.n_m_mask(w)
     assert mask.shape == w.shape
     sparse = w * mask
     assert _groups_ok_conv(sparse)
-    assert masks.is_n_m_sparse(sparse, axis=1)
+    assert n_m.is_n_m_sparse(sparse, axis=1)
     # exactly half kept, and the kept ones are the two largest |w| of each group
     assert float(mask.mean()) == 0.5
     grp = w[2, 4:8, 1, 2].abs()
     assert set(torch.nonzero(mask[2, 4:8, 1, 2]).flatten().tolist()) == set(grp.topk(2).indices.tolist())
     # along another axis the pattern generally does not hold: the mask is not along the wrong dim
-    assert not masks.is_n_m_sparse(sparse, axis=0)
+    assert not n_m.is_n_m_sparse(sparse, axis=0)
 
 
 def test_linear_mask_along_in_features():
     torch.manual_seed(1)
     w = torch.randn(8, 16)
-    sparse = w * masks.n_m_mask(w)
+    sparse = w * n_m.n_m_mask(w)
     assert all(int((sparse[o, i:i + 4] == 0).sum()) >= 2 for o in range(8) for i in range(0, 16, 4))
     with pytest.raises(ValueError, match="multiple of 4"):
-        masks.n_m_mask(torch.randn(4, 6))
+        n_m.n_m_mask(torch.randn(4, 6))
 
 
 class _Zoo(nn.Module):
@@ -87,8 +88,8 @@ def test_eligible_layers_and_reasons():
     assert "ASP rule" in reasons["grouped"] and "ASP rule" in reasons["fc_odd"]  # in 8 % 16; out 12 % 8
     # grouped conv with 2:4 on its per-group input channels
     g = _Zoo().grouped
-    masks.set_mask(g, masks.n_m_mask(g.weight))
-    assert masks.is_n_m_sparse(g.weight, axis=1)
+    masks.set_mask(g, n_m.n_m_mask(g.weight))
+    assert n_m.is_n_m_sparse(g.weight, axis=1)
 
 
 def _rel_err(ref: torch.Tensor, got: torch.Tensor) -> float:
@@ -102,13 +103,13 @@ def test_sparsegpt_beats_magnitude_on_linear_with_real_inputs():
     ref = layer(x).detach()
     mag = nn.Linear(64, 32)
     mag.load_state_dict(layer.state_dict())
-    masks.set_mask(mag, masks.n_m_mask(mag.weight))
+    masks.set_mask(mag, n_m.n_m_mask(mag.weight))
     sgpt = nn.Linear(64, 32)
     sgpt.load_state_dict(layer.state_dict())
     wrapper = nn.Sequential(sgpt)
     found = sparsegpt_masks(wrapper, {"0": sgpt}, [x[i:i + 128] for i in range(0, 512, 128)], block=32)
     masks.set_mask(sgpt, found["0"])
-    assert masks.is_n_m_sparse(sgpt.weight, axis=1)
+    assert n_m.is_n_m_sparse(sgpt.weight, axis=1)
     assert float(found["0"].mean()) == 0.5
     e_mag, e_sgpt = _rel_err(ref, mag(x).detach()), _rel_err(ref, sgpt(x).detach())
     assert e_sgpt < 0.7 * e_mag, (e_sgpt, e_mag)
@@ -122,7 +123,7 @@ def test_sparsegpt_beats_magnitude_on_conv_im2col_order():
     ref = conv(feats).detach()
     mag = nn.Conv2d(8, 12, 3, padding=1)
     mag.load_state_dict(conv.state_dict())
-    masks.set_mask(mag, masks.n_m_mask(mag.weight))
+    masks.set_mask(mag, n_m.n_m_mask(mag.weight))
     sg = nn.Conv2d(8, 12, 3, padding=1)
     sg.load_state_dict(conv.state_dict())
     found = sparsegpt_masks(nn.Sequential(sg), {"0": sg}, [feats[:128], feats[128:]], block=16)
@@ -136,7 +137,7 @@ def test_prune_matrix_identity_hessian_equals_magnitude():
     torch.manual_seed(3)
     w = torch.randn(5, 16)
     pw, pm = prune_matrix(w, torch.eye(16), 2, 4, block=8, damp=1e-9)
-    assert torch.equal(pm, masks.n_m_mask(w))
+    assert torch.equal(pm, n_m.n_m_mask(w))
     torch.testing.assert_close(pw, w * pm)
 
 
@@ -148,7 +149,7 @@ def test_masks_persist_through_training(opt):
     y = torch.tensor(load_digits().target[:256])
     model = nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 10))
     for mod in (model[0], model[2]):
-        masks.set_mask(mod, masks.n_m_mask(mod.weight))
+        masks.set_mask(mod, n_m.n_m_mask(mod.weight))
     zero_before = {i: (model[i].weight == 0).clone() for i in (0, 2)}
     kept_before = {i: model[i].weight.detach().clone() for i in (0, 2)}
     cfg = TrainLoopConfig(epochs=2, max_steps=12, optimizer=opt)
@@ -158,7 +159,7 @@ def test_masks_persist_through_training(opt):
         w = model[i].weight.detach()
         z = zero_before[i]
         assert torch.equal(w == 0, z), "zero positions changed"
-        assert masks.is_n_m_sparse(w, axis=1)
+        assert n_m.is_n_m_sparse(w, axis=1)
         assert (w[~z] != kept_before[i][~z]).float().mean() > 0.5, "unmasked weights did not train"  # a few digits pixels are always 0
 
 
@@ -167,7 +168,7 @@ def test_mask_optimizer_state_zeroes_momentum():
     opt = torch.optim.SGD(lin.parameters(), lr=0.1, momentum=0.9)
     lin(torch.randn(3, 8)).sum().backward()
     opt.step()  # dense momentum buffer everywhere
-    masks.set_mask(lin, masks.n_m_mask(lin.weight))
+    masks.set_mask(lin, n_m.n_m_mask(lin.weight))
     masks.mask_optimizer_state(opt, lin)
     buf = opt.state[lin.weight]["momentum_buffer"]
     assert torch.all(buf[lin.weight_mask == 0] == 0)

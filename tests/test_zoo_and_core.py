@@ -7,8 +7,9 @@ import pytest
 import torch
 
 from compress import zoo
-from compress.core import masks
-from compress.core.model_io import load_portable, save_portable
+from compress.sparsity import masks
+from compress.model_io import load_portable, save_portable
+from compress.sparsity import n_m
 
 from conftest import cli, tiny_recipe
 
@@ -55,7 +56,7 @@ def test_n_m_mask_conv_layout():
     input channels keeps its 2 largest |w| (hand-checked on one position)."""
     torch.manual_seed(0)
     w = torch.randn(3, 8, 2, 2)
-    m = masks.n_m_mask(w, 2, 4)
+    m = n_m.n_m_mask(w, 2, 4)
     assert m.shape == w.shape
     groups = m.permute(0, 2, 3, 1).reshape(-1, 4)
     assert (groups.sum(1) == 2).all()
@@ -63,21 +64,21 @@ def test_n_m_mask_conv_layout():
     expect = torch.zeros(4)
     expect[col.topk(2).indices] = 1
     assert torch.equal(m[1, 4:8, 0, 1], expect)
-    assert masks.is_n_m_sparse(w * m, axis=1)
-    assert not masks.is_n_m_sparse(w, axis=1)
+    assert n_m.is_n_m_sparse(w * m, axis=1)
+    assert not n_m.is_n_m_sparse(w, axis=1)
 
 
 def test_n_m_mask_linear_and_bad_width():
     w = torch.tensor([[1.0, -5.0, 3.0, 0.5, 2.0, 2.5, -0.1, 9.0]])
-    assert masks.n_m_mask(w).tolist() == [[0, 1, 1, 0, 0, 1, 0, 1]]
+    assert n_m.n_m_mask(w).tolist() == [[0, 1, 1, 0, 0, 1, 0, 1]]
     with pytest.raises(ValueError):
-        masks.n_m_mask(torch.randn(2, 6))
+        n_m.n_m_mask(torch.randn(2, 6))
 
 
 def test_masked_training_keeps_zeros_exactly():
     torch.manual_seed(0)
     lin = torch.nn.Linear(8, 4)
-    masks.set_mask(lin, masks.n_m_mask(lin.weight))
+    masks.set_mask(lin, n_m.n_m_mask(lin.weight))
     opt = torch.optim.SGD(lin.parameters(), lr=0.5, momentum=0.9)
     zeros = lin.weight == 0
     for _ in range(5):
@@ -92,13 +93,13 @@ def test_masked_training_keeps_zeros_exactly():
 def test_portable_checkpoint_round_trip_pruned_and_masked(tmp_path):
     import torch_pruning as tp
 
-    from compress.core.pruning import build_pruner
+    from compress.structured.pruner import build_pruner
 
     torch.manual_seed(0)
     m = zoo.small_cnn(width=16).eval()
     x = torch.randn(2, 1, 8, 8)
     build_pruner(m, x, tp.importance.GroupMagnitudeImportance(p=2), ratio=0.5, scope="uniform").step()
-    masks.set_mask(m.conv2[0], masks.n_m_mask(m.conv2[0].weight))
+    masks.set_mask(m.conv2[0], n_m.n_m_mask(m.conv2[0].weight))
     save_portable(m, tmp_path, "small_cnn", {"width": 16}, [1, 8, 8])
     arch = json.loads((tmp_path / "arch.json").read_text())
     assert arch["factory"] == "compress.zoo:small_cnn"

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..core.metrics import evaluate, model_stats
+from ..metrics import evaluate, model_stats
 from ..data import DataBundle, make_loader
 from ..registry import Registry
 

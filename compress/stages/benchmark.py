@@ -9,9 +9,10 @@ from pydantic import Field, field_validator
 
 from ..config import StageConfig
 from ..errors import InputError
-from ..core.latency import BACKENDS, BackendUnavailable, time_interleaved
-from ..core.onnx_io import export_onnx
-from ..core.progress import log
+from ..deploy.backends import BACKENDS
+from ..deploy.timing import BackendUnavailable, time_interleaved
+from ..deploy.onnx_io import export_onnx
+from ..progress import log
 from .base import StageOutput, register_stage
 
 

@@ -9,10 +9,9 @@ from typing import Literal, Optional
 from pydantic import Field, field_validator, model_validator
 
 from ..config import Strict, StageConfig
-from ..core.onnx_io import (check_sparsity, export_fp16_onnx, export_onnx, export_pt2, onnx_accuracy, parity,
-                            torch_logits)
-from ..core.quantize import export_int8_onnx, quantized_nodes
-from ..core.progress import log
+from ..deploy.onnx_io import (check_sparsity, export_fp16_onnx, export_onnx, export_pt2, onnx_accuracy, parity, torch_logits)
+from ..deploy.quantize import export_int8_onnx, quantized_nodes
+from ..progress import log
 from .base import StageOutput, register_stage
 
 

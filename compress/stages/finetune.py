@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Literal, Optional
 
 from ..config import DistillConfig, OptimizerConfig, StageConfig, TrainLoopConfig
-from ..core.training import train as train_loop
+from ..train.loop import train as train_loop
 from .base import StageOutput, register_stage
 
 

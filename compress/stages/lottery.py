@@ -13,8 +13,9 @@ import torch
 from pydantic import Field, model_validator
 
 from ..config import OptimizerConfig, StageConfig, Strict, TrainLoopConfig, require_exactly_one
-from ..core import lottery
-from ..core.model_io import atomic_write_json, build_model
+from ..lottery import experiment as lottery
+from ..io import atomic_write_json
+from ..model_io import build_model
 from ..errors import InputError
 from .base import StageOutput, register_stage
 

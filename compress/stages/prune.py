@@ -27,10 +27,11 @@ import torch
 from pydantic import Field, field_validator, model_validator
 
 from ..config import OptimizerConfig, StageConfig, Strict, require_exactly_one
-from ..core import pruning
-from ..core.metrics import count_macs, count_params, logits_of
+from ..structured import pruner
+from ..structured.criteria import IMPORTANCES, calibrate as calibrate_criterion
+from ..metrics import count_macs, count_params, logits_of
 from .base import StageOutput, register_stage
-from ..core.early_bird import EarlyBird, train_until_early_bird
+from ..structured.early_bird import EarlyBird, train_until_early_bird
 from .finetune import FinetuneBlock, finetune
 
 
@@ -124,8 +125,8 @@ class Config(StageConfig):
     @field_validator("importance")
     @classmethod
     def _importance(cls, v: str) -> str:
-        if v not in pruning.IMPORTANCES:
-            raise ValueError(f"unknown criterion {v!r} (known: {', '.join(pruning.IMPORTANCES.names())})")
+        if v not in IMPORTANCES:
+            raise ValueError(f"unknown criterion {v!r} (known: {', '.join(IMPORTANCES.names())})")
         return v
 
     @model_validator(mode="after")
@@ -154,11 +155,11 @@ class Config(StageConfig):
             raise ValueError("target needs scope uniform or global (per_layer fixes every ratio)")
         return self
 
-    def resolved_guards(self) -> pruning.Guards:
+    def resolved_guards(self) -> pruner.Guards:
         g = self.guards.model_dump()
         if "round_to" not in self.guards.model_fields_set and "round_to" in self.model_fields_set:
             g["round_to"] = self.round_to  # the older top-level spelling
-        return pruning.Guards(**g)
+        return pruner.Guards(**g)
 
     def pruner_kwargs(self) -> dict:
         """Everything GuardedPruner needs besides the model, example and importance."""
@@ -188,7 +189,7 @@ def run(cfg: Config, ctx) -> StageOutput:
     example = ctx.example_inputs(1)
     before = ctx.stats()
     out_shape = _output_signature(model, example)
-    criterion = pruning.IMPORTANCES.get(cfg.importance, field="importance")
+    criterion = IMPORTANCES.get(cfg.importance, field="importance")
     calib = ctx.calibration_batches(cfg.calibration_batches) if (criterion.needs or criterion.calibrate) else []
     kw = cfg.pruner_kwargs()
 
@@ -196,10 +197,10 @@ def run(cfg: Config, ctx) -> StageOutput:
         return criterion.build(obs_update=cfg.obs_update, obs_dampening=cfg.obs_dampening)
 
     def calibrate(m, imp):
-        pruning.calibrate(criterion, imp, m, calib, ctx.device)
+        calibrate_criterion(criterion, imp, m, calib, ctx.device)
 
     # guards and max_ratio stay relative to the unpruned model across steps and pruner instances
-    kw["reference"] = pruning.channel_counts(model, example)
+    kw["reference"] = pruner.channel_counts(model, example)
     measure, goal, searches, ratios = None, None, [], []
     if cfg.target is not None:
         key, goal = cfg.target.key, cfg.target.value
@@ -213,20 +214,20 @@ def run(cfg: Config, ctx) -> StageOutput:
             # iterative with a target: each step reaches its share of the budget on the current
             # (possibly fine-tuned) model, so the last step lands on the goal itself
             step_goal = 1 - (1 - goal) * (step + 1) / cfg.steps
-            r, trials = pruning.ratio_for_target(model, example, build_importance, measure, step_goal,
+            r, trials = pruner.ratio_for_target(model, example, build_importance, measure, step_goal,
                                                  hi=min(0.95, cfg.max_ratio), prepare_step=calibrate, **kw)
             searches.append({"step": step + 1, "goal": step_goal, "ratio_found": r, "trials": trials})
-            gp = pruning.GuardedPruner(model, example, build_importance(), ratio=r, steps=1, **kw)
+            gp = pruner.GuardedPruner(model, example, build_importance(), ratio=r, steps=1, **kw)
             ratios.append(r)
         elif gp is None:
-            gp = pruning.GuardedPruner(model, example, build_importance(), ratio=cfg.ratio, steps=cfg.steps, **kw)
+            gp = pruner.GuardedPruner(model, example, build_importance(), ratio=cfg.ratio, steps=cfg.steps, **kw)
             ratios.append(cfg.ratio)
         if step == 0:
             guard_hits += gp.bound  # the classifier guard, recorded once
         calibrate(model, gp.pruner.importance)
         guard_hits += gp.step()
         model.zero_grad(set_to_none=True)
-        pruning.check_model_runs(model, example, out_shape, gp.output_name, when=f"after pruning step {step + 1}")
+        pruner.check_model_runs(model, example, out_shape, gp.output_name, when=f"after pruning step {step + 1}")
         if cfg.finetune_between is not None and step < cfg.steps - 1:
             step_metrics.append(finetune(cfg.finetune_between, ctx, description=f"finetune {step + 1}"))
     ratio = ratios[0] if len(ratios) == 1 else ratios

@@ -1,6 +1,6 @@
 """``search``: latency-aware per-group pruning ratios, searched with Optuna on the target backend.
 
-See compress/core/search.py for the procedure. The stage leaves the chosen (pruned, fine-tuned)
+See compress/search/ for the procedure. The stage leaves the chosen (pruned, fine-tuned)
 model in ``ctx.model`` and writes, in its stage directory: ``prune_block.yaml`` (a ``per_layer``
 prune stage to paste into a recipe), ``pareto.png``, ``comparison.md`` and ``search.json``.
 The Optuna study and the latency table live in the run directory itself so that they survive a
@@ -18,13 +18,13 @@ import yaml
 from pydantic import Field, field_validator, model_validator
 
 from ..config import StageConfig, Strict
-from ..core import pruning
-from ..core import search as S
-from ..core.latency import BACKENDS
-from ..core.latency_table import LatencyPredictor, LatencyTable
-from ..core.model_io import atomic_write_json, atomic_write_text
-from ..core.progress import log
-from ..core.training import train as train_loop
+from ..structured.criteria import IMPORTANCES
+from ..search import candidates as S
+from ..deploy.backends import BACKENDS
+from ..search.latency_table import LatencyPredictor, LatencyTable
+from ..io import atomic_write_json, atomic_write_text
+from ..progress import log
+from ..train.loop import train as train_loop
 from ..data import make_loader
 from ..errors import InputError
 from .base import StageOutput, register_stage
@@ -79,7 +79,7 @@ class Config(StageConfig):
     @field_validator("backend", "importance")
     @classmethod
     def _registered(cls, v: str, info) -> str:
-        registry = BACKENDS if info.field_name == "backend" else pruning.IMPORTANCES
+        registry = BACKENDS if info.field_name == "backend" else IMPORTANCES
         try:
             registry.get(v)
         except InputError as exc:  # the registry's own one-line message, as a field error

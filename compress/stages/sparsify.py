@@ -8,9 +8,10 @@ from pydantic import Field, field_validator
 from torch import nn
 
 from ..config import StageConfig
-from ..core import masks
-from ..core.pruning import match_any, output_layer
-from ..core.sparsegpt import sparsegpt_masks
+from ..sparsity import masks
+from ..sparsity.n_m import n_m_mask
+from ..modules import match_any, output_layer
+from ..sparsity.sparsegpt import sparsegpt_masks
 from .base import StageOutput, register_stage
 
 SPARSIFY_METHODS = ("magnitude", "sparsegpt")
@@ -90,7 +91,7 @@ def run(cfg: Config, ctx) -> StageOutput:
             masks.set_mask(mod, found[name])
     else:
         for name, mod in layers:
-            masks.set_mask(mod, masks.n_m_mask(mod.weight, n, m))
+            masks.set_mask(mod, n_m_mask(mod.weight, n, m))
     total = sum(mod.weight.numel() for _, mod in layers)
     zeros = sum(int((mod.weight == 0).sum()) for _, mod in layers)
     acc = ctx.evaluate()["accuracy"]

@@ -13,8 +13,8 @@ from typing import Literal, Optional
 from pydantic import Field, model_validator
 
 from ..config import StageConfig
-from ..core.latency import BackendUnavailable
-from ..core.progress import log
+from ..deploy.timing import BackendUnavailable
+from ..progress import log
 from ..errors import InputError
 from .base import StageOutput, register_stage
 
@@ -55,7 +55,7 @@ class Config(StageConfig):
 
 def _onnx_for(ctx, role: str, cfg: Config, strong: bool):
     """The ONNX file an engine is built from (the fp16 export for strongly typed fp16 builds)."""
-    from ..core.tensorrt_backend import onnx_for_precision
+    from ..deploy.tensorrt import onnx_for_precision
 
     exp = ctx.summary.get("export", {})
     key = "dense_onnx" if role == "dense" else "onnx"
@@ -67,7 +67,7 @@ def _onnx_for(ctx, role: str, cfg: Config, strong: bool):
 @register_stage("tensorrt", Config)
 def run(cfg: Config, ctx) -> StageOutput:
     """Build dense / compressed / compressed+sparse engines and time them with CUDA events."""
-    from ..core import tensorrt_backend as trb
+    from ..deploy import tensorrt as trb
 
     try:
         trt = trb.require_tensorrt()

@@ -4,7 +4,7 @@ from __future__ import annotations
 from typing import Literal
 
 from ..config import OptimizerConfig, StageConfig, TrainLoopConfig
-from ..core.training import train as train_loop
+from ..train.loop import train as train_loop
 from .base import StageOutput, register_stage
 
 

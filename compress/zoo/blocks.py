@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from . import MODELS
+from .registry import MODELS
 from .resnet import BasicBlock, bottleneck_stages
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from . import MODELS
+from .registry import MODELS
 
 
 def _make_divisible(v: float, divisor: int = 8) -> int:

@@ -10,10 +10,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from . import masks as mask_core
-from .lottery import RewindState, ShuffledBatches, save_figure, weights_of
-from .metrics import evaluate
-from .training import train
+from ..sparsity import masks as mask_core
+from .experiment import RewindState, ShuffledBatches, weights_of
+from ..io import save_figure
+from ..metrics import evaluate
+from ..train.loop import train
 
 
 def _plain(model: nn.Module) -> nn.Module:

@@ -1,32 +1,23 @@
-"""Latency measurement: backends behind a registry, dense and compressed timed in one process,
-interleaved (A B B A ...) so drift on a noisy machine hits both equally; medians and tails."""
+"""Benchmark backends behind a registry: each turns an ONNX file (or the torch model) into a
+:class:`~compress.deploy.timing.Runner` that :func:`~compress.deploy.timing.time_interleaved` times.
+
+A backend factory takes ``(onnx_path, torch_model, input_shape, batch_size, options)`` and raises
+:class:`~compress.deploy.timing.BackendUnavailable` when it cannot run on this machine."""
 from __future__ import annotations
 
-import time
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Protocol
+from typing import Callable
 
 import numpy as np
 
 from ..registry import Registry
+from ..sparsity.n_m import is_n_m_sparse
+from . import tensorrt as trb
+from .files import engine_name, int8_onnx_beside
+from .onnx_io import ort_session
+from .timing import BackendUnavailable, Runner
 
 
-class Runner(Protocol):
-    def __call__(self) -> None: ...
-
-
-@dataclass
-class BackendUnavailable(Exception):
-    """Raised by a backend that cannot run on this machine (no CUDA, no TensorRT)."""
-
-    reason: str
-
-    def __str__(self) -> str:
-        return self.reason
-
-
-# A backend factory takes (onnx_path, torch_model, input_shape, batch_size, options) -> Runner.
 BACKENDS: Registry[Callable[..., Runner]] = Registry("benchmark backend")
 
 
@@ -35,8 +26,6 @@ def onnxruntime_runner(onnx_path: str | Path, model, input_shape, batch_size: in
     """ONNX Runtime CPU: fixed thread count, sequential execution, IOBinding (input bound once, so
     the timing is the session's compute, not host copies of a fresh numpy array)."""
     import onnxruntime as ort
-
-    from .onnx_io import ort_session
 
     sess = ort_session(onnx_path, threads=options.get("threads", 1))
     x = np.random.default_rng(0).standard_normal((batch_size, *input_shape)).astype(np.float32)
@@ -54,8 +43,6 @@ def onnxruntime_runner(onnx_path: str | Path, model, input_shape, batch_size: in
 def onnxruntime_int8_runner(onnx_path: str | Path, model, input_shape, batch_size: int, options: dict) -> Runner:
     """ONNX Runtime CPU on the int8 Q/DQ export beside ``onnx_path`` (``export.onnx.int8``): the
     same session settings as ``onnxruntime``, so the two rows compare fp32 and int8 files."""
-    from .quantize import int8_onnx_beside
-
     return onnxruntime_runner(int8_onnx_beside(onnx_path), model, input_shape, batch_size, options)
 
 
@@ -74,8 +61,6 @@ def semi_structured_linears(model) -> tuple[list[str], list[dict]]:
     Returns (converted layer names, skipped layers with the reason)."""
     from torch import nn
     from torch.sparse import to_sparse_semi_structured
-
-    from .masks import is_n_m_sparse
 
     done, skipped = [], []
     for name, mod in model.named_modules():
@@ -144,43 +129,11 @@ def torch_compile_runner(onnx_path, model, input_shape, batch_size: int, options
 def tensorrt_runner(onnx_path, model, input_shape, batch_size: int, options: dict) -> Runner:
     """A TensorRT engine built from the ONNX file (SPARSE_WEIGHTS on, precision from options),
     cached beside it per batch size. Each call runs once and waits for the stream."""
-    from . import tensorrt_backend as trb
-
     trt = trb.require_tensorrt()
     opts = trb.BuildOptions(precision=options.get("precision", "fp16"), sparse_weights=True,
                             min_batch=1, opt_batch=batch_size, max_batch=batch_size,
                             timing_cache=str(Path(onnx_path).parent / "trt.timing.cache"))
     onnx_path = trb.onnx_for_precision(onnx_path, opts.precision, trb.use_strong_typing(trt, opts.typing))
-    name = f"{Path(onnx_path).stem}.{opts.precision}.b{batch_size}"
+    name = engine_name(onnx_path, opts.precision, batch_size)
     built = trb.build_engine(onnx_path, onnx_path.parent, name, opts)
     return trb.EngineRunner(built.engine, batch_size, cuda_graph=options.get("cuda_graph", False))
-
-
-def percentiles(samples_ms: list[float]) -> dict[str, float]:
-    a = np.asarray(samples_ms)
-    return {"p50": float(np.median(a)), "p90": float(np.percentile(a, 90)), "p99": float(np.percentile(a, 99)),
-            "mean": float(a.mean()), "n": int(a.size)}
-
-
-def time_interleaved(runners: dict[str, Runner], warmup: int = 10, iters: int = 50, rounds: int = 5,
-                     min_time_s: float = 0.0) -> dict[str, dict[str, float]]:
-    """Time several runners against each other: ``rounds`` rounds, each runs every runner for
-    ``iters // rounds`` calls; the order flips every round. Returns per-runner percentiles in ms."""
-    names = list(runners)
-    for name in names:
-        for _ in range(warmup):
-            runners[name]()
-    samples: dict[str, list[float]] = {n: [] for n in names}
-    per_round = max(1, iters // rounds)
-    r = 0
-    start = time.perf_counter()
-    while r < rounds or (time.perf_counter() - start) < min_time_s:
-        order = names if r % 2 == 0 else list(reversed(names))
-        for name in order:
-            fn = runners[name]
-            for _ in range(per_round):
-                t0 = time.perf_counter()
-                fn()
-                samples[name].append((time.perf_counter() - t0) * 1000.0)
-        r += 1
-    return {n: percentiles(s) for n, s in samples.items()}

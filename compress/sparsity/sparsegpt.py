@@ -9,7 +9,7 @@ possible.
 
 The column order is the layout TensorRT reads: for a Conv weight ``[K, C, R, S]`` the columns are
 ordered ``(r, s, c)`` with ``c`` fastest, so a group of ``m`` consecutive columns is ``m``
-consecutive input channels at one spatial position (the same groups :func:`masks.n_m_mask` uses),
+consecutive input channels at one spatial position (the same groups :func:`compress.sparsity.n_m.n_m_mask` uses),
 and the inputs are unfolded (im2col) into the same order.
 """
 from __future__ import annotations

@@ -10,9 +10,9 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from . import masks
-from .metrics import evaluate, logits_of
-from .progress import task
+from ..sparsity import masks
+from ..metrics import evaluate, logits_of
+from ..progress import task
 
 
 @dataclass

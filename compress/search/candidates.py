@@ -31,11 +31,13 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from . import pruning
-from .latency import BACKENDS, time_interleaved
+from ..structured import pruner
+from ..structured.criteria import IMPORTANCES, calibrate as calibrate_criterion
+from ..deploy.backends import BACKENDS
+from ..deploy.timing import time_interleaved
 from .latency_table import LatencyPredictor
-from .metrics import count_macs, count_params, evaluate
-from .onnx_io import export_onnx
+from ..metrics import count_macs, count_params, evaluate
+from ..deploy.onnx_io import export_onnx
 
 
 @dataclass
@@ -62,8 +64,8 @@ class Pruner:
         self.calibration = calibration or []
         self.device = device
         self.example = torch.randn(1, *self.input_shape, device=device)
-        self.groups = pruning.describe_groups(dense, self.example, ignore)
-        self.reference = pruning.channel_counts(dense, self.example)
+        self.groups = pruner.describe_groups(dense, self.example, ignore)
+        self.reference = pruner.channel_counts(dense, self.example)
         self.prunable = {m for g in self.groups for m in g["members"]}
         mods = dict(dense.named_modules())
         # every out-side Conv/Linear of a group carries the group's ratio: Torch-Pruning reads the
@@ -84,14 +86,14 @@ class Pruner:
         per_layer = self.per_layer_block(group_ratios) if group_ratios is not None else None
         if scope == "per_layer" and not per_layer:
             return model
-        crit = pruning.IMPORTANCES.get(self.importance, field="importance")
+        crit = IMPORTANCES.get(self.importance, field="importance")
         imp = crit.build()
         # the prune stage's own pruner and default guards, so a pasted per_layer block rebuilds this model
-        gp = pruning.GuardedPruner(model, self.example, imp, ratio=ratio if scope != "per_layer" else 0.0,
+        gp = pruner.GuardedPruner(model, self.example, imp, ratio=ratio if scope != "per_layer" else 0.0,
                                    scope=scope, per_layer=per_layer, ignore=self.ignore,
-                                   guards=pruning.Guards(round_to=self.round_to), max_ratio=self.max_ratio,
+                                   guards=pruner.Guards(round_to=self.round_to), max_ratio=self.max_ratio,
                                    reference=self.reference)
-        pruning.calibrate(crit, imp, model, self.calibration if (crit.needs or crit.calibrate) else [], self.device)
+        calibrate_criterion(crit, imp, model, self.calibration if (crit.needs or crit.calibrate) else [], self.device)
         gp.step()
         model.zero_grad(set_to_none=True)
         return model.eval()

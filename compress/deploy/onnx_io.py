@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .metrics import logits_of
+from ..metrics import logits_of
 
 
 class _LogitsOnly(nn.Module):

@@ -7,10 +7,13 @@ Buffers travel in ``state_dict`` (so portable checkpoints keep them) and the tra
 """
 from __future__ import annotations
 
+import math
 from typing import Iterator
 
 import torch
 from torch import nn
+
+from ..modules import tensor_owner
 
 SUFFIX = "_mask"
 
@@ -80,42 +83,68 @@ def density(model: nn.Module) -> dict[str, float]:
 
 
 # ---------------------------------------------------------------------------------------------
-# N:M (2:4) patterns along the reduction dimension, as TensorRT / cuSPARSELt read them.
+# Masks as data: ``{"<module>.<param>": 0/1 tensor}``, for methods that decide which weights to keep
+# (lottery tickets, pruning at init, dynamic sparse training) before setting them on a model.
 
-def reduction_last(weight: torch.Tensor) -> torch.Tensor:
-    """View a Linear [out, in] or Conv [K, C, R, S] weight with the reduction (input-channel) dim
-    last: Conv becomes [K, R, S, C], so groups of M consecutive input channels are contiguous."""
-    if weight.dim() == 2:
-        return weight
-    if weight.dim() >= 3:
-        return weight.movedim(1, -1)
-    raise ValueError(f"unsupported weight rank {weight.dim()}")
+Masks = dict[str, torch.Tensor]  # "<module>.<param>" -> 0/1 tensor of the parameter's shape
 
 
-def from_reduction_last(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    return t if like.dim() == 2 else t.movedim(-1, 1)
+def current_masks(model: nn.Module, names: list[str]) -> Masks:
+    """The masks ``model`` carries for ``names`` (all-ones where it carries none)."""
+    out = {}
+    for name in names:
+        mod, pname = tensor_owner(model, name)
+        m = mod._buffers.get(pname + SUFFIX)
+        out[name] = (m.detach().clone().cpu() if m is not None
+                     else torch.ones_like(getattr(mod, pname), device="cpu"))
+    return out
 
 
-def n_m_mask(weight: torch.Tensor, n: int = 2, m: int = 4, scores: torch.Tensor | None = None) -> torch.Tensor:
-    """Keep the ``m - n`` highest-scoring weights in every group of ``m`` consecutive input
-    channels (``n`` zeros per group). Scores default to |w|; ties resolve to the lower index."""
-    s = (weight.abs() if scores is None else scores).detach()
-    r = reduction_last(s)
-    c = r.shape[-1]
-    if c % m:
-        raise ValueError(f"reduction dim {c} is not a multiple of {m}")
-    groups = r.reshape(*r.shape[:-1], c // m, m)
-    keep = torch.topk(groups, m - n, dim=-1, largest=True, sorted=False).indices
-    mask = torch.zeros_like(groups, dtype=weight.dtype)
-    mask.scatter_(-1, keep, 1.0)
-    return from_reduction_last(mask.reshape(r.shape), weight).contiguous()
+def set_masks(model: nn.Module, masks: Masks) -> None:
+    for name, m in masks.items():
+        mod, pname = tensor_owner(model, name)
+        set_mask(mod, m, pname)
 
 
-def is_n_m_sparse(weight: torch.Tensor, axis: int, n: int = 2, m: int = 4) -> bool:
-    """True when every group of ``m`` consecutive elements along ``axis`` has >= ``n`` zeros."""
-    t = torch.as_tensor(weight).movedim(axis, -1)
-    c = t.shape[-1]
-    if c % m:
-        return False
-    zeros = (t.reshape(*t.shape[:-1], c // m, m) == 0).sum(-1)
-    return bool((zeros >= n).all())
+def percent_remaining(masks: Masks) -> float:
+    total = sum(m.numel() for m in masks.values())
+    return 100.0 * sum(float(m.sum()) for m in masks.values()) / max(1, total)
+
+
+def keep_largest(scores: torch.Tensor, mask: torch.Tensor, keep: int) -> torch.Tensor:
+    """Keep the ``keep`` highest scores among currently unmasked entries (ties: lower index wins)."""
+    flat = torch.where(mask.flatten() > 0, scores.flatten().double(), torch.tensor(-math.inf, dtype=torch.double))
+    order = torch.sort(flat, descending=True, stable=True).indices[:keep]
+    out = torch.zeros(flat.numel(), dtype=mask.dtype)
+    out[order] = 1.0
+    return out.view_as(mask)
+
+
+def keep_largest_global(scores: dict[str, torch.Tensor], masks: Masks, keep: int) -> Masks:
+    """One ranking over all tensors: keep the ``keep`` highest scores among unmasked weights."""
+    names = list(masks)
+    big = torch.cat([scores[n].flatten().cpu() for n in names])
+    kept = keep_largest(big, torch.cat([masks[n].flatten() for n in names]), keep)
+    out, i = {}, 0
+    for n in names:
+        k = masks[n].numel()
+        out[n] = kept[i: i + k].view_as(masks[n]).clone()
+        i += k
+    return out
+
+
+def random_masks_like(masks: Masks, seed: int) -> Masks:
+    """Random masks with exactly the per-tensor density of ``masks`` (the random-pruning control)."""
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    for n, m in masks.items():
+        keep = int(m.sum())
+        idx = torch.randperm(m.numel(), generator=g)[:keep]
+        r = torch.zeros(m.numel(), dtype=m.dtype)
+        r[idx] = 1.0
+        out[n] = r.view_as(m)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Data order and rewinding

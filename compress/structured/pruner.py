@@ -2,12 +2,12 @@
 
 Coupled layers (a residual addition, a concat, a depthwise conv, a BN after a conv) form one
 *group* that loses the same channel indices together, so the pruned model stays valid. Criteria
-live in the ``IMPORTANCES`` registry; data-aware ones need calibration batches.
+live in :mod:`compress.structured.criteria`; Torch-Pruning internals are reached only through
+:mod:`compress.structured.tp_compat`.
 """
 from __future__ import annotations
 
 import copy
-import fnmatch
 import math
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable
@@ -17,40 +17,9 @@ import torch_pruning as tp
 from torch import nn
 
 from ..errors import InputError, ModelBreakError
-from ..registry import Registry
-from . import attention
-from .metrics import logits_of
-
-
-@dataclass(frozen=True)
-class Criterion:
-    """A pruning criterion: how to build the Torch-Pruning importance, and whether it needs data.
-
-    ``needs`` is ``None`` (data-free), ``"grad"`` (accumulate dL/dw over calibration batches before
-    scoring) or ``"hessian"`` (per-sample gradient accumulation for the diagonal Hessian / Fisher)."""
-
-    build: Callable[..., tp.importance.Importance]
-    needs: str | None = None
-    doc: str = ""
-    # Optional custom calibration: (importance, model, batches, device) -> None. Used instead of
-    # accumulate_gradients for criteria that need activations/curvature (kfac, obs).
-    calibrate: Callable[..., None] | None = None
-
-
-IMPORTANCES: Registry[Criterion] = Registry("importance")
-
-
-def match_any(name: str, patterns: Iterable[str]) -> bool:
-    return any(fnmatch.fnmatchcase(name, p) or name == p or name.startswith(p + ".") for p in patterns)
-
-
-def output_layer(model: nn.Module) -> str | None:
-    """Name of the last Linear (the classifier), which is never pruned by default."""
-    last = None
-    for name, mod in model.named_modules():
-        if isinstance(mod, nn.Linear):
-            last = name
-    return last
+from ..metrics import logits_of
+from ..modules import match_any, output_layer
+from . import attention, tp_compat
 
 
 def ignored_modules(model: nn.Module, patterns: Iterable[str] | None) -> list[nn.Module]:
@@ -60,35 +29,6 @@ def ignored_modules(model: nn.Module, patterns: Iterable[str] | None) -> list[nn
         out = output_layer(model)
         pats = [out] if out else []
     return [m for n, m in model.named_modules() if n and match_any(n, pats)]
-
-
-def calibrate(criterion: Criterion, importance, model: nn.Module, batches, device) -> None:
-    """Prepare a data-aware criterion on calibration batches (no-op for data-free ones)."""
-    if criterion.calibrate is not None:
-        criterion.calibrate(importance, model, batches, device)
-    elif criterion.needs:
-        accumulate_gradients(model, batches, device, criterion.needs, importance)
-
-
-def accumulate_gradients(model: nn.Module, batches, device, needs: str, imp=None) -> None:
-    """Run calibration batches forward/backward so data-aware criteria can read ``.grad``."""
-    model.zero_grad(set_to_none=True)
-    was = model.training
-    model.eval()  # BN statistics must not move while we score
-    if needs == "hessian" and imp is not None and hasattr(imp, "zero_grad"):
-        imp.zero_grad()  # once: the estimate is the mean over every calibration sample
-    for xb, yb in batches:
-        xb, yb = xb.to(device), yb.to(device)
-        if needs == "hessian" and imp is not None and hasattr(imp, "accumulate_grad"):
-            for i in range(len(xb)):  # per-sample squared gradients for the diagonal estimate
-                model.zero_grad(set_to_none=True)
-                loss = nn.functional.cross_entropy(logits_of(model(xb[i: i + 1])), yb[i: i + 1])
-                loss.backward()
-                imp.accumulate_grad(model)
-        else:
-            loss = nn.functional.cross_entropy(logits_of(model(xb)), yb)
-            loss.backward()
-    model.train(was)
 
 
 def build_pruner(model: nn.Module, example_inputs: torch.Tensor, importance: tp.importance.Importance, *,
@@ -288,8 +228,8 @@ class GuardedPruner:
                                    **attention.pruner_kwargs(self.sites, heads_ratio, head_dims))
         self._names = {m: n for n, m in model.named_modules()}
         for mod, name in self._names.items():  # guards relative to the unpruned model
-            if reference and name in reference and mod in self.pruner.layer_init_out_ch:
-                self.pruner.layer_init_out_ch[mod], self.pruner.layer_init_in_ch[mod] = reference[name]
+            if reference and name in reference:
+                tp_compat.set_initial_channels(self.pruner, mod, *reference[name])
         self.bound: list[dict] = []
         if self.guards.classifier and self.output_name:
             self.bound.append({"guard": "classifier", "group": self.output_name, "detail": "outputs kept"})
@@ -317,11 +257,11 @@ class GuardedPruner:
         current = DG.get_out_channels(module) if is_out else DG.get_in_channels(module)
         if not current or not idxs:
             return group
-        init = (self.pruner.layer_init_out_ch if is_out else self.pruner.layer_init_in_ch).get(module, current)
-        is_attn, qkv = self.pruner._is_atten_group(group)
+        init = tp_compat.initial_channels(self.pruner, module, is_out, current)
+        is_attn, qkv = tp_compat.attention_group(self.pruner, group)
         if is_attn:
             return self._guard_attention(group, module, handler, idxs, current, init, qkv)
-        cg = max(1, self.pruner._get_channel_groups(group))
+        cg = max(1, tp_compat.channel_groups(self.pruner, group))
         size = current // cg
         local = sorted({int(i) % size for i in idxs})
         keep = size - len(local)
@@ -331,7 +271,7 @@ class GuardedPruner:
             target, reasons = floor, reasons + [f"min_channels {g.floor(init)}"]
         if self.first_conv is not None and any(d.target.module is self.first_conv and DG.is_out_channel_pruning_fn(d.handler)
                                                for d, _ in group):
-            base = self.pruner.layer_init_out_ch.get(self.first_conv, current)
+            base = tp_compat.initial_channels(self.pruner, self.first_conv, True, current)
             f = math.ceil(base * (1 - g.first_conv_max_ratio) / cg)
             if f > target:
                 target, reasons = f, reasons + [f"first_conv_max_ratio {g.first_conv_max_ratio}"]
@@ -456,5 +396,3 @@ def annotate_guards(groups: list[dict], model: nn.Module, example: torch.Tensor,
         grp["guards"] = binds
     return groups
 
-
-from . import criteria  # noqa: E402,F401  (registers every criterion into IMPORTANCES)

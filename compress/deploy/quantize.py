@@ -31,6 +31,8 @@ from typing import Iterable
 import numpy as np
 
 # recipe name -> ONNX Runtime's CalibrationMethod member
+from .onnx_io import save_onnx
+
 CALIBRATION_METHODS = {"minmax": "MinMax", "entropy": "Entropy", "percentile": "Percentile"}
 QUANTIZED_OPS = ("Conv", "Gemm", "MatMul")
 
@@ -69,7 +71,6 @@ def export_int8_onnx(src: str | Path, dst: str | Path, calibration: Iterable[np.
     import onnx
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
-    from .onnx_io import save_onnx
 
     if method not in CALIBRATION_METHODS:
         raise ValueError(f"unknown calibration method {method!r} (known: {', '.join(CALIBRATION_METHODS)})")
@@ -105,20 +106,3 @@ def quantized_nodes(path: str | Path) -> dict[str, int]:
     dq_out = {o for n in g.node if n.op_type == "DequantizeLinear" for o in n.output}
     ops = [n for n in g.node if n.op_type in QUANTIZED_OPS]
     return {"int8_layers": sum(1 for n in ops if n.input and n.input[0] in dq_out), "layers": len(ops)}
-
-
-def int8_onnx_beside(path: str | Path) -> Path:
-    """The int8 Q/DQ file the export stage writes beside ``path`` (``model.onnx`` ->
-    ``model.int8.onnx``); an InputError naming the recipe switch when it is not there, since only
-    the export stage has the calibration data to make it."""
-    from ..errors import InputError
-
-    path = Path(path)
-    if path.stem.endswith(".int8"):
-        return path
-    stem = path.stem.removesuffix(".fp16")
-    q = path.with_name(stem + ".int8.onnx")
-    if not q.exists():
-        raise InputError(f"int8 needs {q.name} beside {path.name}: add 'int8: true' to the export stage's "
-                         "onnx block (it calibrates on training batches)", field="export.onnx.int8")
-    return q

@@ -1,7 +1,7 @@
 """TensorRT engines from ONNX (extra ``compress[tensorrt]``): build, inspect, benchmark.
 
 Everything that touches TensorRT or CUDA imports it lazily and raises
-:class:`~compress.core.latency.BackendUnavailable` when it is missing, so this module imports (and
+:class:`~compress.deploy.timing.BackendUnavailable` when it is missing, so this module imports (and
 its log / inspector parsers run) on any machine.
 
 Precision and typing. TensorRT 10 builds *weakly typed* networks by default: precision is a
@@ -25,8 +25,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Iterable, Literal
 
-from .latency import BackendUnavailable, percentiles
-from .model_io import _atomic_write_bytes, atomic_write_json, atomic_write_text
+from ..io import atomic_write_bytes, atomic_write_json, atomic_write_text
+from .files import int8_onnx_beside, onnx_sibling, precision_of
+from .onnx_io import export_fp16_onnx
+from .timing import BackendUnavailable, time_interleaved
 
 ELIGIBLE_MARK = "(Sparsity) Layers eligible for sparse math:"
 PICKED_MARK = "picked sparse implementation for layers:"
@@ -132,15 +134,11 @@ def onnx_for_precision(path: str | Path, precision: str, strong: bool) -> Path:
     read ``<stem>.fp16.onnx``, written on first use; everything else reads ``path`` itself."""
     path = Path(path)
     if precision in ("int8", "best"):
-        from .quantize import int8_onnx_beside
-
         return int8_onnx_beside(path)
-    if not (strong and precision == "fp16") or path.stem.endswith(".fp16"):
+    if not (strong and precision == "fp16") or precision_of(path) == "fp16":
         return path
-    half = path.with_name(path.stem + ".fp16.onnx")
+    half = onnx_sibling(path, "fp16")
     if not half.exists():
-        from .onnx_io import export_fp16_onnx
-
         export_fp16_onnx(path, half)
     return half
 
@@ -266,9 +264,9 @@ def build_engine(onnx_path: str | Path, out_dir: str | Path, name: str, opts: Bu
         raise ValueError(f"TensorRT engine build failed for {onnx_path}; see {out_dir / (name + '.build.log')}")
     blob = bytes(memoryview(serialized))
     engine_path = out_dir / f"{name}.engine"
-    _atomic_write_bytes(engine_path, blob)
+    atomic_write_bytes(engine_path, blob)
     if cache_path is not None:
-        _atomic_write_bytes(cache_path, bytes(memoryview(config.get_timing_cache().serialize())))
+        atomic_write_bytes(cache_path, bytes(memoryview(config.get_timing_cache().serialize())))
     runtime = trt.Runtime(logger)
     engine = runtime.deserialize_cuda_engine(blob)
     info = engine.create_engine_inspector().get_engine_information(trt.LayerInformationFormat.JSON)
@@ -347,7 +345,7 @@ class EngineRunner:
         self.launch()
         self.stream.synchronize()
 
-    def time_gpu(self, iters: int) -> list[float]:
+    def time_calls(self, iters: int) -> list[float]:
         """GPU compute time per call (CUDA events on the engine's stream), in ms."""
         import torch
 
@@ -364,19 +362,10 @@ class EngineRunner:
 
 def time_engines(runners: dict[str, EngineRunner], batch_size: int, warmup: int = 20, iters: int = 200,
                  rounds: int = 10) -> dict[str, dict]:
-    """Interleaved GPU timing of several engines (order flips each round): median/p90/p99 GPU
-    compute time and throughput at the median."""
-    names = list(runners)
-    for n in names:
-        runners[n].time_gpu(warmup)
-    samples: dict[str, list[float]] = {n: [] for n in names}
-    per_round = max(1, iters // rounds)
-    for r in range(rounds):
-        for n in (names if r % 2 == 0 else reversed(names)):
-            samples[n] += runners[n].time_gpu(per_round)
+    """Interleaved GPU timing of several engines (the shared timer, with CUDA-event samples):
+    median/p90/p99 GPU compute time and throughput at the median."""
     out = {}
-    for n, s in samples.items():
-        p = percentiles(s)
+    for n, p in time_interleaved(runners, warmup=warmup, iters=iters, rounds=rounds).items():
         out[n] = {"batch_size": batch_size, "gpu_ms_p50": p["p50"], "gpu_ms_p90": p["p90"],
                   "gpu_ms_p99": p["p99"], "throughput": batch_size * 1000.0 / p["p50"], "n": p["n"]}
     return out

@@ -1,7 +1,7 @@
 """Lottery tickets (Frankle & Carbin 2019; Frankle et al. 2020): iterative magnitude pruning (IMP)
 with rewinding, and the two controls that make a ticket claim testable.
 
-Masks are the one mask system's ``<param>_mask`` buffers (:mod:`compress.core.masks`); this module
+Masks are the one mask system's ``<param>_mask`` buffers (:mod:`compress.sparsity.masks`); this module
 only decides *which* weights they keep. Every trained level is a unit of work whose result and
 masks are written atomically to a work directory, so a killed experiment resumes at the next
 unfinished unit and reproduces what an uninterrupted run gives.
@@ -9,10 +9,8 @@ unfinished unit and reproduces what an uninterrupted run gives.
 from __future__ import annotations
 
 import copy
-import fnmatch
 import io
 import json
-import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,24 +19,20 @@ from typing import Callable
 import torch
 from torch import nn
 
-from . import masks as mask_core
-from .metrics import evaluate
-from .model_io import _atomic_write_bytes, atomic_write_json
-from .progress import log
-from .training import train
+from ..modules import match_any, tensor_owner
+from ..sparsity import masks as mask_core
+from ..sparsity.masks import (Masks, current_masks, keep_largest, keep_largest_global, percent_remaining,
+                              random_masks_like, set_masks)
+from ..metrics import evaluate
+from ..io import atomic_write_bytes, atomic_write_json, save_figure
+from ..progress import log
+from ..train.loop import train
 
-Masks = dict[str, torch.Tensor]  # "<module>.<param>" -> 0/1 tensor of the parameter's shape
 CONTROLS = ("random_reinit", "random_prune")
 
 
 # ---------------------------------------------------------------------------------------------
 # Which tensors, which rates
-
-def _matches(name: str, patterns) -> bool:
-    """A pattern matches a module name (``fc``, ``features.*``) or the full tensor name (``fc.weight``)."""
-    module = name.rsplit(".", 1)[0]
-    return any(fnmatch.fnmatchcase(module, p) or fnmatch.fnmatchcase(name, p) for p in patterns)
-
 
 def prunable_tensors(model: nn.Module, ignore=()) -> list[str]:
     """``<module>.weight`` of every Linear / Conv (weights with >= 2 dims) not matched by ``ignore``.
@@ -48,7 +42,7 @@ def prunable_tensors(model: nn.Module, ignore=()) -> list[str]:
         w = getattr(mod, "weight", None)
         if isinstance(mod, (nn.Linear, nn.modules.conv._ConvNd)) and isinstance(w, torch.Tensor) and w.dim() >= 2:
             name = f"{mname}.weight"
-            if not _matches(name, ignore):
+            if not match_any(name, ignore):
                 out.append(name)
     return out
 
@@ -56,58 +50,9 @@ def prunable_tensors(model: nn.Module, ignore=()) -> list[str]:
 def rate_of(name: str, rate: float, rates: dict[str, float]) -> float:
     """The first pattern in ``rates`` that matches ``name`` wins; otherwise the default ``rate``."""
     for pattern, r in rates.items():
-        if _matches(name, [pattern]):
+        if match_any(name, [pattern]):
             return r
     return rate
-
-
-def _get(model: nn.Module, name: str) -> tuple[nn.Module, str]:
-    mname, _, pname = name.rpartition(".")
-    return model.get_submodule(mname), pname
-
-
-def current_masks(model: nn.Module, names: list[str]) -> Masks:
-    """The masks ``model`` carries for ``names`` (all-ones where it carries none)."""
-    out = {}
-    for name in names:
-        mod, pname = _get(model, name)
-        m = mod._buffers.get(pname + mask_core.SUFFIX)
-        out[name] = (m.detach().clone().cpu() if m is not None
-                     else torch.ones_like(getattr(mod, pname), device="cpu"))
-    return out
-
-
-def apply(model: nn.Module, masks: Masks) -> None:
-    for name, m in masks.items():
-        mod, pname = _get(model, name)
-        mask_core.set_mask(mod, m, pname)
-
-
-def percent_remaining(masks: Masks) -> float:
-    total = sum(m.numel() for m in masks.values())
-    return 100.0 * sum(float(m.sum()) for m in masks.values()) / max(1, total)
-
-
-def _keep_largest(scores: torch.Tensor, mask: torch.Tensor, keep: int) -> torch.Tensor:
-    """Keep the ``keep`` highest scores among currently unmasked entries (ties: lower index wins)."""
-    flat = torch.where(mask.flatten() > 0, scores.flatten().double(), torch.tensor(-math.inf, dtype=torch.double))
-    order = torch.sort(flat, descending=True, stable=True).indices[:keep]
-    out = torch.zeros(flat.numel(), dtype=mask.dtype)
-    out[order] = 1.0
-    return out.view_as(mask)
-
-
-def keep_largest_global(scores: dict[str, torch.Tensor], masks: Masks, keep: int) -> Masks:
-    """One ranking over all tensors: keep the ``keep`` highest scores among unmasked weights."""
-    names = list(masks)
-    big = torch.cat([scores[n].flatten().cpu() for n in names])
-    kept = _keep_largest(big, torch.cat([masks[n].flatten() for n in names]), keep)
-    out, i = {}, 0
-    for n in names:
-        k = masks[n].numel()
-        out[n] = kept[i: i + k].view_as(masks[n]).clone()
-        i += k
-    return out
 
 
 def magnitude_prune(model: nn.Module, masks: Masks, rate: float, rates: dict[str, float] | None = None,
@@ -119,32 +64,16 @@ def magnitude_prune(model: nn.Module, masks: Masks, rate: float, rates: dict[str
     ``scope="global"``: one ranking over all tensors in ``masks`` with ``rate``.
     """
     rates = rates or {}
-    scores = {n: getattr(*_get(model, n)).detach().abs().cpu() for n in masks}
+    scores = {n: getattr(*tensor_owner(model, n)).detach().abs().cpu() for n in masks}
     if scope == "global":
         remaining = sum(int(m.sum()) for m in masks.values())
         return keep_largest_global(scores, masks, int(round(remaining * (1 - rate) ** rounds)))
     out = {}
     for n, m in masks.items():
         keep = int(round(int(m.sum()) * (1 - rate_of(n, rate, rates)) ** rounds))
-        out[n] = _keep_largest(scores[n], m, keep)
+        out[n] = keep_largest(scores[n], m, keep)
     return out
 
-
-def random_masks_like(masks: Masks, seed: int) -> Masks:
-    """Random masks with exactly the per-tensor density of ``masks`` (the random-pruning control)."""
-    g = torch.Generator().manual_seed(seed)
-    out = {}
-    for n, m in masks.items():
-        keep = int(m.sum())
-        idx = torch.randperm(m.numel(), generator=g)[:keep]
-        r = torch.zeros(m.numel(), dtype=m.dtype)
-        r[idx] = 1.0
-        out[n] = r.view_as(m)
-    return out
-
-
-# ---------------------------------------------------------------------------------------------
-# Data order and rewinding
 
 class ShuffledBatches:
     """Mini-batches over in-memory tensors whose order depends only on ``(seed, epoch)``: training
@@ -189,7 +118,7 @@ def weights_of(model: nn.Module) -> dict[str, torch.Tensor]:
 def save_tensors(path: Path, obj) -> None:
     buf = io.BytesIO()
     torch.save(obj, buf)
-    _atomic_write_bytes(Path(path), buf.getvalue())
+    atomic_write_bytes(Path(path), buf.getvalue())
 
 
 def load_tensors(path: Path):
@@ -339,7 +268,7 @@ def run_lottery(model: nn.Module, spec: LotterySpec, plan: TrainPlan, evalsets: 
     def network(weights: dict, level_masks: Masks, source: nn.Module | None = None) -> nn.Module:
         net = copy.deepcopy(source if source is not None else base)
         net.load_state_dict(weights)
-        apply(net, level_masks)
+        set_masks(net, level_masks)
         return net.to(plan.device)
 
     levels = spec.levels()
@@ -363,7 +292,7 @@ def run_lottery(model: nn.Module, spec: LotterySpec, plan: TrainPlan, evalsets: 
                 net = network(start.weights, level_masks)
                 dynamic = None
                 if spec.method in ("set", "rigl") and level > 0:
-                    from .sparse_training import DynamicSparsity
+                    from ..sparsity.dynamic import DynamicSparsity
 
                     it = iter(ShuffledBatches(plan.batches.x, plan.batches.y, plan.batches.batch_size, spec.seed + 1))
                     dynamic = DynamicSparsity(list(level_masks), spec.method, spec.dst_every,
@@ -383,7 +312,7 @@ def run_lottery(model: nn.Module, spec: LotterySpec, plan: TrainPlan, evalsets: 
                     if spec.method in ("set", "rigl"):  # random start mask, the schedule's per-layer density
                         new_masks = random_masks_like(schedule, spec.seed * 7919 + nxt + 1)
                     else:
-                        from .pruning_at_init import prune_at_init
+                        from ..sparsity.at_init import prune_at_init
 
                         init_net = network(load_rewind().weights, ones)
                         new_masks = prune_at_init(init_net.cpu(), ones, spec.method,
@@ -452,12 +381,3 @@ def plot(rows: list[dict], path: Path, title: str = "") -> None:
     save_figure(fig, path)
 
 
-def save_figure(fig, path: Path) -> None:
-    """Write a matplotlib figure as PNG atomically and close it."""
-    import matplotlib.pyplot as plt
-
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110)
-    plt.close(fig)
-    _atomic_write_bytes(Path(path), buf.getvalue())

@@ -6,24 +6,22 @@ no pickle anywhere."""
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from ..errors import InputError
-from ..registry import import_callable
+from . import zoo
+from .errors import InputError
+from .io import atomic_write_bytes, atomic_write_json
+from .registry import import_callable
 
 ARCH_FORMAT = 1
 _SIMPLE = (int, float, bool, str)
 
 
 def resolve_factory(spec: str, field: str = "model.factory"):
-    from .. import zoo
-
     if ":" not in spec:
         return zoo.MODELS.get(spec, field=field)
     return import_callable(spec, field=field)
@@ -138,36 +136,6 @@ def _reshape_to(model: nn.Module, sd: dict[str, torch.Tensor]) -> None:
             mod.register_buffer(leaf, torch.empty_like(tensor))
 
 
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
-def atomic_write_text(path: str | Path, text: str) -> None:
-    _atomic_write_bytes(Path(path), text.encode())
-
-
-def atomic_write_json(path: str | Path, obj: Any) -> None:
-    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=_json_default) + "\n")
-
-
-def _json_default(o: Any):
-    if isinstance(o, torch.Tensor):
-        return o.tolist()
-    if hasattr(o, "item"):
-        return o.item()
-    if isinstance(o, Path):
-        return str(o)
-    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
-
-
 def save_portable(model: nn.Module, directory: str | Path, factory: str, kwargs: dict[str, Any],
                   input_shape: list[int] | None, extra: dict[str, Any] | None = None) -> None:
     """Write ``arch.json`` + ``model.safetensors`` (atomically, weights first)."""
@@ -175,7 +143,7 @@ def save_portable(model: nn.Module, directory: str | Path, factory: str, kwargs:
 
     directory = Path(directory)
     sd = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    _atomic_write_bytes(directory / "model.safetensors", save(sd))
+    atomic_write_bytes(directory / "model.safetensors", save(sd))
     arch = {
         "format": ARCH_FORMAT,
         "factory": factory_path(factory),

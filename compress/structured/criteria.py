@@ -1,4 +1,4 @@
-"""Every channel-pruning criterion, registered into :data:`compress.core.pruning.IMPORTANCES`.
+"""Every channel-pruning criterion and the registry that holds them, :data:`IMPORTANCES`.
 
 A criterion scores each channel ``c`` of a Torch-Pruning *group* (all layers that lose channel ``c``
 together: producer rows ``W[c, ...]``, BatchNorm/LayerNorm ``gamma[c]``, consumer columns
@@ -14,14 +14,65 @@ missing a criterion or gets it wrong (noted in each class) the class here is its
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Callable
+
 import torch
 import torch_pruning as tp
 from torch import nn
 from torch.nn import functional as F
 from torch_pruning.pruner import function as tpf
 
-from .metrics import logits_of
-from .pruning import IMPORTANCES, Criterion
+from ..metrics import logits_of
+from ..registry import Registry
+from . import tp_compat
+
+@dataclass(frozen=True)
+class Criterion:
+    """A pruning criterion: how to build the Torch-Pruning importance, and whether it needs data.
+
+    ``needs`` is ``None`` (data-free), ``"grad"`` (accumulate dL/dw over calibration batches before
+    scoring) or ``"hessian"`` (per-sample gradient accumulation for the diagonal Hessian / Fisher)."""
+
+    build: Callable[..., tp.importance.Importance]
+    needs: str | None = None
+    doc: str = ""
+    # Optional custom calibration: (importance, model, batches, device) -> None. Used instead of
+    # accumulate_gradients for criteria that need activations/curvature (kfac, obs).
+    calibrate: Callable[..., None] | None = None
+
+
+IMPORTANCES: Registry[Criterion] = Registry("importance")
+
+
+def calibrate(criterion: Criterion, importance, model: nn.Module, batches, device) -> None:
+    """Prepare a data-aware criterion on calibration batches (no-op for data-free ones)."""
+    if criterion.calibrate is not None:
+        criterion.calibrate(importance, model, batches, device)
+    elif criterion.needs:
+        accumulate_gradients(model, batches, device, criterion.needs, importance)
+
+
+def accumulate_gradients(model: nn.Module, batches, device, needs: str, imp=None) -> None:
+    """Run calibration batches forward/backward so data-aware criteria can read ``.grad``."""
+    model.zero_grad(set_to_none=True)
+    was = model.training
+    model.eval()  # BN statistics must not move while we score
+    if needs == "hessian" and imp is not None and hasattr(imp, "zero_grad"):
+        imp.zero_grad()  # once: the estimate is the mean over every calibration sample
+    for xb, yb in batches:
+        xb, yb = xb.to(device), yb.to(device)
+        if needs == "hessian" and imp is not None and hasattr(imp, "accumulate_grad"):
+            for i in range(len(xb)):  # per-sample squared gradients for the diagonal estimate
+                model.zero_grad(set_to_none=True)
+                loss = nn.functional.cross_entropy(logits_of(model(xb[i: i + 1])), yb[i: i + 1])
+                loss.backward()
+                imp.accumulate_grad(model)
+        else:
+            loss = nn.functional.cross_entropy(logits_of(model(xb)), yb)
+            loss.backward()
+    model.train(was)
+
 
 _OUT = (tpf.prune_conv_out_channels, tpf.prune_linear_out_channels)
 _IN = (tpf.prune_conv_in_channels, tpf.prune_linear_in_channels)
@@ -80,7 +131,7 @@ class _ElementwiseImportance(tp.importance.GroupMagnitudeImportance):
             roots.append(group[i].root_idxs)
         if not imps:
             return None
-        return self._normalize(self._reduce(imps, roots), self.normalizer)
+        return tp_compat.reduce_and_normalize(self, imps, roots)
 
 
 class TaylorImportance(_ElementwiseImportance):
@@ -139,7 +190,7 @@ class FPGMImportance(tp.importance.GroupMagnitudeImportance):
             roots.append(group[i].root_idxs)
         if not imps:
             return None
-        return self._normalize(self._reduce(imps, roots), self.normalizer)
+        return tp_compat.reduce_and_normalize(self, imps, roots)
 
 
 # ---------------------------------------------------------------- curvature (kfac, obs)
@@ -361,8 +412,7 @@ def _diag_blocks(M: torch.Tensor, k: int) -> torch.Tensor:
 
 
 def _mean_normalised(imps: list[torch.Tensor], roots: list) -> torch.Tensor:
-    reducer = tp.importance.GroupMagnitudeImportance(group_reduction="mean", normalizer="mean")
-    return reducer._normalize(reducer._reduce(imps, roots), "mean")
+    return tp_compat.mean_reduce_mean_normalize(imps, roots)
 
 
 def _calibrate_curvature(importance: _CurvatureImportance, model, batches, device) -> None:

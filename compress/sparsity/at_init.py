@@ -16,14 +16,15 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .lottery import Masks, _get, apply, keep_largest_global
-from .metrics import logits_of
+from ..modules import tensor_owner
+from .masks import Masks, keep_largest_global, set_masks
+from ..metrics import logits_of
 
 METHODS = ("snip", "grasp", "synflow")
 
 
 def _params(model: nn.Module, names: list[str]) -> list[torch.Tensor]:
-    return [getattr(*_get(model, n)) for n in names]
+    return [getattr(*tensor_owner(model, n)) for n in names]
 
 
 def _keep_global(scores: dict[str, torch.Tensor], masks: Masks, density: float) -> Masks:
@@ -73,7 +74,7 @@ def prune_at_init(model: nn.Module, masks: Masks, method: str, density: float, b
     init by ``method``. ``batches`` (list of (x, y)) feed SNIP / GraSP; SynFlow needs ``input_shape``."""
     names = list(masks)
     net = copy.deepcopy(model)
-    apply(net, masks)
+    set_masks(net, masks)
     if method == "snip":
         return _keep_global(snip_scores(net, names, batches), masks, density)
     if method == "grasp":  # remove the highest −θ·Hg: keep the highest θ·Hg
@@ -83,7 +84,7 @@ def prune_at_init(model: nn.Module, masks: Masks, method: str, density: float, b
         start = sum(float(m.sum()) for m in masks.values()) / sum(m.numel() for m in masks.values())
         for k in range(1, iterations + 1):
             d = start * (density / start) ** (k / iterations)  # exponential schedule
-            apply(net, current)
+            set_masks(net, current)
             current = _keep_global(synflow_scores(net, names, input_shape), current, d)
         return current
     raise ValueError(f"unknown pruning-at-init method {method!r} (known: {', '.join(METHODS)})")

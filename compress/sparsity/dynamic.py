@@ -17,8 +17,8 @@ from torch import nn
 from torch.nn import functional as F
 
 from . import masks as mask_core
-from .lottery import _get
-from .metrics import logits_of
+from ..modules import tensor_owner
+from ..metrics import logits_of
 
 METHODS = ("set", "rigl")
 
@@ -47,7 +47,7 @@ class DynamicSparsity:
         f = self.fraction(step)
         with torch.no_grad():
             for name in self.names:
-                mod, pname = _get(model, name)
+                mod, pname = tensor_owner(model, name)
                 w, mask = getattr(mod, pname), mod._buffers[pname + mask_core.SUFFIX]
                 active = int(mask.sum())
                 k = min(int(round(f * active)), mask.numel() - active)
@@ -74,6 +74,6 @@ class DynamicSparsity:
     def _dense_grads(self, model: nn.Module) -> dict[str, torch.Tensor]:
         xb, yb = self.grad_batch()
         device = next(model.parameters()).device
-        params = [getattr(*_get(model, n)) for n in self.names]
+        params = [getattr(*tensor_owner(model, n)) for n in self.names]
         loss = F.cross_entropy(logits_of(model(xb.to(device))), yb.to(device))
         return dict(zip(self.names, torch.autograd.grad(loss, params)))

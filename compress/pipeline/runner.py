@@ -12,13 +12,14 @@ from typing import Any
 import torch
 import yaml
 
-from .core.model_io import atomic_write_json, atomic_write_text, build_model, load_portable, load_weights, save_portable
-from .core.progress import log
-from .data import build_data
-from .errors import GateError, InputError
-from .recipe import Recipe
-from .stages import STAGES, StageContext, StageOutput
-from .stages.base import seed_everything
+from ..io import atomic_write_json, atomic_write_text
+from ..model_io import build_model, load_portable, load_weights, save_portable
+from ..progress import log
+from ..data import build_data
+from ..errors import GateError, InputError
+from ..recipe import Recipe
+from ..stages import STAGES, StageContext, StageOutput
+from ..stages.base import seed_everything
 
 DONE = "DONE"
 STRUCTURE_CHANGING = {"prune", "sparsify", "lottery", "search"}  # the teacher is the model before the first of these

@@ -33,8 +33,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from .latency import BACKENDS
-from .model_io import atomic_write_json
+from ..deploy.backends import BACKENDS
+from ..io import atomic_write_json
 
 
 def cpu_model() -> str:

@@ -6,7 +6,7 @@ tiny HF Segformer. Writes benchmarks/results/criteria.md (and .json beside it).
 Part 1: small_cnn (width 16) trained on MNIST; for each criterion and ratio, one-shot global
 pruning through the real ``prune`` stage, accuracy right after pruning and after a fixed short
 distilled ``finetune`` stage, MACs/params kept, and the ONNX Runtime latency ratio dense/pruned
-(interleaved, medians, compress.core.latency.time_interleaved).
+(interleaved, medians, compress.deploy.timing.time_interleaved).
 Part 2: Segformer (transformers, tiny config, random init) trained briefly on a synthetic
 segmentation task; l2 vs taylor over a ratio sweep: the largest measured speedup with <= 1 point
 mIoU drop.

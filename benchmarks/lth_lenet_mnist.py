@@ -123,7 +123,7 @@ def long_budget(args, seed: int, levels: list[int], iterations: int) -> list[dic
     early-stopping iteration is not pinned to the end of training. Same split, same data order."""
     import torch
 
-    from compress.config import TrainLoopConfig
+    from compress.train.config import TrainLoopConfig
     from compress.lottery import experiment as lottery
     from compress.sparsity import masks
     from compress.model_io import build_model

@@ -58,7 +58,7 @@ def recipe_224(factory: str, trials: int) -> dict:
 
 METHOD = """## Method
 
-- **Latency model** (compress/core/latency_table.py): every Conv2d/Linear of the dense model is exported
+- **Latency model** (compress/search/latency_table.py): every Conv2d/Linear of the dense model is exported
   alone as a one-node ONNX graph and timed on the target backend (here ONNX Runtime CPU, 1 thread) at a
   grid of (in, out) widths (fractions 0.25/0.5/0.75/1.0 of the dense width, only on sides a channel group
   can shrink). The per-call overhead of an empty graph on the same input is subtracted. A candidate's

@@ -1,5 +1,5 @@
 """Check, without a GPU, that every TensorRT Python name our backend uses exists in real TensorRT
-releases: the names are read from ``compress/core/tensorrt_backend.py`` (attributes taken from
+releases: the names are read from ``compress/deploy/tensorrt.py`` (attributes taken from
 ``trt`` and from the TensorRT objects it creates), the releases are the ``tensorrt-cuXX-bindings``
 wheels from PyPI, whose extension module carries every bound name as a string (pybind11 registers
 classes, methods and enum members by name). The libraries themselves (``tensorrt-cuXX-libs``) are
@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.common import machine, write_results  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
-SOURCE = REPO / "compress" / "core" / "tensorrt_backend.py"
+SOURCE = REPO / "compress" / "deploy" / "tensorrt.py"
 # Local names that hold TensorRT objects in the backend (the module, builder, config, ...).
 TRT_OBJECTS = {"trt", "builder", "config", "network", "parser", "runtime", "engine", "profile", "inp",
                "self.engine", "self.context", "self._runtime"}
@@ -112,7 +112,7 @@ def main() -> int:
     lines = ["# TensorRT API names used by compress, checked against released bindings", "",
              f"Command: `python benchmarks/tensorrt_api_surface.py --versions {' '.join(args.versions)}`", "",
              f"- date: {m['date']}, commit {m['commit']}",
-             f"- source: `compress/core/tensorrt_backend.py`; wheels: `tensorrt-{args.cuda}-bindings` from PyPI",
+             f"- source: `compress/deploy/tensorrt.py`; wheels: `tensorrt-{args.cuda}-bindings` from PyPI",
              "- meaning: the name is bound in that release's Python module (present), nothing more: no GPU ran it",
              "", "| name | " + " | ".join(args.versions) + " |", "|---|" + "---|" * len(args.versions)]
     for n in names:

@@ -197,7 +197,8 @@ def search(
         import yaml
 
         from .recipe import load_recipe
-        from .pipeline.runner import run_recipe, stage_dir
+        from .paths import stage_dir
+        from .pipeline.runner import run_recipe
 
         r = load_recipe(recipe, list(set_) + ([f"device={device}"] if device else []))
         idx = next((i for i, s in enumerate(r.stages) if s.kind == "search"), None)
@@ -323,7 +324,7 @@ def analyze_instability(recipe: Path = typer.Argument(..., help="recipe with a l
     """Train two copies from the same θ_k with different data orders; report the error barrier."""
 
     def go():
-        from .config import TrainLoopConfig
+        from .train.config import TrainLoopConfig
         from .lottery import connectivity, experiment as lottery
         from .io import atomic_write_json
         from .model_io import build_model

@@ -1,55 +1,21 @@
-"""Config models shared by several stages (optimizer, distillation, the stage base).
+"""The base of every recipe model (:class:`Strict`), the model block (:class:`ModelConfig`) and
+small validators shared by several configs. Each wing keeps its own config beside its code
+(``train/config.py``, ``data/config.py``, each stage's ``Config``).
 
 Every model forbids unknown keys, so a typo in a recipe is an error that names the field rather
 than a silently ignored setting.
 """
 from __future__ import annotations
 
-from typing import Literal, Optional
+from typing import Any, Optional
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from . import zoo
 
 
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
-
-
-class OptimizerConfig(Strict):
-    name: Literal["sgd", "adam", "adamw"] = "sgd"
-    lr: float = Field(0.01, gt=0)
-    momentum: float = Field(0.9, ge=0, lt=1)
-    weight_decay: float = Field(0.0, ge=0)
-    nesterov: bool = False
-    schedule: Literal["cosine", "constant", "step"] = "cosine"
-    step_milestones: list[float] = Field(default_factory=lambda: [0.5, 0.75])  # fractions of training
-    step_gamma: float = Field(0.1, gt=0, le=1)
-
-
-class DistillConfig(Strict):
-    """Hinton-style distillation: loss = alpha * T^2 * KL(student_T || teacher_T) + (1 - alpha) * CE."""
-
-    alpha: float = Field(0.7, ge=0, le=1)
-    temperature: float = Field(4.0, gt=0)
-
-
-class TrainLoopConfig(Strict):
-    """Fields shared by ``train`` and ``finetune`` (and blocks that embed a fine-tune)."""
-
-    epochs: int = Field(1, ge=0)
-    max_steps: Optional[int] = Field(None, ge=1, description="stop after this many optimizer steps")
-    optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
-    warmup_epochs: float = Field(0.0, ge=0, description="linear LR warm-up, in epochs")
-    batch_size: Optional[int] = Field(None, ge=1, description="overrides data.batch_size")
-    label_smoothing: float = Field(0.0, ge=0, lt=1)
-    grad_clip: Optional[float] = Field(None, gt=0)
-
-
-class StageConfig(Strict):
-    """Fields every stage has. ``optional: true`` turns 'this backend is unavailable here' into a
-    skipped stage instead of a failed run."""
-
-    kind: str
-    optional: bool = False
 
 
 def require_exactly_one(model, *names: str):
@@ -57,3 +23,28 @@ def require_exactly_one(model, *names: str):
     if sum(getattr(model, n) is not None for n in names) != 1:
         raise ValueError(f"give exactly one of {' or '.join(names)}")
     return model
+
+
+class ModelConfig(Strict):
+    factory: str = Field(..., description="'module:callable', or a bare name from compress.zoo")
+    kwargs: dict[str, Any] = Field(default_factory=dict)
+    checkpoint: Optional[str] = Field(None, description="trained weights: .safetensors, or .pt loaded weights_only")
+    input_shape: list[int] = Field(..., description="one sample, no batch dim, e.g. [3, 32, 32]")
+
+    @field_validator("factory")
+    @classmethod
+    def _factory(cls, v: str) -> str:
+        if ":" in v:
+            mod, _, attr = v.partition(":")
+            if not mod or not attr:
+                raise ValueError(f"expected 'module:callable', got {v!r}")
+        elif v not in zoo.MODELS:
+            raise ValueError(f"unknown zoo model {v!r} (known: {', '.join(zoo.MODELS.names())})")
+        return v
+
+    @field_validator("input_shape")
+    @classmethod
+    def _shape(cls, v: list[int]) -> list[int]:
+        if not v or any(d < 1 for d in v):
+            raise ValueError("must be a non-empty list of positive ints")
+        return v

@@ -9,63 +9,13 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Optional, Union
 
 import yaml
-from pydantic import Field, TypeAdapter, ValidationError, field_validator, model_validator
+from pydantic import Field, TypeAdapter, ValidationError, model_validator
 
-from .config import Strict
+from .config import ModelConfig, Strict
+from .data.config import DataConfig
 from .errors import InputError
 from .stages import STAGES
-
-
-class ModelConfig(Strict):
-    factory: str = Field(..., description="'module:callable', or a bare name from compress.zoo")
-    kwargs: dict[str, Any] = Field(default_factory=dict)
-    checkpoint: Optional[str] = Field(None, description="trained weights: .safetensors, or .pt loaded weights_only")
-    input_shape: list[int] = Field(..., description="one sample, no batch dim, e.g. [3, 32, 32]")
-
-    @field_validator("factory")
-    @classmethod
-    def _factory(cls, v: str) -> str:
-        from . import zoo
-
-        if ":" in v:
-            mod, _, attr = v.partition(":")
-            if not mod or not attr:
-                raise ValueError(f"expected 'module:callable', got {v!r}")
-        elif v not in zoo.MODELS:
-            raise ValueError(f"unknown zoo model {v!r} (known: {', '.join(zoo.MODELS.names())})")
-        return v
-
-    @field_validator("input_shape")
-    @classmethod
-    def _shape(cls, v: list[int]) -> list[int]:
-        if not v or any(d < 1 for d in v):
-            raise ValueError("must be a non-empty list of positive ints")
-        return v
-
-
-class DataConfig(Strict):
-    dataset: str = "digits"
-    root: Optional[str] = None
-    batch_size: int = Field(64, ge=1)
-    download: bool = False
-    url: Optional[str] = Field(None, description="base URL for download (a mirror); default: the official one")
-    md5: Optional[dict[str, str]] = Field(None, description="file name -> md5, overrides the official sums")
-    verify_md5: bool = Field(False, description="check md5 of files already present")
-    limit_train: Optional[int] = Field(None, ge=1, description="use a fixed random subset of the training split")
-    limit_test: Optional[int] = Field(None, ge=1)
-    # synthetic
-    num_classes: int = Field(10, ge=2)
-    train_size: int = Field(1024, ge=1)
-    val_size: int = Field(256, ge=1)
-
-    @field_validator("dataset")
-    @classmethod
-    def _dataset(cls, v: str) -> str:
-        from .data import DATASETS
-
-        if ":" not in v and v not in DATASETS:
-            raise ValueError(f"unknown dataset {v!r} (known: {', '.join(DATASETS.names())}, or 'module:callable')")
-        return v
+from .stages.artifacts import HOW, ONNX, ONNX_INT8, TEACHER
 
 
 class Gates(Strict):
@@ -97,19 +47,31 @@ class Recipe(Strict):
     def _checks(self):
         if self.model.checkpoint is not None and not Path(self.model.checkpoint).expanduser().is_file():
             raise InputError(f"file {self.model.checkpoint!r} does not exist", field="model.checkpoint")
-        self._check_int8_source()
+        self._check_stage_order()
         return self
 
-    def _check_int8_source(self) -> None:
-        """A stage that reads the int8 ONNX file (``reads_int8_onnx`` names its field) needs an
-        export stage with ``onnx.int8`` before it: say so now, not after the training stages."""
-        written = False
+    def _check_stage_order(self) -> None:
+        """Check the stages against what each declares it needs, provides and conflicts with (see
+        :class:`compress.stages.StageConfig`), once, before anything runs: an impossible order is
+        an input error naming the stage, not a failure after the training stages."""
+        available: set[str] = set()
         for i, st in enumerate(self.stages):
-            reads = getattr(st, "reads_int8_onnx", None)
-            if reads and not written:
-                raise InputError("needs the int8 ONNX model: add 'int8: true' to the onnx block of an export "
-                                 "stage before this one", field=f"stages[{i}].{reads}")
-            written = written or bool(getattr(st, "writes_int8_onnx", False))
+            if st.changes_structure:
+                available.add(TEACHER)  # the runner records it just before the first such stage
+            for artifact, why in st.conflicts().items():
+                if artifact in available:
+                    raise InputError(f"a {st.kind} stage cannot follow the {artifact} of an earlier stage: {why}",
+                                     field=f"stages[{i}].kind")
+            for artifact, field in st.needs().items():
+                if artifact not in available:
+                    raise InputError(f"the {st.kind} stage needs the {artifact}: {HOW[artifact]}",
+                                     field=f"stages[{i}].{field}")
+            available |= st.provides()
+        gate_needs = {"max_parity_error": ONNX, "max_int8_accuracy_drop": ONNX_INT8}
+        for gate, artifact in gate_needs.items():
+            if getattr(self.gates, gate) is not None and artifact not in available:
+                raise InputError(f"the gate needs the {artifact}: {HOW[artifact].replace(' before this one', '')}",
+                                 field=f"gates.{gate}")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -17,7 +17,7 @@ import torch
 
 from compress.data import DATASETS, build_data
 from compress.errors import InputError
-from compress.recipe import DataConfig
+from compress.data.config import DataConfig
 
 IDX_NAMES = ["train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz",
              "t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"]

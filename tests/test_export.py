@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from compress.deploy.onnx_io import check_sparsity, export_onnx, export_pt2, ort_session, parity
-from compress.pipeline.runner import check_gates
+from compress.pipeline.gates import check_gates
 from tests.conftest import REPO, cli, tiny_recipe
 
 
@@ -100,7 +100,8 @@ def test_load_in_fresh_process_matches_onnx(run_dir, tmp_path):
     np.save(tmp_path / "x.npy", x)
     code = (
         "import sys, numpy as np, torch, compress\n"
-        "from compress.core.masks import is_n_m_sparse, iter_masks\n"
+        "from compress.sparsity.masks import iter_masks\n"
+        "from compress.sparsity.n_m import is_n_m_sparse\n"
         f"m = compress.load({str(run_dir)!r})\n"
         "assert any(True for _ in iter_masks(m)), 'masks lost'\n"
         "for _, mod, p, _ in iter_masks(m):\n"

@@ -14,7 +14,7 @@ import pytest
 import torch
 from torch import nn
 
-from compress.config import OptimizerConfig, TrainLoopConfig
+from compress.train.config import OptimizerConfig, TrainLoopConfig
 from compress.lottery import experiment as lottery
 from compress.sparsity import masks
 from compress.train.loop import train

@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from compress.config import OptimizerConfig, TrainLoopConfig
+from compress.train.config import OptimizerConfig, TrainLoopConfig
 from compress.lottery import connectivity, experiment as lottery
 from compress.metrics import evaluate
 from compress.zoo import lenet_300_100

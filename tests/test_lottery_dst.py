@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from compress.config import OptimizerConfig, TrainLoopConfig
+from compress.train.config import OptimizerConfig, TrainLoopConfig
 from compress.lottery import experiment as lottery
 from compress.sparsity import masks
 from compress.sparsity.dynamic import DynamicSparsity

@@ -5,7 +5,7 @@ import pytest
 import torch
 from torch import nn
 
-from compress.config import OptimizerConfig, TrainLoopConfig
+from compress.train.config import OptimizerConfig, TrainLoopConfig
 from compress.structured.early_bird import EarlyBird, channel_mask, split_mask, train_until_early_bird
 from compress.lottery.experiment import ShuffledBatches
 

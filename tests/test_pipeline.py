@@ -91,7 +91,7 @@ def test_onnx_runtime_agrees_with_torch(tiny_run):
 
     import compress
     from compress.data import DATASETS
-    from compress.recipe import DataConfig
+    from compress.data.config import DataConfig
 
     _, out = tiny_run
     model = compress.load(out).eval()

@@ -21,7 +21,7 @@ from compress.deploy.quantize import export_int8_onnx, quantized_nodes
 from compress.deploy.files import int8_onnx_beside
 from compress.errors import InputError
 from compress.recipe import validate_data
-from compress.pipeline.runner import check_gates
+from compress.pipeline.gates import check_gates
 from compress.sparsity import n_m
 from conftest import cli, tiny_recipe
 

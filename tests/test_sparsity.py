@@ -9,7 +9,7 @@ import torch
 from sklearn.datasets import load_digits
 from torch import nn
 
-from compress.config import TrainLoopConfig
+from compress.train.config import TrainLoopConfig
 from compress.sparsity import masks
 from compress.sparsity.sparsegpt import prune_matrix, sparsegpt_masks
 from compress.train.loop import train

@@ -1,6 +1,11 @@
 """Datasets behind a registry. Each loader returns a :class:`DataBundle` of in-memory tensors
-(normalised float images, int64 labels); recipes pick one by name or by ``module:callable``."""
+(normalised float images, int64 labels); recipes pick one by name or by ``module:callable``.
+Importing this package registers the built-in datasets."""
 from __future__ import annotations
 
-from .base import DATASETS, DataBundle, build_data, make_loader  # noqa: F401
-from . import builtin  # noqa: F401,E402  (registers the built-in datasets)
+from . import builtin
+from .base import DataBundle, build_data, make_loader
+from .config import DataConfig
+from .registry import DATASETS
+
+__all__ = ["DATASETS", "DataBundle", "DataConfig", "build_data", "builtin", "make_loader"]

@@ -2,18 +2,14 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable
 
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 from ..errors import InputError
-from ..registry import Registry, import_callable
-
-if TYPE_CHECKING:  # pragma: no cover
-    from ..recipe import DataConfig
-
-DATASETS: Registry[Callable[..., "DataBundle"]] = Registry("dataset")
+from ..registry import import_callable
+from .config import DataConfig
+from .registry import DATASETS
 
 
 @dataclass
@@ -47,7 +43,7 @@ def make_loader(x: torch.Tensor, y: torch.Tensor, batch_size: int, shuffle: bool
                       drop_last=drop_last and len(x) > batch_size)
 
 
-def build_data(cfg: "DataConfig", input_shape: tuple[int, ...] | None, seed: int) -> DataBundle:
+def build_data(cfg: DataConfig, input_shape: tuple[int, ...] | None, seed: int) -> DataBundle:
     """Load the dataset a recipe names, then apply the recipe's subset limits."""
     if ":" in cfg.dataset:
         fn = import_callable(cfg.dataset, field="data.dataset")

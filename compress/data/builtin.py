@@ -11,7 +11,8 @@ import numpy as np
 import torch
 
 from ..errors import InputError
-from .base import DATASETS, DataBundle
+from .base import DataBundle
+from .registry import DATASETS
 from .download import fetch, md5_of
 
 # Official file names and md5 sums; recipes can override the URL (mirrors) and the sums.

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..io import atomic_write_text
+from ..io import atomic_write_bytes, atomic_write_text
 
 PLOT_NAME = "latency_vs_batch.png"
 
@@ -110,7 +110,6 @@ def plot_latency(rows: list[dict], path: str | Path) -> Path | None:
     matplotlib.use("Agg")
     from matplotlib import pyplot as plt
 
-    from ..io import atomic_write_bytes as _atomic_write_bytes
 
     rows = [r for r in rows if "compressed_ms_p50" in r]
     if not rows:
@@ -135,7 +134,7 @@ def plot_latency(rows: list[dict], path: str | Path) -> Path | None:
     fig.savefig(buf, format="png")
     plt.close(fig)
     path = Path(path)
-    _atomic_write_bytes(path, buf.getvalue())
+    atomic_write_bytes(path, buf.getvalue())
     return path
 
 

@@ -1,26 +1,56 @@
-"""What a stage sees (:class:`StageContext`) and what it returns (:class:`StageOutput`).
+"""What a stage is (:class:`StageConfig`), what it sees (:class:`StageContext`) and what it returns
+(:class:`StageOutput`).
 
 A stage is one module with a pydantic ``Config`` (its recipe block, ``kind: <name>``) and one
-entry point ``run(cfg, ctx) -> StageOutput``, registered in ``STAGES``. Stages edit ``ctx.model``
-in place or replace it; the runner checkpoints the model after every stage.
+entry point ``run(cfg, ctx) -> StageOutput``, registered in ``STAGES``. The config declares what the
+stage needs from earlier stages and provides to later ones (artifact names from
+:mod:`compress.stages.artifacts`) and whether it changes the model's structure; the recipe loader
+checks a recipe's stage order against those declarations, so an impossible order is an input error
+at ``validate`` time, not a failure after hours of training. Stages edit ``ctx.model`` in place or
+replace it; the runner checkpoints the model after every stage.
 """
 from __future__ import annotations
 
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import Any, Callable, ClassVar
 
 import numpy as np
 import torch
 from torch import nn
 
-from ..metrics import evaluate, model_stats
+from ..config import ModelConfig, Strict
 from ..data import DataBundle, make_loader
+from ..metrics import evaluate, model_stats
+from ..paths import stage_seed
 from ..registry import Registry
+from .artifacts import Artifacts
 
-if TYPE_CHECKING:  # pragma: no cover
-    from ..recipe import Recipe
+
+class StageConfig(Strict):
+    """Fields every stage has. ``optional: true`` turns 'this backend is unavailable here' into a
+    skipped stage instead of a failed run.
+
+    Declarations (override in a stage's ``Config``):
+    ``changes_structure`` — the stage removes channels or sets weight masks; the runner records the
+    dense teacher before the first such stage. ``needs()`` — artifact name -> the config field that
+    asks for it. ``provides()`` — artifact names this stage writes. ``conflicts()`` — artifact name
+    -> why this stage cannot run once it exists."""
+
+    kind: str
+    optional: bool = False
+
+    changes_structure: ClassVar[bool] = False
+
+    def needs(self) -> dict[str, str]:
+        return {}
+
+    def provides(self) -> set[str]:
+        return set()
+
+    def conflicts(self) -> dict[str, str]:
+        return {}
 
 
 @dataclass
@@ -59,36 +89,40 @@ def seed_everything(seed: int) -> None:
 
 @dataclass
 class StageContext:
-    recipe: "Recipe"
     run_dir: Path
     device: torch.device
     data: DataBundle
     model: nn.Module
+    run_name: str
+    run_seed: int
+    model_spec: ModelConfig                 # the recipe's model block (factory, kwargs, input shape)
+    batch_size: int                         # the recipe's data.batch_size
     dense: nn.Module | None = None          # the teacher: the model before the first structural change
-    summary: dict[str, Any] = field(default_factory=dict)
+    artifacts: Artifacts = field(default_factory=Artifacts)
     index: int = 0
     stage_dir: Path | None = None
-    # snapshot the current model as the dense teacher/reference (set by the runner); stages whose
-    # config says ``trains_dense`` call it themselves once their dense training is done
-    record_dense: Callable[[], nn.Module] | None = None
 
     @property
     def seed(self) -> int:
         """Per-stage seed: resuming at stage k reproduces what an uninterrupted run does there."""
-        return self.recipe.seed * 1000 + self.index
+        return stage_seed(self.run_seed, self.index)
 
     @property
     def input_shape(self) -> tuple[int, ...]:
-        return tuple(self.recipe.model.input_shape)
+        return tuple(self.model_spec.input_shape)
+
+    def path(self, relative: str | None) -> Path | None:
+        """An artifact path (relative to the run directory) as a path."""
+        return None if relative is None else self.run_dir / relative
 
     def train_loader(self, batch_size: int | None = None, seed_offset: int = 0, shuffle: bool = True):
-        bs = batch_size or self.recipe.data.batch_size
+        bs = batch_size or self.batch_size
         return make_loader(self.data.train_x, self.data.train_y, bs, shuffle=shuffle,
                            seed=self.seed + seed_offset, drop_last=shuffle)
 
     def calibration_batches(self, n: int, batch_size: int | None = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """``n`` fixed batches from the training split (for data-aware criteria, SparseGPT)."""
-        bs = batch_size or self.recipe.data.batch_size
+        bs = batch_size or self.batch_size
         g = torch.Generator().manual_seed(self.seed + 7)
         idx = torch.randperm(len(self.data.train_x), generator=g)[: n * bs]
         return [(self.data.train_x[idx[i: i + bs]], self.data.train_y[idx[i: i + bs]])

@@ -7,12 +7,13 @@ from typing import Literal
 import torch
 from pydantic import Field, field_validator
 
-from ..config import StageConfig
+from .base import StageConfig
 from ..errors import InputError
 from ..deploy.backends import BACKENDS
 from ..deploy.timing import BackendUnavailable, time_interleaved
 from ..deploy.onnx_io import export_onnx
 from ..progress import log
+from .artifacts import ONNX_INT8
 from .base import StageOutput, register_stage
 
 
@@ -29,11 +30,15 @@ class Config(StageConfig):
     semi_structured: bool = Field(True, description="torch backends on CUDA: 2:4 Linear weights as "
                                                     "torch.sparse semi-structured tensors")
 
-    @property
-    def reads_int8_onnx(self) -> str | None:
-        """``onnxruntime_int8``, and ``tensorrt`` at int8/best, time the export stage's int8 file."""
-        trt8 = "tensorrt" in self.backends and self.precision in ("int8", "best")
-        return "backends" if "onnxruntime_int8" in self.backends or trt8 else None
+    def needs(self) -> dict[str, str]:
+        """``onnxruntime_int8``, and ``tensorrt`` at int8/best, time the export stage's int8 file.
+        The fp32 files need no export stage: without one the stage exports its own (by design, so a
+        recipe can benchmark without deployment files)."""
+        if "onnxruntime_int8" in self.backends:
+            return {ONNX_INT8: "backends"}
+        if "tensorrt" in self.backends and self.precision in ("int8", "best"):
+            return {ONNX_INT8: "precision"}
+        return {}
 
     @field_validator("backends")
     @classmethod
@@ -56,9 +61,8 @@ class Config(StageConfig):
 @register_stage("benchmark", Config)
 def run(cfg: Config, ctx) -> StageOutput:
     """Time dense and compressed models on each backend and batch size."""
-    exp = ctx.summary.get("export", {})
-    compressed_onnx = ctx.run_dir / exp["onnx"] if "onnx" in exp else None
-    dense_onnx = ctx.run_dir / exp["dense_onnx"] if "dense_onnx" in exp else None
+    compressed_onnx = ctx.path(ctx.artifacts.onnx.fp32)
+    dense_onnx = ctx.path(ctx.artifacts.onnx.dense_fp32)
     if compressed_onnx is None or not compressed_onnx.exists():
         compressed_onnx = export_onnx(ctx.model, ctx.input_shape, ctx.stage_dir / "compressed.onnx")
     if ctx.dense is not None and (dense_onnx is None or not dense_onnx.exists()):

@@ -4,14 +4,19 @@ validation inputs, the 2:4 check read back from the ONNX initializers, and optio
 ONNX Runtime int8 on CPU) and a ``torch.export`` ``.pt2`` program (for serving with PyTorch)."""
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Literal, Optional
 
 from pydantic import Field, field_validator, model_validator
 
-from ..config import Strict, StageConfig
+from ..config import Strict
+from .base import StageConfig
 from ..deploy.onnx_io import (check_sparsity, export_fp16_onnx, export_onnx, export_pt2, onnx_accuracy, parity, torch_logits)
 from ..deploy.quantize import export_int8_onnx, quantized_nodes
 from ..progress import log
+from ..deploy.files import COMPRESSED_ONNX, DENSE_ONNX, EXTERNAL_DATA_SUFFIX, onnx_sibling
+from ..deploy.files import PT2 as PT2_FILE
+from .artifacts import ONNX, ONNX_FP16, ONNX_INT8, PT2, OnnxFiles
 from .base import StageOutput, register_stage
 
 
@@ -53,39 +58,52 @@ class Config(StageConfig):
     pt2: bool = Field(False, description="also write model.pt2 (torch.export.save)")
     parity_samples: int = Field(256, ge=1, description="validation inputs compared torch vs ONNX Runtime")
 
-    @property
-    def writes_int8_onnx(self) -> bool:
-        return self.onnx.int8 is not None
+    def provides(self) -> set[str]:
+        out = {ONNX}
+        if self.onnx.fp16:
+            out.add(ONNX_FP16)
+        if self.onnx.int8 is not None:
+            out.add(ONNX_INT8)
+        if self.pt2:
+            out.add(PT2)
+        return out
 
 
-def export_pair(cfg: Config, ctx, out_dir) -> dict:
-    """Export compressed (run_dir/model.onnx) and dense (stage dir) models."""
+# summary.json's published keys for each file (the artifacts hold the same paths, typed)
+SUMMARY_KEYS = {"fp32": "onnx", "external_data": "onnx_external_data", "dense_fp32": "dense_onnx",
+                "fp16": "onnx_fp16", "dense_fp16": "dense_onnx_fp16", "int8": "onnx_int8",
+                "dense_int8": "dense_onnx_int8", "pt2": "pt2"}
+
+
+def export_files(cfg: Config, ctx, out_dir) -> OnnxFiles:
+    """Export the compressed model (run dir) and the dense one (``out_dir``), plus the precision
+    variants and the ``.pt2`` program the config asks for; paths relative to the run directory."""
     o = cfg.onnx
     kw = dict(opset=o.opset, dynamic_batch=o.dynamic_batch, exporter=o.exporter, external_data=o.external_data)
-    compressed = export_onnx(ctx.model, ctx.input_shape, ctx.run_dir / "model.onnx", **kw)
-    result = {"onnx": str(compressed.relative_to(ctx.run_dir))}
-    if (ctx.run_dir / "model.onnx.data").exists():
-        result["onnx_external_data"] = "model.onnx.data"
+    rel = (lambda p: str(Path(p).relative_to(ctx.run_dir)))
+    files = OnnxFiles()
+    compressed = export_onnx(ctx.model, ctx.input_shape, ctx.run_dir / COMPRESSED_ONNX, **kw)
+    files.fp32 = rel(compressed)
+    external = compressed.with_name(compressed.name + EXTERNAL_DATA_SUFFIX)
+    if external.exists():
+        files.external_data = rel(external)
+    dense = None
     if ctx.dense is not None:
-        dense = export_onnx(ctx.dense, ctx.input_shape, out_dir / "dense.onnx", **kw)
-        result["dense_onnx"] = str(dense.relative_to(ctx.run_dir))
+        dense = export_onnx(ctx.dense, ctx.input_shape, out_dir / DENSE_ONNX, **kw)
+        files.dense_fp32 = rel(dense)
     if o.fp16:
-        result["onnx_fp16"] = str(export_fp16_onnx(compressed, ctx.run_dir / "model.fp16.onnx").relative_to(ctx.run_dir))
-        if ctx.dense is not None:
-            result["dense_onnx_fp16"] = str(export_fp16_onnx(out_dir / "dense.onnx", out_dir / "dense.fp16.onnx")
-                                            .relative_to(ctx.run_dir))
+        files.fp16 = rel(export_fp16_onnx(compressed, onnx_sibling(compressed, "fp16")))
+        if dense is not None:
+            files.dense_fp16 = rel(export_fp16_onnx(dense, onnx_sibling(dense, "fp16")))
     if o.int8 is not None:
         calib = [xb.cpu().numpy() for xb, _ in ctx.calibration_batches(o.int8.calibration_batches)]
         kw8 = dict(method=o.int8.calibration, per_channel=o.int8.per_channel)
-        result["onnx_int8"] = str(export_int8_onnx(compressed, ctx.run_dir / "model.int8.onnx", calib, **kw8)
-                                  .relative_to(ctx.run_dir))
-        if ctx.dense is not None:
-            result["dense_onnx_int8"] = str(export_int8_onnx(out_dir / "dense.onnx", out_dir / "dense.int8.onnx",
-                                                             calib, **kw8).relative_to(ctx.run_dir))
+        files.int8 = rel(export_int8_onnx(compressed, onnx_sibling(compressed, "int8"), calib, **kw8))
+        if dense is not None:
+            files.dense_int8 = rel(export_int8_onnx(dense, onnx_sibling(dense, "int8"), calib, **kw8))
     if cfg.pt2:
-        result["pt2"] = str(export_pt2(ctx.model, ctx.input_shape, ctx.run_dir / "model.pt2",
-                                       dynamic_batch=o.dynamic_batch).relative_to(ctx.run_dir))
-    return result
+        files.pt2 = rel(export_pt2(ctx.model, ctx.input_shape, ctx.run_dir / PT2_FILE, dynamic_batch=o.dynamic_batch))
+    return files
 
 
 def _fp16_parity(ctx, path, x, ref) -> dict:
@@ -114,14 +132,16 @@ def _int8_report(ctx, path, x, ref) -> dict:
 @register_stage("export", Config)
 def run(cfg: Config, ctx) -> StageOutput:
     """Export to ONNX, check parity with ONNX Runtime and read back the 2:4 pattern."""
-    paths = export_pair(cfg, ctx, ctx.stage_dir)
+    files = export_files(cfg, ctx, ctx.stage_dir)
+    ctx.artifacts.onnx = files
+    paths = {key: getattr(files, attr) for attr, key in SUMMARY_KEYS.items() if getattr(files, attr) is not None}
     x = ctx.data.test_x[: cfg.parity_samples].cpu()
     ref = torch_logits(ctx.model, x)  # one torch pass for every file compared
-    par = parity(ctx.model, ctx.run_dir / paths["onnx"], x, reference=ref)
-    extra = _fp16_parity(ctx, ctx.run_dir / paths["onnx_fp16"], x, ref) if "onnx_fp16" in paths else {}
-    if "onnx_int8" in paths:
-        extra |= _int8_report(ctx, ctx.run_dir / paths["onnx_int8"], x, ref)
-    sparsity = check_sparsity(ctx.run_dir / paths["onnx"])
+    par = parity(ctx.model, ctx.path(files.fp32), x, reference=ref)
+    extra = _fp16_parity(ctx, ctx.path(files.fp16), x, ref) if files.fp16 else {}
+    if files.int8:
+        extra |= _int8_report(ctx, ctx.path(files.int8), x, ref)
+    sparsity = check_sparsity(ctx.path(files.fp32))
     summary = {"export": {**paths, "opset": cfg.onnx.opset, "dynamic_batch": cfg.onnx.dynamic_batch,
                           "exporter": cfg.onnx.exporter, **par, **extra,
                           "sparsity_2_4": {"sparse_layers": sparsity["sparse_layers"],

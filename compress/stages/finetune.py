@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from typing import Literal, Optional
 
-from ..config import DistillConfig, OptimizerConfig, StageConfig, TrainLoopConfig
+from ..train.config import DistillConfig, OptimizerConfig, TrainLoopConfig
+from .base import StageConfig
 from ..train.loop import train as train_loop
+from .artifacts import TEACHER
 from .base import StageOutput, register_stage
 
 
@@ -20,6 +22,9 @@ class FinetuneBlock(TrainLoopConfig):
 class Config(StageConfig, FinetuneBlock):
     kind: Literal["finetune"] = "finetune"
 
+    def needs(self) -> dict[str, str]:
+        return {TEACHER: "distill"} if self.distill is not None else {}
+
 
 def finetune(block: FinetuneBlock, ctx, description: str = "finetune") -> dict:
     teacher = ctx.dense if block.distill is not None else None
@@ -32,8 +37,8 @@ def finetune(block: FinetuneBlock, ctx, description: str = "finetune") -> dict:
 @register_stage("finetune", Config)
 def run(cfg: Config, ctx) -> StageOutput:
     """Fine-tune the current model (distilled from the dense teacher when ``distill`` is set)."""
-    if cfg.distill is not None and ctx.dense is None:
-        raise RuntimeError("distillation needs the dense teacher, which was not recorded")
+    if cfg.distill is not None and ctx.dense is None:  # the recipe loader refuses such an order
+        raise RuntimeError("bug: distillation without a dense teacher passed recipe validation")
     metrics = finetune(cfg, ctx)
     metrics["accuracy"] = ctx.evaluate()["accuracy"]
     return StageOutput(metrics=metrics)

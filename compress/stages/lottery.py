@@ -7,16 +7,20 @@ next unfinished level. ``ctx.model`` becomes the trained ticket of the sparsest 
 """
 from __future__ import annotations
 
-from typing import Literal, Optional, Union
+from typing import ClassVar, Literal, Optional, Union
 
 import torch
 from pydantic import Field, model_validator
 
-from ..config import OptimizerConfig, StageConfig, Strict, TrainLoopConfig, require_exactly_one
+from ..train.config import OptimizerConfig, TrainLoopConfig
+from .base import StageConfig
+from ..config import Strict, require_exactly_one
 from ..lottery import experiment as lottery
 from ..io import atomic_write_json
 from ..model_io import build_model
 from ..errors import InputError
+from ..paths import lottery_dir, lottery_plot
+from .artifacts import MASKS
 from .base import StageOutput, register_stage
 
 
@@ -48,6 +52,7 @@ class TrainBlock(Strict):
 
 class Config(StageConfig):
     kind: Literal["lottery"] = "lottery"
+    changes_structure: ClassVar[bool] = True
     rounds: int = Field(..., ge=1, description="pruning rounds (level r = pruned r times)")
     rate: float = Field(0.2, gt=0, lt=1, description="fraction of the *remaining* weights pruned per round")
     rates: dict[str, float] = Field(default_factory=dict, description="per-layer rate overrides, pattern -> rate")
@@ -64,6 +69,9 @@ class Config(StageConfig):
     controls: list[Literal["random_reinit", "random_prune"]] = Field(default_factory=list)
     control_rounds: Optional[list[int]] = Field(None, description="levels the controls run at (default: all)")
     train: TrainBlock
+
+    def provides(self) -> set[str]:
+        return {MASKS}
 
     @model_validator(mode="after")
     def _checks(self):
@@ -107,7 +115,7 @@ def run(cfg: Config, ctx) -> StageOutput:
                                ignore=list(cfg.ignore), mode=cfg.mode, rewind_step=rewind,
                                controls=list(cfg.controls), control_rounds=cfg.control_rounds, seed=ctx.seed,
                                method=cfg.method, dst_every=cfg.update_every, dst_alpha=cfg.update_fraction)
-    m = ctx.recipe.model
+    m = ctx.model_spec
 
     def fresh_init(seed: int):
         with torch.random.fork_rng():  # do not disturb the global RNG stream of the run
@@ -117,14 +125,14 @@ def run(cfg: Config, ctx) -> StageOutput:
     names = lottery.prunable_tensors(ctx.model, cfg.ignore)
     if not names:
         raise InputError("no prunable tensors left after `ignore`", field="ignore")
-    work = ctx.run_dir / "lottery" / f"{ctx.index:02d}"
+    work = lottery_dir(ctx.run_dir, ctx.index)
     result = lottery.run_lottery(ctx.model, spec, plan, lottery.Evalsets(val, (ctx.data.test_x, ctx.data.test_y)),
                                  work, fresh_init, init_batches=ctx.calibration_batches(cfg.init_batches, t.batch_size)
                                  if cfg.method in ("snip", "grasp") else None, input_shape=ctx.input_shape)
     ctx.model = result.ticket.to(ctx.device)
     table = [{k: v for k, v in r.items() if k != "history"} for r in result.rows]
-    plot_path = ctx.run_dir / f"lottery-{ctx.index:02d}.png"
-    lottery.plot(result.rows, plot_path, title=f"{ctx.recipe.name}: {cfg.method} {cfg.mode}, rewind to {rewind}")
+    plot_path = lottery_plot(ctx.run_dir, ctx.index)
+    lottery.plot(result.rows, plot_path, title=f"{ctx.run_name}: {cfg.method} {cfg.mode}, rewind to {rewind}")
     atomic_write_json(work / "table.json", table)
     imp = [r for r in table if r["variant"] == cfg.method]
     return StageOutput(

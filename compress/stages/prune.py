@@ -21,15 +21,19 @@ head count and loses the same channels in every head.
 """
 from __future__ import annotations
 
-from typing import Literal, Optional, Union
+import copy
+from typing import ClassVar, Literal, Optional, Union
 
 import torch
 from pydantic import Field, field_validator, model_validator
 
-from ..config import OptimizerConfig, StageConfig, Strict, require_exactly_one
+from ..train.config import OptimizerConfig
+from .base import StageConfig
+from ..config import Strict, require_exactly_one
 from ..structured import pruner
 from ..structured.criteria import IMPORTANCES, calibrate as calibrate_criterion
 from ..metrics import count_macs, count_params, logits_of
+from .artifacts import MASKS, TEACHER
 from .base import StageOutput, register_stage
 from ..structured.early_bird import EarlyBird, train_until_early_bird
 from .finetune import FinetuneBlock, finetune
@@ -88,6 +92,7 @@ class EarlyBirdConfig(FinetuneBlock):
 
 class Config(StageConfig):
     kind: Literal["prune"] = "prune"
+    changes_structure: ClassVar[bool] = True
     when: Literal["trained", "early_bird"] = Field(
         "trained", description="trained: prune the model as it is; early_bird: train until the Early-Bird ticket emerges first")
     early_bird: EarlyBirdConfig = Field(default_factory=EarlyBirdConfig)
@@ -136,10 +141,17 @@ class Config(StageConfig):
             self.__dict__["importance"] = "bn_scale"
         return self
 
-    @property
-    def trains_dense(self) -> bool:
-        """The runner must not snapshot the dense teacher before this stage: the stage trains it."""
-        return self.when == "early_bird"
+    def provides(self) -> set[str]:
+        # when: early_bird trains the dense net first, so the stage records the teacher itself
+        return {TEACHER} if self.when == "early_bird" else set()
+
+    def needs(self) -> dict[str, str]:
+        ft = self.finetune_between
+        return {TEACHER: "finetune_between.distill"} if ft is not None and ft.distill is not None else {}
+
+    def conflicts(self) -> dict[str, str]:
+        return {MASKS: "removing channels after weight masks were set drops the masks (their 2:4 layout "
+                       "no longer lines up); prune before sparsify or lottery"}
 
     @model_validator(mode="after")
     def _obs_update_needs_obs(self):
@@ -184,7 +196,7 @@ def run(cfg: Config, ctx) -> StageOutput:
         train_until_early_bird(ctx.model, ctx.train_loader(eb.batch_size), eb, detector, ctx.device)
         early_bird = {"found_at_epoch": detector.found_at, "max_epochs": eb.epochs,
                       "distances": [None if d != d else round(d, 4) for d in detector.distances]}
-        ctx.record_dense()  # the early-bird-trained dense net is the teacher and the reference
+        ctx.dense = copy.deepcopy(ctx.model).eval()  # the early-bird-trained net is the teacher and reference
     model = ctx.model.to(ctx.device).eval()
     example = ctx.example_inputs(1)
     before = ctx.stats()

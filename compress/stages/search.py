@@ -12,12 +12,13 @@ import copy
 import math
 import time
 from pathlib import Path
-from typing import Literal, Optional
+from typing import ClassVar, Literal, Optional
 
 import yaml
 from pydantic import Field, field_validator, model_validator
 
-from ..config import StageConfig, Strict
+from .base import StageConfig
+from ..config import Strict
 from ..structured.criteria import IMPORTANCES
 from ..search import candidates as S
 from ..deploy.backends import BACKENDS
@@ -27,6 +28,8 @@ from ..progress import log
 from ..train.loop import train as train_loop
 from ..data import make_loader
 from ..errors import InputError
+from ..paths import latency_table, search_db
+from .artifacts import MASKS
 from .base import StageOutput, register_stage
 from .finetune import FinetuneBlock
 
@@ -49,6 +52,7 @@ class MeasureConfig(Strict):
 
 class Config(StageConfig):
     kind: Literal["search"] = "search"
+    changes_structure: ClassVar[bool] = True
     objective: Literal["constrained", "pareto"] = Field(
         "constrained", description="constrained: best proxy within the budget (TPE); pareto: NSGA-II front")
     budget_metric: Literal["latency", "macs"] = "latency"
@@ -100,6 +104,10 @@ class Config(StageConfig):
             raise ValueError("must be an RDB URL such as sqlite:///search.db or postgresql://host/db")
         return v
 
+    def conflicts(self) -> dict[str, str]:
+        return {MASKS: "searching channel widths after weight masks were set drops the masks; search before "
+                       "sparsify or lottery"}
+
     @model_validator(mode="after")
     def _step(self):
         if self.ratio_step > self.max_ratio:
@@ -110,7 +118,7 @@ class Config(StageConfig):
 def _proxy_fn(cfg: Config, loader, teacher, val, device):
     if cfg.proxy.kind == "kept_importance":
         return lambda m: {"proxy": S.kept_importance(teacher, m)}
-    from ..config import DistillConfig, OptimizerConfig, TrainLoopConfig
+    from ..train.config import DistillConfig, OptimizerConfig, TrainLoopConfig
 
     loop = TrainLoopConfig(epochs=0, max_steps=max(1, cfg.proxy.steps),
                            optimizer=OptimizerConfig(lr=cfg.proxy.lr, momentum=0.9, schedule="constant"))
@@ -130,7 +138,7 @@ def _proxy_fn(cfg: Config, loader, teacher, val, device):
 
 
 def _storage_url(cfg: Config, run_dir: Path) -> str:
-    return cfg.storage or f"sqlite:///{(run_dir / 'search.db').resolve()}"
+    return cfg.storage or f"sqlite:///{search_db(run_dir).resolve()}"
 
 
 @register_stage("search", Config)
@@ -147,7 +155,7 @@ def run(cfg: Config, ctx) -> StageOutput:
     rest, val = ctx.data.split_validation(min(cfg.proxy.val_size, len(ctx.data.train_x) // 4), ctx.seed + 11)
 
     def loader(batch_size, seed_offset):  # training batches without the held-out split
-        return make_loader(rest.train_x, rest.train_y, batch_size or ctx.recipe.data.batch_size, shuffle=True,
+        return make_loader(rest.train_x, rest.train_y, batch_size or ctx.batch_size, shuffle=True,
                            seed=ctx.seed + seed_offset, drop_last=True)
 
     pruner = S.Pruner(dense, shape, cfg.importance, cfg.round_to, cfg.ignore, cfg.max_ratio,
@@ -156,7 +164,7 @@ def run(cfg: Config, ctx) -> StageOutput:
         raise InputError("the model has no prunable channel groups", field="stages.search")
 
     # 1. latency table (cached per backend/batch/threads/machine) and the predictor
-    table = LatencyTable(run_dir / "latency_table.json", cfg.backend, cfg.batch_size, cfg.threads)
+    table = LatencyTable(latency_table(run_dir), cfg.backend, cfg.batch_size, cfg.threads)
     predictor = LatencyPredictor(dense, shape, table, pruner.prunable, cfg.grid)
     t0 = time.perf_counter()
     measured_now = predictor.warm(dense)
@@ -187,7 +195,7 @@ def run(cfg: Config, ctx) -> StageOutput:
     import optuna
 
     storage = _storage_url(cfg, run_dir)
-    study_name = cfg.study_name or f"{ctx.recipe.name}-search"
+    study_name = cfg.study_name or f"{ctx.run_name}-search"
     study = S.make_study(storage, study_name, cfg.objective, ctx.seed, cfg.budget_metric)
     n_groups = len(pruner.groups)
     step = cfg.ratio_step
@@ -313,17 +321,17 @@ def run(cfg: Config, ctx) -> StageOutput:
     plotted = [p for p in trial_pts if cfg.objective == "pareto" or p["feasible"]] or trial_pts
     base_pts = {r["name"]: r for r in rows if r["name"] in ("uniform", "global")}
     S.plot_pareto(plotted, base_pts, budget if cfg.budget_metric == "latency" else None, sdir / "pareto.png",
-                  f"{ctx.recipe.name}: {cfg.objective} search ({len(done)} trials)")
+                  f"{ctx.run_name}: {cfg.objective} search ({len(done)} trials)")
     atomic_write_text(sdir / "prune_block.yaml", "# searched per-layer ratios: paste under stages:\n"
                       + yaml.safe_dump([block], sort_keys=False))
     md = S.comparison_markdown(rows, budget_desc)
-    atomic_write_text(sdir / "comparison.md", f"# search: {ctx.recipe.name}\n\n{md}\nchosen: {chosen['name']}\n")
+    atomic_write_text(sdir / "comparison.md", f"# search: {ctx.run_name}\n\n{md}\nchosen: {chosen['name']}\n")
     errors = [abs(r["error_pct"]) for r in rows if "error_pct" in r]
     result = {
         "budget": budget, "budget_metric": cfg.budget_metric, "budget_desc": budget_desc, "dense_ms": dense_t,
         "objective": cfg.objective, "study": study_name, "storage": storage, "trials_total": len(done),
         "trials_added": len(study.trials) - before, "search_seconds": search_s,
-        "table": {"file": "latency_table.json", "key": table.key, "entries": len(table.layers),
+        "table": {"file": latency_table(run_dir).name, "key": table.key, "entries": len(table.layers),
                   "measured_now": measured_now, "seconds": table_s},
         "predictor_scale": predictor.scale, "predictor_abs_error_pct_median": sorted(errors)[len(errors) // 2],
         "uniform_ratio": u_ratio, "global_ratio": g_ratio, "rows": rows, "chosen": chosen["name"],

@@ -2,16 +2,17 @@
 the layout TensorRT's sparse tensor-core kernels read. Masks stay fixed through later fine-tunes."""
 from __future__ import annotations
 
-from typing import Literal, Optional
+from typing import ClassVar, Literal, Optional
 
 from pydantic import Field, field_validator
 from torch import nn
 
-from ..config import StageConfig
+from .base import StageConfig
 from ..sparsity import masks
 from ..sparsity.n_m import n_m_mask
 from ..modules import match_any, output_layer
 from ..sparsity.sparsegpt import sparsegpt_masks
+from .artifacts import MASKS
 from .base import StageOutput, register_stage
 
 SPARSIFY_METHODS = ("magnitude", "sparsegpt")
@@ -19,6 +20,7 @@ SPARSIFY_METHODS = ("magnitude", "sparsegpt")
 
 class Config(StageConfig):
     kind: Literal["sparsify"] = "sparsify"
+    changes_structure: ClassVar[bool] = True
     pattern: str = "2:4"
     method: str = "magnitude"
     ignore: Optional[list[str]] = Field(None, description="module-name patterns left dense; default: none")
@@ -44,6 +46,9 @@ class Config(StageConfig):
         if v not in SPARSIFY_METHODS:
             raise ValueError(f"unknown method {v!r} (known: {', '.join(SPARSIFY_METHODS)})")
         return v
+
+    def provides(self) -> set[str]:
+        return {MASKS}
 
     @property
     def n_m(self) -> tuple[int, int]:

@@ -12,10 +12,13 @@ from typing import Literal, Optional
 
 from pydantic import Field, model_validator
 
-from ..config import StageConfig
+from .base import StageConfig
+from ..deploy import tensorrt as trb
 from ..deploy.timing import BackendUnavailable
 from ..progress import log
 from ..errors import InputError
+from ..paths import tensorrt_dir
+from .artifacts import ENGINES, ONNX, ONNX_INT8
 from .base import StageOutput, register_stage
 
 
@@ -38,10 +41,12 @@ class Config(StageConfig):
     iters: int = Field(200, ge=1)
     rounds: int = Field(10, ge=1)
 
-    @property
-    def reads_int8_onnx(self) -> str | None:
-        """int8 and best engines are built from the export stage's int8 Q/DQ file."""
-        return "precision" if self.precision in ("int8", "best") else None
+    def needs(self) -> dict[str, str]:
+        """Engines are built from the export stage's files; int8 and best from its int8 Q/DQ file."""
+        return {ONNX: "kind", **({ONNX_INT8: "precision"} if self.precision in ("int8", "best") else {})}
+
+    def provides(self) -> set[str]:
+        return {ENGINES}
 
     @model_validator(mode="after")
     def _batches(self):
@@ -55,19 +60,16 @@ class Config(StageConfig):
 
 def _onnx_for(ctx, role: str, cfg: Config, strong: bool):
     """The ONNX file an engine is built from (the fp16 export for strongly typed fp16 builds)."""
-    from ..deploy.tensorrt import onnx_for_precision
 
-    exp = ctx.summary.get("export", {})
-    key = "dense_onnx" if role == "dense" else "onnx"
-    if key not in exp:
-        raise InputError("the tensorrt stage needs an export stage before it", field=f"stages[{ctx.index}].kind")
-    return onnx_for_precision(ctx.run_dir / exp[key], cfg.precision, strong)
+    rel = ctx.artifacts.onnx.dense_fp32 if role == "dense" else ctx.artifacts.onnx.fp32
+    if rel is None:  # the recipe loader refuses a tensorrt stage without an export before it
+        raise RuntimeError("bug: a tensorrt stage without exported ONNX files passed recipe validation")
+    return trb.onnx_for_precision(ctx.path(rel), cfg.precision, strong)
 
 
 @register_stage("tensorrt", Config)
 def run(cfg: Config, ctx) -> StageOutput:
     """Build dense / compressed / compressed+sparse engines and time them with CUDA events."""
-    from ..deploy import tensorrt as trb
 
     try:
         trt = trb.require_tensorrt()
@@ -78,7 +80,7 @@ def run(cfg: Config, ctx) -> StageOutput:
         log(f"[yellow]tensorrt: {exc}; stage skipped[/]")
         return StageOutput(skipped=str(exc), summary={"tensorrt": {"skipped": str(exc)}})
     strong = trb.use_strong_typing(trt, cfg.typing)
-    out_dir = ctx.run_dir / "tensorrt"
+    out_dir = tensorrt_dir(ctx.run_dir)
     cache = cfg.timing_cache or str(out_dir / "timing.cache")
     built: list[trb.BuiltEngine] = []
     for name in cfg.engines:
@@ -92,6 +94,7 @@ def run(cfg: Config, ctx) -> StageOutput:
         built.append(trb.build_engine(_onnx_for(ctx, "dense" if name == "dense" else "compressed", cfg, strong),
                                       out_dir, name, opts))
     trb.write_build_record(out_dir / "engines.json", built)
+    ctx.artifacts.engines = str((out_dir / "engines.json").relative_to(ctx.run_dir))
     timings = []
     for bs in cfg.batch_sizes or [cfg.opt_batch]:
         runners = {e.name: trb.EngineRunner(e.engine, bs, cuda_graph=cfg.cuda_graph) for e in built}

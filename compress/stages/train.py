@@ -3,7 +3,8 @@ from __future__ import annotations
 
 from typing import Literal
 
-from ..config import OptimizerConfig, StageConfig, TrainLoopConfig
+from ..train.config import OptimizerConfig, TrainLoopConfig
+from .base import StageConfig
 from ..train.loop import train as train_loop
 from .base import StageOutput, register_stage
 
@@ -17,7 +18,7 @@ class Config(StageConfig, TrainLoopConfig):
 @register_stage("train", Config)
 def run(cfg: Config, ctx) -> StageOutput:
     """Train the dense model from its initialisation."""
-    if ctx.recipe.model.checkpoint:
+    if ctx.model_spec.checkpoint:
         return StageOutput(skipped="model.checkpoint given")
     res = train_loop(ctx.model, ctx.train_loader(cfg.batch_size), cfg, ctx.device, description="train")
     ev = ctx.evaluate()

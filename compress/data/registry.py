@@ -1,0 +1,8 @@
+"""The dataset registry: name -> loader ``(cfg, input_shape=..., seed=...) -> DataBundle``."""
+from __future__ import annotations
+
+from typing import Callable
+
+from ..registry import Registry
+
+DATASETS: Registry[Callable] = Registry("dataset")

@@ -1,0 +1,39 @@
+"""The training loop's settings, shared by ``train``, ``finetune`` and every block that embeds a
+fine-tune (``prune.finetune_between``, ``search.finetune``, lottery levels)."""
+from __future__ import annotations
+
+from typing import Literal, Optional
+
+from pydantic import Field
+
+from ..config import Strict
+
+
+class OptimizerConfig(Strict):
+    name: Literal["sgd", "adam", "adamw"] = "sgd"
+    lr: float = Field(0.01, gt=0)
+    momentum: float = Field(0.9, ge=0, lt=1)
+    weight_decay: float = Field(0.0, ge=0)
+    nesterov: bool = False
+    schedule: Literal["cosine", "constant", "step"] = "cosine"
+    step_milestones: list[float] = Field(default_factory=lambda: [0.5, 0.75])  # fractions of training
+    step_gamma: float = Field(0.1, gt=0, le=1)
+
+
+class DistillConfig(Strict):
+    """Hinton-style distillation: loss = alpha * T^2 * KL(student_T || teacher_T) + (1 - alpha) * CE."""
+
+    alpha: float = Field(0.7, ge=0, le=1)
+    temperature: float = Field(4.0, gt=0)
+
+
+class TrainLoopConfig(Strict):
+    """Fields shared by ``train`` and ``finetune`` (and blocks that embed a fine-tune)."""
+
+    epochs: int = Field(1, ge=0)
+    max_steps: Optional[int] = Field(None, ge=1, description="stop after this many optimizer steps")
+    optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
+    warmup_epochs: float = Field(0.0, ge=0, description="linear LR warm-up, in epochs")
+    batch_size: Optional[int] = Field(None, ge=1, description="overrides data.batch_size")
+    label_smoothing: float = Field(0.0, ge=0, lt=1)
+    grad_clip: Optional[float] = Field(None, gt=0)

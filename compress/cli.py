@@ -10,12 +10,12 @@ from typing import List, Optional
 
 import typer
 
-from .errors import GateError, InputError, ModelBreakError
+from .errors import (EXIT_BUG, EXIT_DIVERGED, EXIT_ENVIRONMENT, EXIT_GATE, EXIT_INPUT, EXIT_INTERRUPTED,
+                     DivergedError, EnvironmentFailure, GateError, InputError, ModelBreakError)
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Prune, 2:4-sparsify, distil, export and benchmark PyTorch models from a recipe.")
 
-EXIT_OK, EXIT_BUG, EXIT_INPUT, EXIT_GATE = 0, 1, 2, 3
 
 
 def _err(msg: str) -> None:
@@ -35,11 +35,17 @@ def _guard(fn):
     except GateError as exc:
         _err(f"gates failed: {exc}")
         raise typer.Exit(EXIT_GATE)
+    except EnvironmentFailure as exc:
+        _err(str(exc))
+        raise typer.Exit(EXIT_ENVIRONMENT)
+    except DivergedError as exc:
+        _err(str(exc))
+        raise typer.Exit(EXIT_DIVERGED)
     except typer.Exit:
         raise
     except KeyboardInterrupt:
         _err("interrupted")
-        raise typer.Exit(130)
+        raise typer.Exit(EXIT_INTERRUPTED)
     except Exception:
         traceback.print_exc()
         raise typer.Exit(EXIT_BUG)

@@ -1,10 +1,22 @@
-"""Error types that map to the CLI's exit codes.
+"""Error types and the exit codes they map to (the CLI's contract with CI).
 
-``InputError`` (exit 2) is for anything the user can fix by editing the recipe or the files it
-points at; its message is one line and names the field or file. ``GateError`` (exit 3) is raised
-when the run finished but a recipe gate failed. Everything else is a bug (exit 1).
+=====  ==========================================================================================
+code   meaning
+=====  ==========================================================================================
+0      success
+1      a bug in compress (the only case that prints a traceback)
+2      invalid input: a recipe field, a file, data, model code, a missing extra (:class:`InputError`,
+       :class:`ModelBreakError`); one line naming the field, file or module
+3      the run completed but a gate failed (:class:`GateError`); every artifact is written
+4      the machine refused: disk full, out of memory, permission denied, read-only file system
+       (:class:`EnvironmentFailure`); one line naming the path or the stage
+5      training diverged: a NaN/Inf loss (:class:`DivergedError`); one line naming stage and step
+130    interrupted (Ctrl-C)
+=====  ==========================================================================================
 """
 from __future__ import annotations
+
+EXIT_OK, EXIT_BUG, EXIT_INPUT, EXIT_GATE, EXIT_ENVIRONMENT, EXIT_DIVERGED, EXIT_INTERRUPTED = 0, 1, 2, 3, 4, 5, 130
 
 
 class InputError(Exception):
@@ -32,3 +44,12 @@ class GateError(Exception):
 
 class ModelBreakError(Exception):
     """A structural change left the model unable to run (shape mismatch after pruning)."""
+
+
+class EnvironmentFailure(Exception):
+    """The machine refused something the run needs (disk full, out of memory, permissions); not a
+    bug and not the recipe's fault. The message is one line naming the path or stage."""
+
+
+class DivergedError(Exception):
+    """Training produced a NaN/Inf loss; the message names the stage and step."""

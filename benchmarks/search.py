@@ -109,7 +109,7 @@ def run_one(recipe: dict, out: Path) -> dict:
 
 
 def section(title: str, res: dict, png: str) -> str:
-    from compress.search.candidates import comparison_markdown
+    from compress.search.report import comparison_markdown
 
     rows = res["rows"]
     base = [r for r in rows if r["name"] in ("uniform", "global")]

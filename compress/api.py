@@ -1,12 +1,18 @@
-"""Python API: load a compressed model back from a run directory, without pickle."""
+"""Python API: load a compressed model back from a run directory (without pickle), and run a
+recipe's search stage so that re-running continues its study."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any, Sequence
 
 from torch import nn
 
+from . import paths
 from .model_io import load_portable
 from .errors import InputError
+from .pipeline.run_dir import rerun_from, same_prefix
+from .pipeline.runner import run_recipe
+from .recipe import Recipe, apply_overrides, load_recipe, validate_data
 
 
 def final_checkpoint(run_dir: str | Path) -> Path:
@@ -26,3 +32,46 @@ def load(run_dir: str | Path, which: str = "final") -> nn.Module:
     if which == "dense":
         return load_portable(run_dir / "dense")
     return load_portable(run_dir / "stages" / which)
+
+
+def _resolve(recipe: Recipe | str | Path, overrides: Sequence[str]) -> Recipe:
+    if isinstance(recipe, Recipe):
+        return validate_data(apply_overrides(recipe.model_dump(mode="json"), list(overrides))) if overrides else recipe
+    return load_recipe(recipe, list(overrides))
+
+
+def search(recipe: Recipe | str | Path, run_dir: str | Path | None = None, *, trials: int | None = None,
+           workers: int | None = None, storage: str | None = None, overrides: Sequence[str] = ()) -> dict[str, Any]:
+    """Run a recipe up to and including its (first) ``search`` stage; later stages are left out.
+
+    ``recipe``: a recipe file or a validated :class:`~compress.recipe.Recipe`; ``overrides`` are
+    ``PATH=VALUE`` items as for ``--set``. ``trials``, ``workers`` and ``storage`` override the
+    search stage's fields of the same name. ``run_dir`` defaults to ``runs/<name>``.
+
+    Re-running into the same run directory continues the same Optuna study: the stages before the
+    search are reused (they must be the same as in the run directory's recipe, else InputError),
+    the search stage's folder is dropped and the search runs again, adding ``trials`` trials.
+
+    Returns ``name``, ``run_dir``, ``stage_dir`` (the search stage's folder, holding
+    ``prune_block.yaml``), ``resumed`` (whether an earlier run was continued), ``search`` (the
+    ``search`` block of ``summary.json``) and ``summary`` (all of it). Raises GateError, after
+    writing everything, when a recipe gate fails.
+    """
+    r = _resolve(recipe, overrides)
+    idx = next((i for i, s in enumerate(r.stages) if s.kind == "search"), None)
+    if idx is None:
+        raise InputError("the recipe has no stage of kind 'search'", field="stages")
+    settings = [f"stages.{idx}.{k}={v}" for k, v in (("trials", trials), ("workers", workers),
+                                                      ("storage", storage)) if v is not None]
+    if settings:
+        r = _resolve(recipe, [*overrides, *settings])
+    r = r.model_copy(update={"stages": r.stages[: idx + 1]})
+    run_dir = Path(run_dir) if run_dir is not None else Path("runs") / r.name
+    resume = (run_dir / paths.RECIPE).exists()
+    if resume:  # same stages before the search: reuse them, run the search again (the study continues)
+        if not same_prefix(run_dir, r, idx):
+            raise InputError(f"run directory {str(run_dir)!r} was started with a different recipe", field="--out")
+        rerun_from(run_dir, r, idx)
+    summary = run_recipe(r, run_dir, resume=resume)
+    return {"name": r.name, "run_dir": run_dir, "stage_dir": paths.stage_dir(run_dir, idx, "search"),
+            "resumed": resume, "search": summary["search"], "summary": summary}

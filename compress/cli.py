@@ -200,45 +200,18 @@ def search(
     stage; re-running continues the same Optuna study (earlier stages are reused)."""
 
     def go():
-        import yaml
+        from .api import search as run_search
 
-        from .recipe import load_recipe
-        from .paths import stage_dir
-        from .pipeline.runner import run_recipe
-
-        r = load_recipe(recipe, list(set_) + ([f"device={device}"] if device else []))
-        idx = next((i for i, s in enumerate(r.stages) if s.kind == "search"), None)
-        if idx is None:
-            raise InputError("the recipe has no stage of kind 'search'", field="stages")
-        extra = [f"stages.{idx}.{k}={v}" for k, v in (("trials", trials), ("workers", workers),
-                                                       ("storage", storage)) if v is not None]
-        r = load_recipe(recipe, list(set_) + extra + ([f"device={device}"] if device else []))
-        r = r.model_copy(update={"stages": r.stages[: idx + 1]})
-        run_dir = out or Path("runs") / r.name
-        saved = run_dir / "recipe.yaml"
-        resume = saved.exists()
-        if resume:  # same stages before the search: reuse them, run the search again (the study continues)
-            old = yaml.safe_load(saved.read_text())
-            new = r.model_dump(mode="json")
-            if {k: v for k, v in old.items() if k != "stages"} != {k: v for k, v in new.items() if k != "stages"} \
-                    or old.get("stages", [])[:idx] != new["stages"][:idx]:
-                raise InputError(f"run directory {str(run_dir)!r} was started with a different recipe", field="--out")
-            import shutil
-
-            shutil.rmtree(stage_dir(run_dir, idx, "search"), ignore_errors=True)
-            from .io import atomic_write_text
-
-            atomic_write_text(saved, yaml.safe_dump(new, sort_keys=False))
-        summary = run_recipe(r, run_dir, resume=resume)
-        res = summary["search"]
-        typer.echo(f"{r.name}: {res['trials_total']} trials in study {res['study']} ({res['trials_added']} added)")
+        ran = run_search(recipe, out, trials=trials, workers=workers, storage=storage,
+                         overrides=list(set_) + ([f"device={device}"] if device else []))
+        res = ran["search"]
+        typer.echo(f"{ran['name']}: {res['trials_total']} trials in study {res['study']} ({res['trials_added']} added)")
         typer.echo(f"  budget: {res['budget_desc']}")
         for row in res["rows"]:
             acc = f"  test acc {row['test_accuracy']:.2f}%" if "test_accuracy" in row else ""
             typer.echo(f"  {row['name']:11s} MACs {row['macs']:>14,}  measured {row['measured_ms']:.3f} ms"
                        f"  predicted {row['predicted_ms']:.3f} ms{acc}")
-        sdir = stage_dir(run_dir, idx, "search")
-        typer.echo(f"  chosen: {res['chosen']}; prune block: {sdir / 'prune_block.yaml'}")
+        typer.echo(f"  chosen: {res['chosen']}; prune block: {ran['stage_dir'] / 'prune_block.yaml'}")
 
     _guard(go)
 
@@ -301,20 +274,15 @@ def analyze_interpolate(a: Path = typer.Argument(..., help="run directory or che
     """Test error along the straight line between two networks and its barrier (e.g. dense vs sparse)."""
 
     def go():
-        from .lottery import connectivity
-        from .io import atomic_write_json
-        from .data import build_data
+        from .lottery.connectivity import INTERPOLATION_RESULT, interpolate
         from .recipe import load_recipe
 
         r = load_recipe(recipe, list(set_))
-        data = build_data(r.data, tuple(r.model.input_shape), r.seed)
-        curve = connectivity.interpolation_curve(_load_any(a), _load_any(b), data.test_x, data.test_y, points)
-        out.mkdir(parents=True, exist_ok=True)
-        res = {"a": str(a), "b": str(b), "points": points, "barrier": connectivity.barrier(curve), "curve": curve}
-        atomic_write_json(out / "interpolation.json", res)
-        connectivity.plot_curves({f"{a.name} -> {b.name}": curve}, out / "interpolation.png")
+        res = interpolate(_load_any(a), _load_any(b), r.data, r.model.input_shape, r.seed, out, points=points,
+                          names=(str(a), str(b)), label=f"{a.name} -> {b.name}")
+        curve = res["curve"]
         typer.echo(f"error {curve[0]['error']:.2f}% -> {curve[-1]['error']:.2f}%, "
-                   f"barrier {res['barrier']:.2f} pp; wrote {out / 'interpolation.json'}")
+                   f"barrier {res['barrier']:.2f} pp; wrote {out / INTERPOLATION_RESULT}")
 
     _guard(go)
 
@@ -330,47 +298,18 @@ def analyze_instability(recipe: Path = typer.Argument(..., help="recipe with a l
     """Train two copies from the same θ_k with different data orders; report the error barrier."""
 
     def go():
-        from .train.config import TrainLoopConfig
-        from .lottery import connectivity, experiment as lottery
-        from .io import atomic_write_json
-        from .model_io import build_model
-        from .data import build_data
+        from .lottery.instability import RESULT, instability
         from .recipe import load_recipe
-        from .stages.base import seed_everything
 
         r = load_recipe(recipe, list(set_))
         index = next((i for i, st in enumerate(r.stages) if st.kind == "lottery"), None)
         if index is None:
             raise InputError("the recipe has no lottery stage (its train block is used)", field="recipe")
-        t = r.stages[index].train
-        seed = r.seed * 1000 + index  # the lottery stage's seed: same validation split and data order
-        seed_everything(r.seed)
-        data = build_data(r.data, tuple(r.model.input_shape), r.seed)
-        train_data, _ = data.split_validation(t.validation, seed)
-        net = build_model(r.model.factory, r.model.kwargs)
-        if run_dir is not None:
-            work = run_dir / "lottery" / f"{index:02d}"
-            mask_file = work / f"masks-{level:02d}.pt"
-            if not mask_file.is_file():
-                raise InputError(f"{str(mask_file)!r} does not exist", field="--level")
-            net.load_state_dict(lottery.load_tensors(work / "init.pt"))
-            lottery.apply(net, lottery.load_tensors(mask_file))
-        batches = lottery.ShuffledBatches(train_data.train_x, train_data.train_y, t.batch_size, seed)
-        total = t.iterations if t.iterations is not None else int(round(t.epochs * len(batches)))
-        if rewind >= total:
-            raise InputError(f"must be below the training length ({total})", field="--rewind")
-        loop = TrainLoopConfig(epochs=0, max_steps=total, optimizer=t.optimizer)
-        start = connectivity.state_at(net, rewind, loop, batches) if rewind else None
-        a, b = connectivity.train_two_copies(net, start, loop, train_data.train_x, train_data.train_y,
-                                             t.batch_size, seeds=(seed + 1, seed + 2))
-        curve = connectivity.interpolation_curve(a, b, data.test_x, data.test_y, points)
-        out.mkdir(parents=True, exist_ok=True)
-        res = {"rewind_iteration": rewind, "iterations": total, "level": level if run_dir else None,
-               "barrier": connectivity.barrier(curve), "curve": curve}
-        atomic_write_json(out / "instability.json", res)
-        connectivity.plot_curves({f"k={rewind}": curve}, out / "instability.png", title="instability")
+        res = instability(r.model, r.data, r.stages[index].train, r.seed, index, out, rewind=rewind,
+                          run_dir=run_dir, level=level, points=points)
+        curve = res["curve"]
         typer.echo(f"rewind {rewind}: barrier {res['barrier']:.2f} pp (endpoint errors {curve[0]['error']:.2f}, "
-                   f"{curve[-1]['error']:.2f}); wrote {out / 'instability.json'}")
+                   f"{curve[-1]['error']:.2f}); wrote {out / RESULT}")
 
     _guard(go)
 

@@ -1,4 +1,4 @@
-"""Every file and folder of a run directory, and the per-stage seed, named in one place.
+"""Every file and folder of a run directory, and the seeds (per stage, global RNGs), named in one place.
 
 Whoever reads or writes a run directory (the pipeline, a stage, an analysis, the Python API)
 asks this module for the path instead of spelling it: a run directory's layout is a contract with
@@ -15,7 +15,11 @@ CI jobs and other tools, so it changes here or nowhere.
 """
 from __future__ import annotations
 
+import random
 from pathlib import Path
+
+import numpy as np
+import torch
 
 RECIPE = "recipe.yaml"
 SUMMARY = "summary.json"
@@ -42,6 +46,15 @@ def stage_seed(run_seed: int, index: int) -> int:
     """Per-stage seed: resuming at stage k reproduces what an uninterrupted run does there, and an
     analysis of stage k (instability) sees the same data order and validation split."""
     return run_seed * 1000 + index
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python's, NumPy's and torch's global generators: the runner does this with the run's
+    seed before building data and model (so θ0 follows from the recipe) and with the stage seed
+    before each stage; an analysis that rebuilds a run's model does the same."""
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
 
 
 def lottery_dir(run_dir: str | Path, index: int) -> Path:

@@ -96,3 +96,41 @@ def test_cli_instability_and_interpolate(tmp_path, write_recipe):
     res = json.loads((out / "interpolation.json").read_text())
     assert len(res["curve"]) == 4 and res["barrier"] == pytest.approx(connectivity.barrier(res["curve"]))
     assert (out / "interpolation.png").is_file()
+
+
+def test_instability_from_a_lottery_run_starts_at_its_theta0_with_the_level_masks(tmp_path, monkeypatch):
+    from compress.config import ModelConfig
+    from compress.data import DataConfig
+    from compress.errors import InputError
+    from compress.lottery import instability as inst
+    from compress.paths import lottery_dir
+    from compress.stages.lottery import TrainBlock
+
+    kwargs = {"num_classes": 10, "in_channels": 1, "image_size": 8}
+    spec = ModelConfig(factory="lenet_300_100", kwargs=kwargs, input_shape=[1, 8, 8])
+    net = _mlp(3)
+    level_masks = lottery.magnitude_prune(net, masks.current_masks(net, lottery.prunable_tensors(net)), 0.9)
+    work = lottery_dir(tmp_path / "run", 0)  # what a lottery stage at index 0 leaves behind
+    lottery.save_tensors(lottery.init_path(work), lottery.weights_of(net))
+    lottery.save_tensors(lottery.masks_path(work, 1), level_masks)
+    seen = []
+    curve_of = connectivity.interpolation_curve
+
+    def spy(a, b, *args, **kw):
+        seen.extend([a, b])
+        return curve_of(a, b, *args, **kw)
+
+    monkeypatch.setattr(inst.connectivity, "interpolation_curve", spy)
+    train = TrainBlock(iterations=8, batch_size=32, validation=200)
+    data = DataConfig(dataset="digits", batch_size=32)
+    res = inst.instability(spec, data, train, 0, 0, tmp_path / "out", rewind=2, run_dir=tmp_path / "run",
+                           level=1, points=3)
+    assert res["level"] == 1 and res["iterations"] == 8 and len(res["curve"]) == 3
+    assert json.loads((tmp_path / "out" / "instability.json").read_text()) == res
+    for child in seen:  # both copies trained under the level's masks: pruned weights stay zero
+        assert masks.has_masks(child)
+        for name, m in level_masks.items():
+            w = dict(child.named_parameters())[name]
+            assert torch.all(w.detach()[m == 0] == 0)
+    with pytest.raises(InputError, match="masks-02.pt"):
+        inst.instability(spec, data, train, 0, 0, tmp_path / "out", run_dir=tmp_path / "run", level=2)

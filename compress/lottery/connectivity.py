@@ -12,9 +12,13 @@ from torch import nn
 
 from ..sparsity import masks as mask_core
 from .experiment import RewindState, ShuffledBatches, weights_of
-from ..io import save_figure
+from ..data import DataConfig, build_data
+from ..io import atomic_write_json, save_figure
 from ..metrics import evaluate
 from ..train.loop import train
+
+INTERPOLATION_RESULT = "interpolation.json"
+INTERPOLATION_PLOT = "interpolation.png"
 
 
 def _plain(model: nn.Module) -> nn.Module:
@@ -107,3 +111,21 @@ def plot_curves(curves: dict[str, list[dict]], path: Path, title: str = "") -> N
     if title:
         ax.set_title(title)
     save_figure(fig, path)
+
+
+def interpolate(model_a: nn.Module, model_b: nn.Module, data: DataConfig, input_shape, seed: int,
+                out: str | Path, *, points: int = 30, names: tuple[str, str] = ("a", "b"),
+                label: str | None = None) -> dict:
+    """The error curve between two networks on the test split of ``data`` (built with ``seed``,
+    as a run with that seed builds it); write ``interpolation.json`` and ``interpolation.png``
+    under ``out`` and return the JSON's content: ``a``, ``b`` (``names``: where the models came
+    from), ``points``, ``barrier`` (percentage points) and ``curve``. ``label``: the plot's legend
+    (default ``"<a> -> <b>"``)."""
+    bundle = build_data(data, tuple(input_shape), seed)
+    curve = interpolation_curve(model_a, model_b, bundle.test_x, bundle.test_y, points)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    res = {"a": names[0], "b": names[1], "points": points, "barrier": barrier(curve), "curve": curve}
+    atomic_write_json(out / INTERPOLATION_RESULT, res)
+    plot_curves({label or f"{names[0]} -> {names[1]}": curve}, out / INTERPOLATION_PLOT)
+    return res

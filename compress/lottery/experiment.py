@@ -225,8 +225,14 @@ def _unit_path(work: Path, level: int, variant: str) -> Path:
     return work / f"level-{level:02d}-{variant}.json"
 
 
-def _masks_path(work: Path, level: int) -> Path:
-    return work / f"masks-{level:02d}.pt"
+def masks_path(work: Path, level: int) -> Path:
+    """Level ``level``'s masks in a lottery work directory (:func:`compress.paths.lottery_dir`)."""
+    return Path(work) / f"masks-{level:02d}.pt"
+
+
+def init_path(work: Path) -> Path:
+    """θ0, the weights every level rewinds to, in a lottery work directory."""
+    return Path(work) / "init.pt"
 
 
 def run_lottery(model: nn.Module, spec: LotterySpec, plan: TrainPlan, evalsets: Evalsets, work: Path,
@@ -249,13 +255,13 @@ def run_lottery(model: nn.Module, spec: LotterySpec, plan: TrainPlan, evalsets: 
     for _, mod, pname, _m in list(mask_core.iter_masks(base)):
         mask_core.remove_mask(mod, pname)
 
-    init_path = work / "init.pt"
-    if init_path.exists():  # the θ0 the first attempt used, whatever rebuilt the model since
-        base.load_state_dict(load_tensors(init_path))
+    theta0 = init_path(work)
+    if theta0.exists():  # the θ0 the first attempt used, whatever rebuilt the model since
+        base.load_state_dict(load_tensors(theta0))
     else:
-        save_tensors(init_path, weights_of(base))
-    if not _masks_path(work, 0).exists():
-        save_tensors(_masks_path(work, 0), current_masks(model, names))
+        save_tensors(theta0, weights_of(base))
+    if not masks_path(work, 0).exists():
+        save_tensors(masks_path(work, 0), current_masks(model, names))
 
     rewind_path = work / "rewind.pt"
 
@@ -274,7 +280,7 @@ def run_lottery(model: nn.Module, spec: LotterySpec, plan: TrainPlan, evalsets: 
     levels = spec.levels()
     ticket: nn.Module | None = None
     for pos, level in enumerate(levels):
-        level_masks = load_tensors(_masks_path(work, level))
+        level_masks = load_tensors(masks_path(work, level))
         pct = percent_remaining(level_masks)
         upath = _unit_path(work, level, spec.method)
         if not upath.exists():
@@ -317,7 +323,7 @@ def run_lottery(model: nn.Module, spec: LotterySpec, plan: TrainPlan, evalsets: 
                         init_net = network(load_rewind().weights, ones)
                         new_masks = prune_at_init(init_net.cpu(), ones, spec.method,
                                                   percent_remaining(schedule) / 100, init_batches, input_shape)
-                save_tensors(_masks_path(work, nxt), new_masks)
+                save_tensors(masks_path(work, nxt), new_masks)
             row = {"level": level, "variant": spec.method, "percent_remaining": round(pct, 3),
                    **record, "seconds": round(time.perf_counter() - t0, 2)}
             atomic_write_json(upath, row)  # written last: the unit counts as done only now

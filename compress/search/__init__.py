@@ -1,1 +1,1 @@
-"""Latency-aware search over per-group pruning ratios: the latency table, candidates, the procedure and its report."""
+"""Latency-aware search over per-group pruning ratios: its settings, the latency table, candidates, the procedure and its report."""

@@ -1,32 +1,13 @@
-"""Latency-aware per-group pruning-ratio search with Optuna.
-
-The procedure (documented in benchmarks/results/search.md):
-
-1. Baselines, the lecture's way: bisect the uniform ratio and the global ratio that just meet the
-   budget (predicted latency, or MACs).
-2. Optuna searches one ratio per prunable channel group (TPE for "accuracy proxy subject to the
-   budget", NSGA-II for the two-objective Pareto front). The uniform and global solutions are
-   enqueued as the first trials, so the search starts from them. A trial prunes a copy of the
-   dense model, predicts its latency from the per-layer table (cheap), and only when it is within
-   the budget pays for the accuracy proxy.
-3. Accuracy proxy ``finetune``: ``proxy_steps`` distillation steps from the dense teacher on
-   training batches, then accuracy on a held-out validation split carved from the training set
-   (never the test set). ``kept_importance`` (data-free, for latency-only studies): the fraction
-   of the dense model's L2 channel importance that the pruned model keeps.
-4. The best ``top_k`` candidates, the uniform and the global model are exported and timed end to
-   end, interleaved (predicted vs measured), get the same short distilled fine-tune, and the
-   candidate with the best validation accuracy within the measured budget is chosen.
-
-Storage: an Optuna RDB URL; a SQLite file in the run directory by default, so re-running
-continues the study, and a shared PostgreSQL URL lets several machines work on one study.
+"""The search's building blocks: pruning copies of the dense model (:class:`Pruner`), the
+baselines' ratio bisection, the accuracy proxies, end-to-end measurement of candidates, the Optuna
+study and its feasibility test. The procedure that uses them is :mod:`compress.search.procedure`.
 """
 from __future__ import annotations
 
 import copy
 import math
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
 import torch
 from torch import nn
@@ -38,16 +19,6 @@ from ..deploy.timing import time_interleaved
 from .latency_table import LatencyPredictor
 from ..metrics import count_macs, count_params, evaluate
 from ..deploy.onnx_io import export_onnx
-
-
-@dataclass
-class SearchData:
-    """What the accuracy proxy and the fine-tune need (empty for data-free proxies)."""
-
-    train_loader_fn: Callable[[int], Any] | None = None   # seed offset -> loader
-    val: tuple[torch.Tensor, torch.Tensor] | None = None
-    test: tuple[torch.Tensor, torch.Tensor] | None = None
-    calibration: list = field(default_factory=list)
 
 
 class Pruner:
@@ -213,55 +184,6 @@ def feasible(trial, budget_metric: str, limit: float) -> bool:
     """Latency: predicted/dense <= ``limit`` (a fraction); MACs: macs <= ``limit``."""
     key = "predicted_rel" if budget_metric == "latency" else "macs"
     return trial.user_attrs.get(key, math.inf) <= limit + 1e-12
-
-
-def pareto_front(points: list[tuple[float, float]]) -> list[int]:
-    """Indices of points (accuracy up, latency down) that no other point dominates."""
-    front = []
-    for i, (a, t) in enumerate(points):
-        if not any((a2 >= a and t2 <= t) and (a2 > a or t2 < t) for a2, t2 in points):
-            front.append(i)
-    return front
-
-
-def plot_pareto(trials: list[dict], baselines: dict[str, dict], budget_ms: float | None, path: Path,
-                title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6.4, 4.4))
-    xs = [t["predicted_ms"] for t in trials]
-    ys = [t["proxy"] for t in trials]
-    ax.scatter(xs, ys, s=12, c="#9bb", label="trials (predicted latency)")
-    front = sorted(pareto_front(list(zip(ys, xs))), key=lambda i: xs[i])
-    ax.plot([xs[i] for i in front], [ys[i] for i in front], "-o", c="#157", ms=4, label="Pareto front")
-    for name, b in baselines.items():
-        ax.scatter([b["predicted_ms"]], [b["proxy"]], marker="*", s=140, label=name, zorder=5)
-    if budget_ms:
-        ax.axvline(budget_ms, ls="--", c="grey", lw=1, label="budget")
-    ax.set_xlabel("predicted latency (ms)")
-    ax.set_ylabel("accuracy proxy")
-    ax.set_title(title)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
-def comparison_markdown(rows: list[dict], budget_desc: str) -> str:
-    lines = [f"Budget: {budget_desc}", "",
-             "| model | MACs | params | predicted ms | measured ms (p50) | error % | proxy | val acc % | test acc % |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    for r in rows:
-        def f(k, fmt):
-            v = r.get(k)
-            return format(v, fmt) if v is not None else "-"
-        lines.append(f"| {r['name']} | {r['macs']:,} | {r['params']:,} | {f('predicted_ms', '.3f')} | "
-                     f"{f('measured_ms', '.3f')} | {f('error_pct', '+.1f')} | {f('proxy', '.2f')} | "
-                     f"{f('val_accuracy', '.2f')} | {f('test_accuracy', '.2f')} |")
-    return "\n".join(lines) + "\n"
 
 
 def model_row(name: str, model: nn.Module, input_shape, predictor: LatencyPredictor) -> dict:

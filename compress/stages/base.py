@@ -11,19 +11,17 @@ replace it; the runner checkpoints the model after every stage.
 """
 from __future__ import annotations
 
-import random
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, ClassVar
 
-import numpy as np
 import torch
 from torch import nn
 
 from ..config import ModelConfig, Strict
 from ..data import DataBundle, make_loader
 from ..metrics import evaluate, model_stats
-from ..paths import stage_seed
+from ..paths import seed_everything as seed_everything, stage_seed  # re-exported for the runner
 from ..registry import Registry
 from .artifacts import Artifacts
 
@@ -79,12 +77,6 @@ def register_stage(kind: str, config: type, doc: str = ""):
         return fn
 
     return deco
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % (2**32))
-    torch.manual_seed(seed)
 
 
 @dataclass

@@ -2,21 +2,13 @@
 teacher; masks from ``sparsify`` (or any other mask) stay fixed throughout."""
 from __future__ import annotations
 
-from typing import Literal, Optional
+from typing import Literal
 
-from ..train.config import DistillConfig, OptimizerConfig, TrainLoopConfig
+from ..train.config import FinetuneBlock
 from .base import StageConfig
 from ..train.loop import train as train_loop
 from .artifacts import TEACHER
 from .base import StageOutput, register_stage
-
-
-class FinetuneBlock(TrainLoopConfig):
-    """The fine-tune fields, reusable inside other stages (``prune.finetune_between``)."""
-
-    epochs: int = 5
-    optimizer: OptimizerConfig = OptimizerConfig(lr=0.01, momentum=0.9)
-    distill: Optional[DistillConfig] = None
 
 
 class Config(StageConfig, FinetuneBlock):

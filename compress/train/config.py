@@ -37,3 +37,12 @@ class TrainLoopConfig(Strict):
     batch_size: Optional[int] = Field(None, ge=1, description="overrides data.batch_size")
     label_smoothing: float = Field(0.0, ge=0, lt=1)
     grad_clip: Optional[float] = Field(None, gt=0)
+
+
+class FinetuneBlock(TrainLoopConfig):
+    """The fine-tune fields, reusable inside other blocks (``prune.finetune_between``, ``search.finetune``)
+    and the ``finetune`` stage's own."""
+
+    epochs: int = 5
+    optimizer: OptimizerConfig = OptimizerConfig(lr=0.01, momentum=0.9)
+    distill: Optional[DistillConfig] = None

@@ -1,4 +1,5 @@
 """compress: prune, 2:4-sparsify, distil, export and benchmark PyTorch models from one recipe."""
-__version__ = "0.1.0"
+from .api import load
 
-from .api import load  # noqa: E402,F401
+__version__ = "0.1.0"
+__all__ = ["__version__", "load"]

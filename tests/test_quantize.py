@@ -127,7 +127,9 @@ def test_recipe_int8_consumers_need_an_int8_export(write_recipe):
     assert res.returncode == 2 and "Traceback" not in res.stderr
     text = write_recipe(r).read_text()
     line = next(i for i, t in enumerate(text.splitlines(), 1) if "precision: int8" in t)
-    assert "stages[7].precision: needs the int8 ONNX model" in res.stderr and f"(line {line})" in res.stderr
+    # an order error at validate time (exit 2), naming the field and the recipe switch that fixes it
+    assert "stages[7].precision: the tensorrt stage needs the onnx.int8" in res.stderr, res.stderr
+    assert "'int8: true'" in res.stderr and f"(line {line})" in res.stderr
     r["stages"][5]["onnx"]["int8"] = True
     assert validate_data(r).stages[5].onnx.int8.calibration_batches == 8
     r = tiny_recipe()
@@ -143,12 +145,18 @@ def test_recipe_int8_consumers_need_an_int8_export(write_recipe):
 
 
 def test_int8_accuracy_gate():
-    recipe = validate_data(tiny_recipe(gates={"max_int8_accuracy_drop": 1.0}))
+    r = tiny_recipe(gates={"max_int8_accuracy_drop": 1.0})
+    with pytest.raises(InputError) as ei:  # the gate without an int8 export is refused at validate time
+        validate_data(r)
+    assert ei.value.field == "gates.max_int8_accuracy_drop" and "int8: true" in str(ei.value)
+    r["stages"][5]["onnx"]["int8"] = True
+    recipe = validate_data(r)
     final = {"accuracy": 97.0}
     ok = check_gates(recipe, {"accuracy": 97.5}, final, {"export": {"int8_accuracy": 96.5}})
     assert ok["passed"] and ok["checked"]["int8_accuracy_drop"] == pytest.approx(0.5)
     bad = check_gates(recipe, {"accuracy": 97.5}, final, {"export": {"int8_accuracy": 95.0}})
     assert not bad["passed"] and "int8 accuracy drop 2.00 pp" in bad["failures"][0]
+    # the end-of-run fallback when the summary lacks the number (validate refuses such a recipe up front)
     missing = check_gates(recipe, {"accuracy": 97.5}, final, {"export": {}})
     assert "no export stage wrote an int8 model" in missing["failures"][0]
 

@@ -6,16 +6,16 @@ from pathlib import Path
 from torch import nn
 
 from .model_io import load_portable
+from .paths import last_completed_stage
 from .errors import InputError
 
 
 def final_checkpoint(run_dir: str | Path) -> Path:
     """The checkpoint of the last completed stage of a run."""
-    stages = Path(run_dir) / "stages"
-    done = sorted(p for p in stages.glob("*-*") if (p / "DONE").exists()) if stages.is_dir() else []
-    if not done:
+    last = last_completed_stage(run_dir)
+    if last is None:
         raise InputError(f"no completed stage under {str(run_dir)!r}", field="run_dir")
-    return done[-1]
+    return last
 
 
 def load(run_dir: str | Path, which: str = "final") -> nn.Module:

@@ -9,6 +9,7 @@ from torch import nn
 
 from . import paths
 from .model_io import load_portable
+from .paths import last_completed_stage
 from .errors import InputError
 from .pipeline.run_dir import rerun_from, same_prefix
 from .pipeline.runner import run_recipe
@@ -17,11 +18,10 @@ from .recipe import Recipe, apply_overrides, load_recipe, validate_data
 
 def final_checkpoint(run_dir: str | Path) -> Path:
     """The checkpoint of the last completed stage of a run."""
-    stages = Path(run_dir) / "stages"
-    done = sorted(p for p in stages.glob("*-*") if (p / "DONE").exists()) if stages.is_dir() else []
-    if not done:
+    last = last_completed_stage(run_dir)
+    if last is None:
         raise InputError(f"no completed stage under {str(run_dir)!r}", field="run_dir")
-    return done[-1]
+    return last
 
 
 def load(run_dir: str | Path, which: str = "final") -> nn.Module:

@@ -248,6 +248,55 @@ def check_sparsity_cmd(onnx_file: Path = typer.Argument(..., help="model.onnx"),
     _guard(go)
 
 
+@app.command()
+def benchmark(
+    target: List[Path] = typer.Argument(..., metavar="TARGET",
+                                        help="a run directory, or one or two ONNX files: compressed, then dense"),
+    backend: List[str] = typer.Option(["onnxruntime"], "--backend",
+                                      help="onnxruntime | onnxruntime_int8 | torch | torch_compile | tensorrt; "
+                                           "repeatable or comma-separated"),
+    batch: List[str] = typer.Option(["1,32"], "--batch", help="batch sizes, e.g. 1,8,32"),
+    precision: str = typer.Option("fp16", "--precision", help="tensorrt engines: fp32 | fp16 | int8 | best"),
+    threads: int = typer.Option(1, "--threads", help="intra-op threads (fixed, so numbers are comparable)"),
+    warmup: int = typer.Option(10, "--warmup", help="untimed calls per model first"),
+    iters: int = typer.Option(100, "--iters", help="timed calls per model per batch size"),
+    rounds: int = typer.Option(10, "--rounds", help="interleaving rounds (order flips each round)"),
+    dim: List[str] = typer.Option([], "--dim", help="size of a symbolic input dimension other than the batch: "
+                                                    "NAME=N, e.g. seq=128"),
+    device: str = typer.Option("auto", "--device", help="torch backends: auto | cpu | cuda"),
+    rebuild: bool = typer.Option(False, "--rebuild", help="tensorrt: build engines even where OUT holds them"),
+    out: Path = typer.Option(Path("runs/benchmark"), "--out", help="writes benchmark.json, benchmark.md, the plot"),
+    format: str = typer.Option("text", "--format", help="text | json (the record on stdout)"),
+):
+    """Time dense vs compressed on this machine, without the dataset or the recipe's code: TARGET is
+    a run directory (its recorded ONNX files) or one or two ONNX files (compressed, then dense)."""
+
+    def go():
+        from .pipeline.bench_target import benchmark_target, parse_batches, parse_dims, split_list
+
+        if format not in ("text", "json"):
+            raise InputError("must be text or json", field="--format")
+        rec, files = benchmark_target(target, split_list(backend), parse_batches(batch), out=out, threads=threads,
+                                      warmup=warmup, iters=iters, rounds=rounds, precision=precision,
+                                      dims=parse_dims(dim), device=device, rebuild=rebuild)
+        if format == "json":
+            typer.echo(json.dumps(rec, indent=2))
+            return
+        t, dev = rec["target"], rec["device"]
+        typer.echo(f"{t['compressed']}" + (f" vs {t['dense']}" if t["dense"] else "")
+                   + f" ({rec['settings']['threads']} thread(s); {dev['cpu']}" + (f"; {dev['gpu']}" if "gpu" in dev else "")
+                   + ")")
+        typer.echo(f"  {'backend':16s} {'batch':>5s} {'compressed p50':>15s} {'dense p50':>10s} {'speedup':>8s}")
+        for r in rec["rows"]:
+            dense = f"{r['dense_ms_p50']:.3f} ms" if "dense_ms_p50" in r else "-"
+            speedup = f"{r['speedup']:.2f}x" if "speedup" in r else "-"
+            typer.echo(f"  {r['backend']:16s} {r['batch_size']:>5d} {r['compressed_ms_p50']:>12.3f} ms "
+                       f"{dense:>10s} {speedup:>8s}")
+        typer.echo(f"wrote {', '.join(str(f) for f in files)}")
+
+    _guard(go)
+
+
 analyze_app = typer.Typer(no_args_is_help=True, help="Analyses: linear mode connectivity, instability.")
 app.add_typer(analyze_app, name="analyze")
 

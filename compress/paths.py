@@ -42,6 +42,13 @@ def is_done(folder: str | Path) -> bool:
     return (Path(folder) / DONE).exists()
 
 
+def last_completed_stage(run_dir: str | Path) -> Path | None:
+    """The folder of the last stage that finished (``stages/NN-kind/`` with ``DONE``), or None."""
+    stages = Path(run_dir) / "stages"
+    done = sorted(p for p in stages.glob("*-*") if is_done(p)) if stages.is_dir() else []
+    return done[-1] if done else None
+
+
 def stage_seed(run_seed: int, index: int) -> int:
     """Per-stage seed: resuming at stage k reproduces what an uninterrupted run does there, and an
     analysis of stage k (instability) sees the same data order and validation split."""

@@ -105,7 +105,10 @@ def test_tensorrt_unavailable_says_why():
 def _ctx(tmp_path, model, dense, shape):
     onnx_c = export_onnx(model, shape, tmp_path / "model.onnx")
     onnx_d = export_onnx(dense, shape, tmp_path / "dense.onnx")
-    return SimpleNamespace(summary={"export": {"onnx": "model.onnx", "dense_onnx": "dense.onnx"}}, run_dir=tmp_path,
+    from compress.stages.artifacts import Artifacts, OnnxFiles
+
+    return SimpleNamespace(artifacts=Artifacts(onnx=OnnxFiles(fp32="model.onnx", dense_fp32="dense.onnx")),
+                           path=lambda rel: None if rel is None else tmp_path / rel, run_dir=tmp_path,
                            stage_dir=tmp_path, model=model, dense=dense, input_shape=shape,
                            device=torch.device("cpu"), index=4), onnx_c, onnx_d
 

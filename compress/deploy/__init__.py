@@ -1,1 +1,1 @@
-"""Deployment: ONNX export and checks, int8 Q/DQ, TensorRT engines, file names, the one interleaved timer and the benchmark backends."""
+"""Deployment: ONNX export and checks, int8 Q/DQ, TensorRT engines, file names, random inputs from an ONNX graph, the one interleaved timer, the benchmark backends and the dense-vs-compressed benchmark (stage and command)."""

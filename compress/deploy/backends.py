@@ -8,12 +8,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Callable
 
-import numpy as np
-
+from ..errors import InputError
 from ..registry import Registry
 from ..sparsity.n_m import is_n_m_sparse
 from . import tensorrt as trb
 from .files import engine_name, int8_onnx_beside
+from .inputs import random_inputs, read_inputs
 from .onnx_io import ort_session
 from .timing import BackendUnavailable, Runner
 
@@ -23,15 +23,23 @@ BACKENDS: Registry[Callable[..., Runner]] = Registry("benchmark backend")
 
 @BACKENDS.register("onnxruntime")
 def onnxruntime_runner(onnx_path: str | Path, model, input_shape, batch_size: int, options: dict) -> Runner:
-    """ONNX Runtime CPU: fixed thread count, sequential execution, IOBinding (input bound once, so
-    the timing is the session's compute, not host copies of a fresh numpy array)."""
+    """ONNX Runtime CPU: fixed thread count, sequential execution, IOBinding (inputs bound once, so
+    the timing is the session's compute, not host copies of fresh numpy arrays). Inputs are random
+    arrays of the graph's input names, types and shapes (:mod:`~compress.deploy.inputs`; options
+    ``dims`` names the sizes of symbolic dimensions other than the batch)."""
     import onnxruntime as ort
 
-    sess = ort_session(onnx_path, threads=options.get("threads", 1))
-    x = np.random.default_rng(0).standard_normal((batch_size, *input_shape)).astype(np.float32)
+    arrays = random_inputs(read_inputs(onnx_path), batch_size, options.get("dims"), input_shape)
+    try:
+        sess = ort_session(onnx_path, threads=options.get("threads", 1))
+    except Exception as exc:  # onnxruntime raises its own types (INVALID_GRAPH, NOT_IMPLEMENTED, ...)
+        first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+        raise InputError(f"ONNX Runtime cannot load {str(onnx_path)!r}: {first}") from None
     binding = sess.io_binding()
-    binding.bind_ortvalue_input(sess.get_inputs()[0].name, ort.OrtValue.ortvalue_from_numpy(x))
-    binding.bind_output(sess.get_outputs()[0].name, "cpu")
+    for name, x in arrays.items():
+        binding.bind_ortvalue_input(name, ort.OrtValue.ortvalue_from_numpy(x))
+    for out in sess.get_outputs():
+        binding.bind_output(out.name, "cpu")
 
     def run() -> None:
         sess.run_with_iobinding(binding)
@@ -127,13 +135,24 @@ def torch_compile_runner(onnx_path, model, input_shape, batch_size: int, options
 
 @BACKENDS.register("tensorrt")
 def tensorrt_runner(onnx_path, model, input_shape, batch_size: int, options: dict) -> Runner:
-    """A TensorRT engine built from the ONNX file (SPARSE_WEIGHTS on, precision from options),
-    cached beside it per batch size. Each call runs once and waits for the stream."""
+    """A TensorRT engine built from the ONNX file (SPARSE_WEIGHTS on, precision from options), one
+    per precision and batch size, with a timing cache that makes rebuilds fast. Engines and cache
+    sit beside the ONNX file, or in ``options["engine_dir"]`` (one subfolder per role: dense and
+    compressed files may share a name). With ``options["reuse_engines"]`` an engine already there
+    is loaded instead of rebuilt, once its build record says it was built on this GPU model with
+    this TensorRT (engines are not portable). Each call runs once and waits for the stream."""
     trt = trb.require_tensorrt()
+    root = Path(options["engine_dir"]) if options.get("engine_dir") else Path(onnx_path).parent
+    engine_dir = root / options.get("role", "") if options.get("engine_dir") else root
     opts = trb.BuildOptions(precision=options.get("precision", "fp16"), sparse_weights=True,
                             min_batch=1, opt_batch=batch_size, max_batch=batch_size,
-                            timing_cache=str(Path(onnx_path).parent / "trt.timing.cache"))
+                            timing_cache=str(root / "trt.timing.cache"))
     onnx_path = trb.onnx_for_precision(onnx_path, opts.precision, trb.use_strong_typing(trt, opts.typing))
     name = engine_name(onnx_path, opts.precision, batch_size)
-    built = trb.build_engine(onnx_path, onnx_path.parent, name, opts)
-    return trb.EngineRunner(built.engine, batch_size, cuda_graph=options.get("cuda_graph", False))
+    engine = engine_dir / f"{name}.engine"
+    if options.get("reuse_engines") and engine.is_file():
+        trb.check_engine_here(engine, trt)
+    else:
+        engine = Path(trb.build_engine(onnx_path, engine_dir, name, opts).engine)
+    inputs = random_inputs(read_inputs(onnx_path), batch_size, options.get("dims"), input_shape)
+    return trb.EngineRunner(engine, batch_size, cuda_graph=options.get("cuda_graph", False), inputs=inputs)

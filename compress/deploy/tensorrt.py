@@ -25,6 +25,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Iterable, Literal
 
+from ..errors import InputError
 from ..io import atomic_write_bytes, atomic_write_json, atomic_write_text
 from .files import int8_onnx_beside, onnx_sibling, precision_of
 from .onnx_io import export_fp16_onnx
@@ -158,6 +159,68 @@ def _make_logger(trt, lines: list[str]):
 
 
 # ---------------------------------------------------------------------------------------------
+# Portability: an engine runs only on the GPU model and TensorRT version that built it
+
+NOT_PORTABLE = ("TensorRT engines are not portable between GPUs or TensorRT versions: rebuild it on this "
+                "machine (compress benchmark --rebuild, or delete the engine)")
+# What TensorRT logs when a plan cannot (or should not) run here: another compute capability,
+# another TensorRT version, another GPU model of the same capability (a warning: it loads, but its
+# tactics were timed on the other GPU), or bytes that are not a plan at all.
+_NOT_HERE = ("incompatible device", "please rebuild", "not compatible with this version", "version tag does not match",
+             "across different models of devices", "magictag", "serialization assertion")
+
+
+def device_record(trt) -> dict:
+    """What an engine is tied to: the GPU model, its compute capability, the TensorRT version."""
+    import torch
+
+    major, minor = torch.cuda.get_device_capability()
+    return {"gpu": torch.cuda.get_device_name(), "compute_capability": f"{major}.{minor}",
+            "tensorrt": trt.__version__}
+
+
+def device_file(engine_path: str | Path) -> Path:
+    """``<name>.device.json`` beside ``<name>.engine``: the :func:`device_record` of its build."""
+    engine_path = Path(engine_path)
+    return engine_path.with_name(engine_path.name.removesuffix(".engine") + ".device.json")
+
+
+def engine_device_mismatch(engine_path: str | Path, built_on: dict, here: dict) -> InputError | None:
+    """The error for an engine recorded as built on another GPU model / capability / TensorRT
+    version than ``here``, or None when they agree."""
+    keys = ("gpu", "compute_capability", "tensorrt")
+    if all(built_on.get(k) == here.get(k) for k in keys):
+        return None
+    desc = (lambda d: f"{d.get('gpu', '?')} (compute {d.get('compute_capability', '?')}, TensorRT {d.get('tensorrt', '?')})")
+    return InputError(f"TensorRT engine {Path(engine_path).name} was built on {desc(built_on)}, this machine has "
+                      f"{desc(here)}; {NOT_PORTABLE}")
+
+
+def engine_load_problem(log_lines: Iterable[str]) -> str | None:
+    """The TensorRT log line that says a deserialised plan does not belong on this machine, or None."""
+    for line in log_lines:
+        if any(mark in line.lower() for mark in _NOT_HERE):
+            return re.sub(r"^\[[A-Z_]+\]\s*", "", line.strip())[:240]
+    return None
+
+
+def engine_load_error(engine_path: str | Path, log_lines: Iterable[str]) -> InputError:
+    """The one-line error for a plan TensorRT refused (or warned about) on this machine."""
+    reason = engine_load_problem(log_lines) or "deserialisation failed"
+    return InputError(f"TensorRT cannot use engine {Path(engine_path).name} here ({reason}); {NOT_PORTABLE}")
+
+
+def check_engine_here(engine_path: str | Path, trt) -> None:
+    """Before reusing a cached engine: an InputError when its build record names another GPU model
+    or TensorRT version (an engine without a record is checked when it is deserialised)."""
+    record = device_file(engine_path)
+    if record.is_file():
+        err = engine_device_mismatch(engine_path, json.loads(record.read_text()), device_record(trt))
+        if err is not None:
+            raise err
+
+
+# ---------------------------------------------------------------------------------------------
 # Build
 
 @dataclass
@@ -264,6 +327,7 @@ def build_engine(onnx_path: str | Path, out_dir: str | Path, name: str, opts: Bu
         raise ValueError(f"TensorRT engine build failed for {onnx_path}; see {out_dir / (name + '.build.log')}")
     blob = bytes(memoryview(serialized))
     engine_path = out_dir / f"{name}.engine"
+    atomic_write_json(device_file(engine_path), device_record(trt))  # before the engine: an engine always has one
     atomic_write_bytes(engine_path, blob)
     if cache_path is not None:
         atomic_write_bytes(cache_path, bytes(memoryview(config.get_timing_cache().serialize())))
@@ -288,7 +352,10 @@ class EngineRunner:
     """One engine, one execution context, device buffers from torch (no extra CUDA bindings), a
     private stream; optionally replays a captured CUDA graph. ``__call__`` runs once and waits."""
 
-    def __init__(self, engine_path: str | Path, batch_size: int, cuda_graph: bool = False):
+    def __init__(self, engine_path: str | Path, batch_size: int, cuda_graph: bool = False,
+                 inputs: dict | None = None):
+        """``inputs``: numpy arrays by input name (random ones from the ONNX graph); inputs not
+        given are filled with standard normal values, the batch (a dynamic first axis) ``batch_size``."""
         import numpy as np
         import torch
 
@@ -297,19 +364,25 @@ class EngineRunner:
         self._logger = _make_logger(trt, self._lines)
         self._runtime = trt.Runtime(self._logger)
         self.engine = self._runtime.deserialize_cuda_engine(Path(engine_path).read_bytes())
-        if self.engine is None:
-            raise ValueError(f"cannot deserialize {engine_path} (built by another TensorRT version or GPU?)")
+        if self.engine is None or engine_load_problem(self._lines):
+            raise engine_load_error(engine_path, self._lines)
         self.context = self.engine.create_execution_context()
         self.stream = torch.cuda.Stream()
         self.buffers: dict[str, torch.Tensor] = {}
         names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
-        inputs = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
+        input_names = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
         gen = torch.Generator(device="cuda").manual_seed(0)
-        for n in inputs:
-            shape = [batch_size if (i == 0 and d == -1) else d for i, d in enumerate(self.engine.get_tensor_shape(n))]
-            self.context.set_input_shape(n, shape)
+        given = inputs or {}
+        for n in input_names:
             dtype = torch.from_numpy(np.empty(0, dtype=trt.nptype(self.engine.get_tensor_dtype(n)))).dtype
-            t = torch.randn(shape, generator=gen, device="cuda").to(dtype)
+            if n in given:
+                t = torch.from_numpy(np.ascontiguousarray(given[n])).to("cuda", dtype)
+                shape = list(t.shape)
+            else:
+                shape = [batch_size if (i == 0 and d == -1) else d
+                         for i, d in enumerate(self.engine.get_tensor_shape(n))]
+                t = torch.randn(shape, generator=gen, device="cuda").to(dtype)
+            self.context.set_input_shape(n, shape)
             self.buffers[n] = t
         for n in names:
             if n in self.buffers:

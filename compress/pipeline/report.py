@@ -3,9 +3,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..io import atomic_write_bytes, atomic_write_text
-
-PLOT_NAME = "latency_vs_batch.png"
+from ..deploy.bench import LATENCY_PLOT as PLOT_NAME
+from ..deploy.bench import latency_table, plot_latency
+from ..io import atomic_write_text
 
 
 def _fmt(v, nd: int = 2) -> str:
@@ -54,13 +54,7 @@ def render(summary: dict) -> str:
                          f"{_fmt(exp.get('int8_parity_top1_agreement'))}%, {q.get('int8_layers', 0)} of "
                          f"{q.get('layers', 0)} Conv/Gemm/MatMul in int8, 2:4 kept in {sp8.get('sparse_layers', 0)}")
     if summary.get("benchmark"):
-        lines += ["", "## Latency (median of interleaved runs, ms)", "",
-                  "| backend | batch | dense p50 | compressed p50 | compressed p90 | compressed p99 | speedup |",
-                  "|---|---|---|---|---|---|---|"]
-        for r in summary["benchmark"]:
-            lines.append(f"| {r['backend']} | {r['batch_size']} | {_fmt(r.get('dense_ms_p50', float('nan')), 3)} | "
-                         f"{_fmt(r['compressed_ms_p50'], 3)} | {_fmt(r['compressed_ms_p90'], 3)} | "
-                         f"{_fmt(r['compressed_ms_p99'], 3)} | {_fmt(r.get('speedup', float('nan')), 2)}x |")
+        lines += ["", "## Latency (median of interleaved runs, ms)", "", *latency_table(summary["benchmark"])]
     if summary.get("benchmark"):
         lines += ["", f"![latency vs batch size]({PLOT_NAME})"]
     lines += _tensorrt_section(summary.get("tensorrt") or {})
@@ -98,44 +92,6 @@ def _tensorrt_section(trt: dict) -> list[str]:
         lines.append(f"| {t['engine']} | {t['batch_size']} | {t['gpu_ms_p50']:.4f} | {t['gpu_ms_p90']:.4f} | "
                      f"{t['gpu_ms_p99']:.4f} | {t['throughput']:.1f} |")
     return lines
-
-
-def plot_latency(rows: list[dict], path: str | Path) -> Path | None:
-    """Latency (median, p90 as error bar) vs batch size per backend, dense and compressed, as a PNG
-    written atomically. None when there is nothing to plot."""
-    import io
-
-    import matplotlib
-
-    matplotlib.use("Agg")
-    from matplotlib import pyplot as plt
-
-
-    rows = [r for r in rows if "compressed_ms_p50" in r]
-    if not rows:
-        return None
-    fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
-    for backend in sorted({r["backend"] for r in rows}):
-        rs = sorted((r for r in rows if r["backend"] == backend), key=lambda r: r["batch_size"])
-        bs = [r["batch_size"] for r in rs]
-        for role, style in (("dense", "--o"), ("compressed", "-s")):
-            if all(f"{role}_ms_p50" in r for r in rs):
-                p50 = [r[f"{role}_ms_p50"] for r in rs]
-                up = [r[f"{role}_ms_p90"] - r[f"{role}_ms_p50"] for r in rs]
-                ax.errorbar(bs, p50, yerr=[[0] * len(up), up], fmt=style, capsize=3, label=f"{backend} {role}")
-    ax.set_xscale("log", base=2)
-    ax.set_yscale("log")
-    ax.set_xlabel("batch size")
-    ax.set_ylabel("latency per call, ms (median; bar to p90)")
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    plt.close(fig)
-    path = Path(path)
-    atomic_write_bytes(path, buf.getvalue())
-    return path
 
 
 def write_report(run_dir: Path, summary: dict) -> None:

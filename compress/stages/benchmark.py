@@ -1,16 +1,16 @@
 """``benchmark``: dense vs compressed latency on each backend and batch size, interleaved in one
-process, medians and tails."""
+process, medians and tails (:mod:`compress.deploy.bench`, which ``compress benchmark`` shares)."""
 from __future__ import annotations
 
 from typing import Literal
 
-import torch
 from pydantic import Field, field_validator
 
 from .base import StageConfig
 from ..errors import InputError
 from ..deploy.backends import BACKENDS
-from ..deploy.timing import BackendUnavailable, time_interleaved
+from ..deploy.bench import Subject, time_backends
+from ..deploy.timing import BackendUnavailable
 from ..deploy.onnx_io import export_onnx
 from ..progress import log
 from .artifacts import ONNX_INT8
@@ -67,37 +67,20 @@ def run(cfg: Config, ctx) -> StageOutput:
         compressed_onnx = export_onnx(ctx.model, ctx.input_shape, ctx.stage_dir / "compressed.onnx")
     if ctx.dense is not None and (dense_onnx is None or not dense_onnx.exists()):
         dense_onnx = export_onnx(ctx.dense, ctx.input_shape, ctx.stage_dir / "dense.onnx")
-    rows, skipped = [], []
-    threads_before = torch.get_num_threads()
-    for backend in cfg.backends:
-        factory = BACKENDS.get(backend)
-        for bs in cfg.batch_sizes:
-            opts = {"threads": cfg.threads, "device": str(ctx.device), "precision": cfg.precision,
-                    "cuda_graph": cfg.cuda_graph, "semi_structured": cfg.semi_structured}
-            try:
-                runners = {"compressed": factory(compressed_onnx, ctx.model, ctx.input_shape, bs,
-                                                 {**opts, "role": "compressed"})}
-                if dense_onnx is not None:
-                    runners["dense"] = factory(dense_onnx, ctx.dense, ctx.input_shape, bs, {**opts, "role": "dense"})
-            except BackendUnavailable as exc:
-                if not cfg.optional:
-                    raise InputError(f"backend {backend!r} cannot run here: {exc} (mark the stage "
-                                     "'optional: true' to skip it on such machines)",
-                                     field=f"stages[{ctx.index}].backends") from None
-                skipped.append({"backend": backend, "reason": str(exc)})
-                log(f"[yellow]benchmark: {backend} unavailable here ({exc}); skipped[/]")
-                break  # said once per backend, not once per batch size
-            t = time_interleaved(runners, warmup=cfg.warmup, iters=cfg.iters, rounds=cfg.rounds)
-            row = {"backend": backend, "batch_size": bs, "threads": cfg.threads,
-                   "compressed_ms_p50": t["compressed"]["p50"], "compressed_ms_p90": t["compressed"]["p90"],
-                   "compressed_ms_p99": t["compressed"]["p99"],
-                   "compressed_throughput": bs * 1000.0 / t["compressed"]["p50"]}
-            if "dense" in t:
-                row.update({"dense_ms_p50": t["dense"]["p50"], "dense_ms_p90": t["dense"]["p90"],
-                            "dense_ms_p99": t["dense"]["p99"], "dense_throughput": bs * 1000.0 / t["dense"]["p50"],
-                            "speedup": t["dense"]["p50"] / t["compressed"]["p50"]})
-            rows.append(row)
-    torch.set_num_threads(threads_before)
+
+    def unavailable(backend: str, exc: BackendUnavailable) -> None:
+        if not cfg.optional:
+            raise InputError(f"backend {backend!r} cannot run here: {exc} (mark the stage "
+                             "'optional: true' to skip it on such machines)",
+                             field=f"stages[{ctx.index}].backends") from None
+        log(f"[yellow]benchmark: {backend} unavailable here ({exc}); skipped[/]")
+
+    opts = {"device": str(ctx.device), "precision": cfg.precision, "cuda_graph": cfg.cuda_graph,
+            "semi_structured": cfg.semi_structured}
+    dense = Subject(dense_onnx, ctx.dense, ctx.input_shape) if dense_onnx is not None else None
+    rows, skipped = time_backends(Subject(compressed_onnx, ctx.model, ctx.input_shape), dense, cfg.backends,
+                                  cfg.batch_sizes, threads=cfg.threads, warmup=cfg.warmup, iters=cfg.iters,
+                                  rounds=cfg.rounds, options=opts, on_unavailable=unavailable)
     none_ran = "; ".join(f"{s['backend']}: {s['reason']}" for s in skipped) if not rows else None
     return StageOutput(metrics={"rows": len(rows), "skipped_backends": skipped}, skipped=none_ran,
                        summary={"benchmark": rows, **({"benchmark_skipped": skipped} if skipped else {})})

@@ -45,6 +45,7 @@ def _guard(fn):
         raise
     except KeyboardInterrupt:
         _err("interrupted")
+        _said_interrupted.append(True)
         raise typer.Exit(EXIT_INTERRUPTED)
     except Exception:
         traceback.print_exc()
@@ -301,15 +302,16 @@ analyze_app = typer.Typer(no_args_is_help=True, help="Analyses: linear mode conn
 app.add_typer(analyze_app, name="analyze")
 
 
-def _load_any(path: Path):
-    """A portable checkpoint folder (arch.json) or a run directory (its final model)."""
+def _load_any(path: Path, allow=(), trust_code: bool = False):
+    """A portable checkpoint folder (arch.json) or a run directory (its final model); only zoo
+    factories unless allowed (a run directory is data, not code)."""
     from .api import load
     from .model_io import load_portable
 
     if (path / "arch.json").is_file():
-        return load_portable(path)
+        return load_portable(path, allow=allow, trust_code=trust_code)
     if path.is_dir():
-        return load(path)
+        return load(path, allow=allow, trust_code=trust_code)
     raise InputError(f"{str(path)!r} is neither a run directory nor a checkpoint folder", field="checkpoint")
 
 
@@ -319,7 +321,11 @@ def analyze_interpolate(a: Path = typer.Argument(..., help="run directory or che
                         recipe: Path = typer.Option(..., "--recipe", help="recipe whose data block gives the test set"),
                         points: int = typer.Option(30, "--points", min=2),
                         out: Path = typer.Option(Path("runs/interpolate"), "--out"),
-                        set_: List[str] = typer.Option([], "--set")):
+                        set_: List[str] = typer.Option([], "--set"),
+                        allow: List[str] = typer.Option([], "--allow", help="also build factories of this module "
+                                                        "(prefix) named in arch.json"),
+                        trust_code: bool = typer.Option(False, "--trust-code", help="build any factory arch.json "
+                                                        "names (only for run directories you trust)")):
     """Test error along the straight line between two networks and its barrier (e.g. dense vs sparse)."""
 
     def go():
@@ -327,7 +333,7 @@ def analyze_interpolate(a: Path = typer.Argument(..., help="run directory or che
         from .recipe import load_recipe
 
         r = load_recipe(recipe, list(set_))
-        res = interpolate(_load_any(a), _load_any(b), r.data, r.model.input_shape, r.seed, out, points=points,
+        res = interpolate(_load_any(a, allow, trust_code), _load_any(b, allow, trust_code), r.data, r.model.input_shape, r.seed, out, points=points,
                           names=(str(a), str(b)), label=f"{a.name} -> {b.name}")
         curve = res["curve"]
         typer.echo(f"error {curve[0]['error']:.2f}% -> {curve[-1]['error']:.2f}%, "
@@ -363,10 +369,18 @@ def analyze_instability(recipe: Path = typer.Argument(..., help="recipe with a l
     _guard(go)
 
 
+_said_interrupted: list[bool] = []
+
+
 def main() -> None:
     try:
         app()
-    except SystemExit as exc:
+    except KeyboardInterrupt:
+        _err("interrupted")
+        sys.exit(EXIT_INTERRUPTED)
+    except SystemExit as exc:  # a Ctrl-C outside a command (parsing, the callback) exits 130 silently in typer
+        if exc.code == EXIT_INTERRUPTED and not _said_interrupted:
+            _err("interrupted")
         sys.exit(exc.code)
 
 

@@ -155,22 +155,137 @@ def save_portable(model: nn.Module, directory: str | Path, factory: str, kwargs:
     atomic_write_json(directory / "arch.json", arch)
 
 
-def load_portable(directory: str | Path) -> nn.Module:
-    """Rebuild a (possibly pruned, masked) model from a portable checkpoint directory."""
+# ---------------------------------------------------------------------------------------------
+# Reading a portable checkpoint someone else wrote: arch.json is data, not code.
+
+def is_zoo_factory(spec: str) -> bool:
+    """A bare zoo name or ``compress.zoo:<registered name>``: building it runs no code from elsewhere."""
+    if ":" not in spec:
+        return spec in zoo.MODELS
+    module, _, attr = spec.partition(":")
+    return module == "compress.zoo" and attr in zoo.MODELS
+
+
+def factory_allowed(spec: str, allow=(), trust_code: bool = False) -> bool:
+    """Whether a factory named in an ``arch.json`` may be imported and called: the zoo; anything with
+    ``trust_code``; or a match in ``allow`` — a module prefix (``"mypkg"`` allows ``mypkg.models:net``)
+    or an exact ``module:callable``."""
+    if trust_code or is_zoo_factory(spec):
+        return True
+    if ":" not in spec:
+        return False
+    module = spec.partition(":")[0]
+    for entry in allow or ():
+        entry = str(entry)
+        if ":" in entry:
+            if factory_path(entry) == spec:
+                return True
+        elif module == entry or module.startswith(entry + "."):
+            return True
+    return False
+
+
+def read_json_file(path: str | Path, what: str = "JSON") -> Any:
+    """A JSON file of a run directory or checkpoint; an InputError naming the file when it is
+    missing, unreadable or damaged."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError("file does not exist", field=str(path))
+    try:
+        return json.loads(path.read_bytes().decode("utf-8"))
+    except json.JSONDecodeError as exc:
+        raise InputError(f"damaged: not valid {what} ({exc.msg}, line {exc.lineno} column {exc.colno})",
+                         field=str(path)) from None
+    except UnicodeDecodeError:
+        raise InputError(f"damaged: not valid {what} (not UTF-8 text)", field=str(path)) from None
+    except OSError as exc:
+        raise InputError(f"cannot read it: {exc.strerror or exc}", field=str(path)) from None
+
+
+def check_safetensors(path: str | Path) -> None:
+    """Check a ``.safetensors`` file's header and that the file holds every byte the header
+    promises (a truncated copy fails here, naming the file), without reading the tensors."""
+    import struct
+
+    path = Path(path)
+    if not path.is_file():
+        raise InputError("file does not exist", field=str(path))
+    size = path.stat().st_size
+    try:
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise ValueError(f"{size} bytes, shorter than a header")
+            (n,) = struct.unpack("<Q", head)
+            if n > size - 8:
+                raise ValueError("truncated inside its header")
+            header = json.loads(f.read(n).decode("utf-8"))
+        if not isinstance(header, dict):
+            raise ValueError("the header is not a JSON object")
+        end = max((int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"), default=0)
+    except (ValueError, KeyError, TypeError, IndexError) as exc:
+        raise InputError(f"damaged: not a readable safetensors file ({str(exc).splitlines()[0][:120]})",
+                         field=str(path)) from None
+    if size < 8 + n + end:
+        raise InputError(f"damaged: truncated ({size} bytes of {8 + n + end})", field=str(path))
+
+
+def read_arch(directory: str | Path, allow=(), trust_code: bool = False) -> dict[str, Any]:
+    """``arch.json`` of a portable checkpoint, checked: format, fields, and a factory that may be
+    called (see :func:`factory_allowed`); refusing names the file and how to allow it."""
+    arch_path = Path(directory) / "arch.json"
+    arch = read_json_file(arch_path, "JSON")
+    if not isinstance(arch, dict):
+        raise InputError("damaged: not a JSON object", field=str(arch_path))
+    if arch.get("format") != ARCH_FORMAT:
+        raise InputError(f"unsupported format {arch.get('format')!r} (expected {ARCH_FORMAT})", field=str(arch_path))
+    factory, kwargs = arch.get("factory"), arch.get("kwargs") or {}
+    if not isinstance(factory, str) or not factory or not isinstance(kwargs, dict) \
+            or not isinstance(arch.get("modules", {}), dict) \
+            or not all(isinstance(v, dict) for v in arch.get("modules", {}).values()):
+        raise InputError("damaged: 'factory' must be a string, 'kwargs' and 'modules' objects", field=str(arch_path))
+    if not factory_allowed(factory, allow, trust_code):
+        module = factory.partition(":")[0]
+        raise InputError(f"factory {factory!r} is not a model-zoo factory; loading would import and call it "
+                         f"(a run directory is data, not code). If you trust this directory, allow it: "
+                         f"compress.load(..., allow=[{module.split('.')[0]!r}]) or trust_code=True; "
+                         f"--trust-code on the command line", field=str(arch_path))
+    return arch
+
+
+def verify_portable(directory: str | Path, allow=(), trust_code: bool = False) -> None:
+    """Everything :func:`load_portable` can check without building the model: both files exist,
+    ``arch.json`` parses and names an allowed factory, the weights are not truncated."""
+    read_arch(directory, allow, trust_code)
+    check_safetensors(Path(directory) / "model.safetensors")
+
+
+def load_portable(directory: str | Path, allow=(), trust_code: bool = False) -> nn.Module:
+    """Rebuild a (possibly pruned, masked) model from a portable checkpoint directory.
+
+    ``arch.json`` names the factory that builds the model. Only model-zoo factories are called
+    unless ``trust_code`` is set or ``allow`` names the factory's module (prefix) or the exact
+    ``module:callable``: a tampered ``arch.json`` must not run arbitrary code. A damaged file is an
+    InputError naming it."""
     from safetensors.torch import load_file
 
     directory = Path(directory)
-    arch_path, weights = directory / "arch.json", directory / "model.safetensors"
-    for p in (arch_path, weights):
-        if not p.is_file():
-            raise InputError(f"file {str(p)!r} does not exist", field="checkpoint")
-    arch = json.loads(arch_path.read_text())
-    if arch.get("format") != ARCH_FORMAT:
-        raise InputError(f"unsupported arch.json format {arch.get('format')!r}", field="checkpoint")
-    model = build_model(arch["factory"], arch.get("kwargs") or {}, field="arch.factory")
+    weights = directory / "model.safetensors"
+    arch = read_arch(directory, allow, trust_code)
+    check_safetensors(weights)
+    model = build_model(arch["factory"], arch.get("kwargs") or {}, field=str(directory / "arch.json"))
     _restore_attrs(model, arch.get("modules", {}))
-    sd = load_file(str(weights))
+    try:
+        sd = load_file(str(weights))
+    except Exception as exc:  # safetensors raises its own error types
+        raise InputError(f"damaged: {str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__}",
+                         field=str(weights)) from None
     _reshape_to(model, sd)
-    model.load_state_dict(sd, strict=True)
+    try:
+        model.load_state_dict(sd, strict=True)
+    except RuntimeError as exc:
+        msg = " ".join(line.strip() for line in str(exc).strip().splitlines()[:2])
+        raise InputError(f"the weights do not fit the model arch.json describes: {msg[:300]}",
+                         field=str(weights)) from None
     model.eval()
     return model

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Optional, Union
 
 import yaml
-from pydantic import Field, TypeAdapter, ValidationError, model_validator
+from pydantic import Field, TypeAdapter, ValidationError, field_validator, model_validator
 
 from .config import ModelConfig, Strict
 from .data.config import DataConfig
@@ -34,14 +34,32 @@ def _stage_union():
 StageUnion = _stage_union()
 
 
+# Names Windows reserves for devices (with any extension): a recipe may travel to such a machine.
+_RESERVED_NAMES = {"CON", "PRN", "AUX", "NUL", *(f"COM{i}" for i in range(1, 10)), *(f"LPT{i}" for i in range(1, 10))}
+
+
 class Recipe(Strict):
-    name: str = Field(..., min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
+    name: str = Field(..., min_length=1, max_length=255, pattern=r"^[A-Za-z0-9_.-]+$",
+                      description="the run's name; the default run directory is runs/<name>")
     seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
     model: ModelConfig
     data: DataConfig = Field(default_factory=DataConfig)
     stages: list[StageUnion] = Field(default_factory=list)  # type: ignore[valid-type]
     gates: Gates = Field(default_factory=Gates)
+
+    @field_validator("name")
+    @classmethod
+    def _plain_folder_name(cls, v: str) -> str:
+        """``name`` is a folder name (runs/<name>): never '.', '..', an option-like or reserved name."""
+        if set(v) == {"."}:
+            raise ValueError(f"{v!r} is not a folder name of its own (the run would land in runs/{v}); "
+                             "use letters, digits, '_', '-' or '.'")
+        if v.startswith("-"):
+            raise ValueError("must not start with '-' (it would read as a command-line option)")
+        if v.split(".")[0].upper() in _RESERVED_NAMES:
+            raise ValueError(f"{v!r} is a reserved device name on Windows")
+        return v
 
     @model_validator(mode="after")
     def _checks(self):

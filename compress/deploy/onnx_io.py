@@ -12,6 +12,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..io import temp_name
 from ..metrics import logits_of
 
 
@@ -143,8 +144,7 @@ def export_pt2(model: nn.Module, input_shape, path: str | Path, dynamic_batch: b
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         program = torch.export.export(wrapped, (example,), dynamic_shapes=dyn)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".pt2")
-    os.close(fd)
+    tmp = temp_name(path, ".pt2")  # created by torch.export.save: the umask applies (mkstemp: 0600)
     try:
         torch.export.save(program, tmp)
         os.replace(tmp, path)

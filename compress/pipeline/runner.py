@@ -13,7 +13,7 @@ import torch
 from .. import paths
 from ..data import build_data
 from ..errors import GateError, InputError
-from ..io import atomic_write_json, atomic_write_text
+from ..io import atomic_write_json, atomic_write_text, os_errors
 from ..model_io import build_model, load_portable, load_weights, save_portable
 from ..progress import log
 from ..recipe import Recipe
@@ -22,7 +22,7 @@ from ..stages.artifacts import TEACHER
 from ..stages.base import seed_everything
 from .gates import check_gates
 from .report import write_report
-from .run_dir import prepare_run_dir, read_stage_result
+from .run_dir import open_run_dir, read_stage_result
 
 
 def resolve_device(name: str) -> torch.device:
@@ -39,11 +39,16 @@ def _save_model(model, directory: Path, recipe: Recipe) -> None:
 
 def run_recipe(recipe: Recipe, run_dir: str | Path, resume: bool = False) -> dict[str, Any]:
     """Run every stage; return the summary. Raises GateError (after writing everything) when a
-    gate fails."""
+    gate fails. The run directory is locked while this runs (see :mod:`.run_dir`); a full disk, a
+    read-only file system or a permission is an EnvironmentFailure naming the path."""
     run_dir = Path(run_dir)
     device = resolve_device(recipe.device)
     seed_everything(recipe.seed)
-    start = prepare_run_dir(run_dir, recipe, resume)
+    with os_errors(run_dir, action="access"), open_run_dir(run_dir, recipe, resume) as start:
+        return _run(recipe, run_dir, device, start)
+
+
+def _run(recipe: Recipe, run_dir: Path, device: torch.device, start: int) -> dict[str, Any]:
     data = build_data(recipe.data, tuple(recipe.model.input_shape), recipe.seed)
 
     model = build_model(recipe.model.factory, recipe.model.kwargs)
@@ -54,9 +59,10 @@ def run_recipe(recipe: Recipe, run_dir: str | Path, resume: bool = False) -> dic
     results: list[dict] = []
     summary: dict[str, Any] = {}
     if start > 0:  # resume: restore model, teacher, artifacts and the results of completed stages
-        model = load_portable(paths.stage_dir(run_dir, start - 1, recipe.stages[start - 1].kind))
+        own = [recipe.model.factory]  # the recipe names the factory: resuming it runs no one else's code
+        model = load_portable(paths.stage_dir(run_dir, start - 1, recipe.stages[start - 1].kind), allow=own)
         if paths.is_done(paths.dense_dir(run_dir)):
-            dense = load_portable(paths.dense_dir(run_dir))
+            dense = load_portable(paths.dense_dir(run_dir), allow=own)
         for i in range(start):
             rec = read_stage_result(run_dir, i, recipe.stages[i].kind)
             results.append(rec["stage"])

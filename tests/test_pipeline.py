@@ -111,7 +111,9 @@ def test_load_in_fresh_process_without_pickle(tiny_run, tmp_path):
     script = (
         "import pickle, sys\n"
         "def _no(*a, **k): raise RuntimeError('unpickling attempted')\n"
-        "pickle.load = pickle.loads = _no; pickle.Unpickler = None\n"
+        "class _Poisoned(pickle.Unpickler):\n"
+        "    def __init__(self, *a, **k): _no()\n"
+        "pickle.load = pickle.loads = _no; pickle.Unpickler = _Poisoned\n"
         "import torch, compress\n"
         f"m = compress.load({str(out)!r})\n"
         "x = torch.randn(3, 1, 8, 8, generator=torch.Generator().manual_seed(0))\n"

@@ -2,7 +2,7 @@
 teacher; masks from ``sparsify`` (or any other mask) stay fixed throughout."""
 from __future__ import annotations
 
-from typing import Literal, Optional
+from typing import ClassVar, Literal, Optional
 
 from ..train.config import DistillConfig, OptimizerConfig, TrainLoopConfig
 from .base import StageConfig
@@ -21,6 +21,7 @@ class FinetuneBlock(TrainLoopConfig):
 
 class Config(StageConfig, FinetuneBlock):
     kind: Literal["finetune"] = "finetune"
+    changes_weights: ClassVar[bool] = True
 
     def needs(self) -> dict[str, str]:
         return {TEACHER: "distill"} if self.distill is not None else {}

@@ -170,17 +170,47 @@ def inspect(recipe: Path = typer.Argument(...),
     _guard(go)
 
 
+def _check_out_file(out: Path) -> None:
+    """``--out FILE``: refuse a directory, or a path under a file, before writing anything."""
+    try:
+        if out.is_dir():
+            raise InputError(f"{str(out)!r} is a directory; give a file name, e.g. "
+                             f"{str(out / 'recipe.schema.json')!r}", field="--out")
+        for parent in out.parents:
+            if parent.exists():
+                if not parent.is_dir():
+                    raise InputError(f"cannot write {str(out)!r}: {str(parent)!r} is a file, not a directory",
+                                     field="--out")
+                break
+    except OSError as exc:  # a name too long, a loop of links
+        raise InputError(f"cannot write {str(out)[:200]!r}: {exc.strerror or exc}", field="--out") from None
+
+
+def _write_out_file(out: Path, text: str) -> None:
+    import errno
+
+    from .io import atomic_write_text
+
+    _check_out_file(out)
+    try:
+        atomic_write_text(out, text)
+    except OSError as exc:
+        why = exc.strerror or str(exc)
+        if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT):
+            raise EnvironmentFailure(f"--out: cannot write {str(out)!r}: {why}") from None
+        raise InputError(f"cannot write {str(out)[:200]!r}: {why}", field="--out") from None
+
+
 @app.command()
 def schema(out: Optional[Path] = typer.Option(None, "--out", help="write to a file instead of stdout")):
     """Print the recipe's JSON Schema (for editor completion)."""
 
     def go():
-        from .io import atomic_write_text
         from .recipe import recipe_schema
 
         text = json.dumps(recipe_schema(), indent=2)
         if out:
-            atomic_write_text(out, text + "\n")
+            _write_out_file(out, text + "\n")
         else:
             typer.echo(text)
 

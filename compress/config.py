@@ -3,19 +3,48 @@ small validators shared by several configs. Each wing keeps its own config besid
 (``train/config.py``, ``data/config.py``, each stage's ``Config``).
 
 Every model forbids unknown keys, so a typo in a recipe is an error that names the field rather
-than a silently ignored setting.
+than a silently ignored setting; every float field refuses NaN and infinities, and every int field
+refuses values beyond a 32-bit int (code below passes them to C: an overflow, or an allocation that
+cannot succeed), so a value the schema accepts is one the code can use.
 """
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any, Optional, Union, get_args
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 from . import zoo
 
+MAX_INT = 2**31 - 1  # the largest int a recipe field takes (model.kwargs, free-form, is not checked)
+
+
+def _free_form(annotation: Any) -> bool:
+    """Whether a field's type holds user values the schema does not type (``dict[str, Any]``)."""
+    return annotation is Any or any(_free_form(a) for a in get_args(annotation))
+
+
+def _too_large(value: Any) -> Union[int, None]:
+    if isinstance(value, int) and not isinstance(value, bool) and abs(value) > MAX_INT:
+        return value
+    if isinstance(value, (list, tuple)):
+        return next((v for v in map(_too_large, value) if v is not None), None)
+    if isinstance(value, dict):
+        return next((v for v in map(_too_large, value.values()) if v is not None), None)
+    return None
+
 
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+
+    @field_validator("*", mode="after")
+    @classmethod
+    def _bounded_ints(cls, v: Any, info: ValidationInfo) -> Any:
+        field = cls.model_fields.get(info.field_name or "")
+        if field is not None and not _free_form(field.annotation):
+            big = _too_large(v)
+            if big is not None:
+                raise ValueError(f"{big} is too large (the limit is {MAX_INT:,})")
+        return v
 
 
 def require_exactly_one(model, *names: str):

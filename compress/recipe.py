@@ -13,9 +13,9 @@ from pydantic import Field, TypeAdapter, ValidationError, field_validator, model
 
 from .config import ModelConfig, Strict
 from .data.config import DataConfig
-from .errors import InputError
+from .errors import EnvironmentFailure, InputError
 from .stages import STAGES
-from .stages.artifacts import HOW, ONNX, ONNX_INT8, TEACHER
+from .stages.artifacts import HOW, ONNX, ONNX_INT8, SNAPSHOTS, TEACHER
 
 
 class Gates(Strict):
@@ -36,16 +36,23 @@ StageUnion = _stage_union()
 
 # Names Windows reserves for devices (with any extension): a recipe may travel to such a machine.
 _RESERVED_NAMES = {"CON", "PRN", "AUX", "NUL", *(f"COM{i}" for i in range(1, 10)), *(f"LPT{i}" for i in range(1, 10))}
+# Per-stage seeds are seed * 1000 + stage index (compress.paths.stage_seed) and reach NumPy, whose
+# seeds are 32-bit, and scikit-learn, which refuses negative ones.
+SEED_LIMIT = 2**32 // 1000
+MAX_STAGES = 1000
 
 
 class Recipe(Strict):
     name: str = Field(..., min_length=1, max_length=255, pattern=r"^[A-Za-z0-9_.-]+$",
                       description="the run's name; the default run directory is runs/<name>")
-    seed: int = 0
+    seed: int = Field(0, json_schema_extra={"minimum": 0, "exclusiveMaximum": SEED_LIMIT},
+                      description=f"0 <= seed < {SEED_LIMIT} (per-stage seeds, seed * 1000 + stage index, "
+                                  "must fit NumPy's 32-bit seeds)")
     device: Literal["auto", "cpu", "cuda"] = "auto"
     model: ModelConfig
     data: DataConfig = Field(default_factory=DataConfig)
-    stages: list[StageUnion] = Field(default_factory=list)  # type: ignore[valid-type]
+    stages: list[StageUnion] = Field(default_factory=list,  # type: ignore[valid-type]
+                                     description=f"one or more stages (at most {MAX_STAGES}), run in order")
     gates: Gates = Field(default_factory=Gates)
 
     @field_validator("name")
@@ -61,8 +68,25 @@ class Recipe(Strict):
             raise ValueError(f"{v!r} is a reserved device name on Windows")
         return v
 
+    @field_validator("seed", mode="after")
+    @classmethod
+    def _seed(cls, v: int) -> int:
+        if not 0 <= v < SEED_LIMIT:
+            raise ValueError(f"must be 0 <= seed < {SEED_LIMIT} (per-stage seeds, seed * 1000 + stage index, "
+                             f"must fit NumPy's 32-bit seeds), got {v}")
+        return v
+
+    @field_validator("stages", mode="after")
+    @classmethod
+    def _not_too_many_stages(cls, v: list) -> list:
+        if len(v) > MAX_STAGES:
+            raise ValueError(f"at most {MAX_STAGES} stages (per-stage seeds are seed * 1000 + stage index)")
+        return v
+
     @model_validator(mode="after")
     def _checks(self):
+        if not self.stages:  # here, not on the field: a missing ``stages:`` is refused too
+            raise InputError("a recipe needs at least one stage", field="stages")
         if self.model.checkpoint is not None and not Path(self.model.checkpoint).expanduser().is_file():
             raise InputError(f"file {self.model.checkpoint!r} does not exist", field="model.checkpoint")
         self._check_stage_order()
@@ -73,9 +97,16 @@ class Recipe(Strict):
         :class:`compress.stages.StageConfig`), once, before anything runs: an impossible order is
         an input error naming the stage, not a failure after the training stages."""
         available: set[str] = set()
+        made_by: dict[str, tuple[str, int]] = {}  # artifact -> the stage that wrote it first
         for i, st in enumerate(self.stages):
             if st.changes_structure:
                 available.add(TEACHER)  # the runner records it just before the first such stage
+            stale = sorted(available & SNAPSHOTS)
+            if st.changes_model() and stale:
+                kind, at = made_by[stale[0]]
+                raise InputError(f"a {st.kind} stage after the {kind} stage (stages[{at}]) changes the model its "
+                                 f"files describe ({', '.join(stale)}); move the {kind} stage after it",
+                                 field=f"stages[{i}].kind")
             for artifact, why in st.conflicts().items():
                 if artifact in available:
                     raise InputError(f"a {st.kind} stage cannot follow the {artifact} of an earlier stage: {why}",
@@ -84,6 +115,8 @@ class Recipe(Strict):
                 if artifact not in available:
                     raise InputError(f"the {st.kind} stage needs the {artifact}: {HOW[artifact]}",
                                      field=f"stages[{i}].{field}")
+            for artifact in st.provides():
+                made_by.setdefault(artifact, (st.kind, i))
             available |= st.provides()
         gate_needs = {"max_parity_error": ONNX, "max_int8_accuracy_drop": ONNX_INT8}
         for gate, artifact in gate_needs.items():
@@ -95,15 +128,21 @@ class Recipe(Strict):
 # ---------------------------------------------------------------------------------------------
 # Loading, overrides, and error messages with field paths and YAML lines.
 
-def _loc_to_path(loc: tuple) -> list[Any]:
-    """Pydantic locations include discriminator tags (``stages.2.prune.ratio``); drop them."""
+def _loc_to_path(loc: tuple, data: Any = None, missing: bool = False) -> list[Any]:
+    """Pydantic locations include tags that are not in the recipe: the stage kind of the
+    discriminated union (``stages.2.prune.ratio``), union members (``rewind.int``), validator
+    names. Keep the parts that index into ``data`` (and, for a missing field, its name)."""
     out: list[Any] = []
+    cur: Any = data
     for i, part in enumerate(loc):
-        if isinstance(part, str) and out and out[-1] is not None and isinstance(out[-1], int) and \
-                len(out) >= 2 and out[-2] == "stages" and part in STAGES:
-            continue
-        if isinstance(part, str) and part.startswith("function-"):
-            continue
+        if isinstance(cur, dict) and part in cur:
+            cur = cur[part]
+        elif isinstance(cur, list) and isinstance(part, int) and -len(cur) <= part < len(cur):
+            cur = cur[part]
+        elif missing and i == len(loc) - 1 and isinstance(cur, dict):
+            pass  # the missing field's name
+        else:
+            continue  # a tag
         out.append(part)
     return out
 
@@ -144,27 +183,36 @@ def _clean_msg(msg: str) -> str:
 
 
 def _set_path(data: dict, dotted: str, value: Any) -> None:
-    keys: list[Any] = [int(k) if k.lstrip("-").isdigit() else k for k in dotted.split(".")]
+    """Set ``a.b.0.c`` in the recipe's data: mapping keys by name, list elements by index. A path
+    that goes through a value which is neither a mapping nor a list is an input error naming it."""
+    keys = dotted.split(".")
+    if any(k.strip() == "" for k in keys):
+        raise InputError(f"empty field name in {dotted!r}", field="--set")
+    where: list[Any] = []  # the path so far, list indices as ints (for field_path)
     cur: Any = data
-    for i, k in enumerate(keys[:-1]):
-        nxt_key = keys[i + 1]
+    for i, k in enumerate(keys):
+        last = i == len(keys) - 1
         if isinstance(cur, list):
-            if not isinstance(k, int) or not -len(cur) <= k < len(cur):
-                raise InputError(f"no list element {k}", field=field_path(keys[: i + 1]))
-            cur = cur[k]
+            if not re.fullmatch(r"-?[0-9]+", k):
+                raise InputError(f"{field_path(where) or 'the recipe'} is a list: use an index "
+                                 f"(0 to {len(cur) - 1}), not {k!r}", field=field_path(where + [k]))
+            idx = int(k)
+            where.append(idx)
+            if not -len(cur) <= idx < len(cur):
+                raise InputError(f"no list element {idx} (the list has {len(cur)})", field=field_path(where))
+        elif isinstance(cur, dict):
+            # keys are names; a key the YAML spelled as a number (``1: x``) is found by its number too
+            idx = k if k in cur or not re.fullmatch(r"-?[0-9]+", k) or int(k) not in cur else int(k)
+            where.append(k)
+            if not last and cur.get(idx) is None:  # a missing block: create it
+                cur[idx] = [] if re.fullmatch(r"-?[0-9]+", keys[i + 1]) else {}
         else:
-            if k not in cur or cur[k] is None:
-                cur[k] = [] if isinstance(nxt_key, int) else {}
-            cur = cur[k]
-    last = keys[-1]
-    if isinstance(cur, list):
-        if not isinstance(last, int) or not -len(cur) <= last < len(cur):
-            raise InputError(f"no list element {last}", field=field_path(keys))
-        cur[last] = value
-    elif isinstance(cur, dict):
-        cur[last] = value
-    else:
-        raise InputError("cannot set a field inside a scalar", field=field_path(keys))
+            raise InputError(f"{field_path(where)} is {cur!r}, not a mapping or a list: it has no field {k!r}",
+                             field=field_path(where + [k]))
+        if last:
+            cur[idx] = value
+        else:
+            cur = cur[idx]
 
 
 def apply_overrides(data: dict, overrides: list[str]) -> dict:
@@ -172,11 +220,13 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
         if "=" not in item:
             raise InputError(f"--set expects PATH=VALUE, got {item!r}", field="--set")
         path, _, raw = item.partition("=")
+        path = path.strip()
         try:
-            value = yaml.safe_load(raw) if raw != "" else ""
-        except yaml.YAMLError:
-            value = raw
-        _set_path(data, path.strip(), value)
+            prefix = [int(p) if re.fullmatch(r"[0-9]+", p) else p for p in path.split(".")]
+            value = _compose_checked(raw, "--set", prefix)[0] if raw != "" else ""
+        except (yaml.YAMLError, RecursionError):
+            value = raw  # not YAML: the text itself
+        _set_path(data, path, value)
     return data
 
 
@@ -191,9 +241,14 @@ def validate_data(data: Any, root_node: yaml.Node | None = None, source: str = "
             exc.line = _yaml_line(root_node, parts)
         raise
     except ValidationError as exc:
-        err = exc.errors()[0]
-        parts = _loc_to_path(err["loc"])
-        more = len(exc.errors()) - 1
+        errors = exc.errors()
+        paths = [_loc_to_path(e["loc"], data, missing=e["type"] == "missing") for e in errors]
+        # of the first error and its siblings (union members: rewind.int, rewind.RewindConfig.epochs),
+        # the one that reaches deepest into the recipe (then a validator's own message) says most
+        best = max((i for i, p in enumerate(paths) if p[: len(paths[0])] == paths[0]),
+                   key=lambda i: (len(paths[i]), errors[i]["type"] == "value_error"))
+        err, parts = errors[best], paths[best]
+        more = len(errors) - 1
         msg = _clean_msg(err["msg"])
         if err["type"] == "extra_forbidden":
             msg = "unknown field"
@@ -205,25 +260,123 @@ def validate_data(data: Any, root_node: yaml.Node | None = None, source: str = "
         raise InputError(msg, field=field_path(parts) or source, line=_yaml_line(root_node, parts)) from None
 
 
+# A real recipe has a few hundred YAML values; aliases (*name) can make a short file expand to
+# billions (the "billion laughs"), which would pass validation and then hang the run.
+MAX_YAML_VALUES = 100_000
+
+
+def _check_yaml_tree(loader: yaml.SafeLoader, root: yaml.Node, source: str, prefix: list[Any]) -> None:
+    """Refuse what PyYAML accepts silently: a key given twice in one mapping (YAML keeps the last),
+    an alias that contains itself, and aliases that expand to more than MAX_YAML_VALUES values.
+    Walks the composed node graph once per node (aliases share nodes), iteratively."""
+    expanded: dict[int, int] = {}     # node id -> values it expands to (done)
+    open_: set[int] = set()           # nodes on the current path (an alias back to one is a cycle)
+    stack: list[tuple[yaml.Node, list[Any], bool]] = [(root, list(prefix), False)]
+    while stack:
+        node, where, children_done = stack.pop()
+        nid = id(node)
+        if children_done:
+            open_.discard(nid)
+            kids = [c for kv in node.value for c in kv] if isinstance(node, yaml.MappingNode) else \
+                node.value if isinstance(node, yaml.SequenceNode) else []
+            expanded[nid] = 1 + sum(expanded[id(c)] for c in kids)
+            if expanded[nid] > MAX_YAML_VALUES:
+                raise InputError(f"the YAML expands to more than {MAX_YAML_VALUES:,} values through aliases "
+                                 f"(*name); a recipe has a few hundred", field=source,
+                                 line=node.start_mark.line + 1)
+            continue
+        if nid in expanded:
+            continue
+        if nid in open_:
+            raise InputError("a YAML alias refers to a value that contains it", field=source,
+                             line=node.start_mark.line + 1)
+        open_.add(nid)
+        stack.append((node, where, True))
+        if isinstance(node, yaml.SequenceNode):
+            stack.extend((c, where + [i], False) for i, c in enumerate(node.value))
+        elif isinstance(node, yaml.MappingNode):
+            seen: dict[Any, int] = {}
+            for k, v in node.value:
+                name: Any = None
+                if isinstance(k, yaml.ScalarNode) and k.tag != "tag:yaml.org,2002:merge":
+                    name = loader.construct_object(k)
+                    try:
+                        hash(name)
+                    except TypeError:
+                        name = None
+                if name is not None:
+                    line = k.start_mark.line + 1
+                    if name in seen:
+                        twice = f"on lines {seen[name]} and {line}" if source != "--set" else "in the --set value"
+                        raise InputError(f"the key is given twice, {twice} (YAML would keep only the last); "
+                                         "remove one", field=field_path(where + [str(name)]))
+                    seen[name] = line
+                stack.append((k, where, False))
+                stack.append((v, where + [str(name) if name is not None else "<<"], False))
+
+
+def _compose_checked(text: str, source: str, prefix: list[Any]) -> tuple[Any, yaml.Node | None]:
+    loader = yaml.SafeLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None, None
+        _check_yaml_tree(loader, node, source, prefix)
+        return loader.construct_document(node), node
+    finally:
+        loader.dispose()
+
+
+def parse_yaml(text: str, source: str, prefix: list[Any] | None = None) -> tuple[Any, yaml.Node | None]:
+    """Compose, check (:func:`_check_yaml_tree`) and construct one YAML document; any problem is an
+    :class:`InputError` naming ``source`` (or the field under ``prefix``) and the line."""
+    try:
+        return _compose_checked(text, source, prefix or [])
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise InputError(f"invalid YAML: {problem}", field=source, line=mark.line + 1 if mark else None) from None
+    except RecursionError:
+        raise InputError("invalid YAML: nested too deeply", field=source) from None
+
+
+def _shown(path: Path) -> str:
+    s = str(path)
+    return repr(s) if len(s) <= 200 else repr(s[:100] + "..." + s[-60:])
+
+
+def read_recipe_text(path: Path) -> str:
+    """The recipe file's text (UTF-8); a missing, unreadable or binary file is an input error."""
+    try:
+        if path.is_dir():
+            raise InputError(f"{_shown(path)} is a directory, not a recipe file", field="recipe")
+        if not path.is_file():
+            raise InputError(f"file {_shown(path)} does not exist", field="recipe")
+        raw = path.read_bytes()
+    except PermissionError:
+        raise EnvironmentFailure(f"recipe: cannot read {_shown(path)}: permission denied") from None
+    except OSError as exc:  # a name too long, a loop of links, an I/O error
+        raise InputError(f"cannot read {_shown(path)}: {exc.strerror or exc}", field="recipe") from None
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = raw[: exc.start].count(b"\n") + 1
+        raise InputError(f"the file is not UTF-8 text (byte 0x{raw[exc.start]:02x} at offset {exc.start}); "
+                         "save it as UTF-8", field=str(path), line=line) from None
+
+
 def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
     """Read, override and validate a recipe file; any problem is an :class:`InputError`."""
     path = Path(path)
-    if not path.is_file():
-        raise InputError(f"file {str(path)!r} does not exist", field="recipe")
-    text = path.read_text()
-    try:
-        node = yaml.compose(text, Loader=yaml.SafeLoader)
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        line = mark.line + 1 if mark else None
-        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-        raise InputError(f"invalid YAML: {problem}", field=str(path), line=line) from None
+    data, node = parse_yaml(read_recipe_text(path), str(path))
     if data is None:
-        data = {}
+        raise InputError("the recipe file is empty (it needs name, model and stages)", field=str(path))
+    if not isinstance(data, dict):
+        raise InputError(f"a recipe must be a YAML mapping (name:, model:, stages:), not a {type(data).__name__}",
+                         field=str(path), line=node.start_mark.line + 1 if node is not None else None)
     if overrides:
         data = apply_overrides(data, overrides)
-    return validate_data(data, node if not overrides else node)
+    return validate_data(data, node)
 
 
 def recipe_schema() -> dict:

@@ -21,6 +21,10 @@ PT2 = "pt2"
 MASKS = "masks"            # weight masks (2:4, lottery tickets) that a later stage must keep
 ENGINES = "tensorrt.engines"
 
+# Files written from the model as it was at that point: a later stage that changes the model
+# (StageConfig.changes_model) would leave them describing a model the run no longer ends with.
+SNAPSHOTS = frozenset({ONNX, ONNX_FP16, ONNX_INT8, PT2, ENGINES})
+
 # How to get each one, for the validation message.
 HOW = {
     TEACHER: "it is recorded before the first stage that changes the model's structure (prune, sparsify, "

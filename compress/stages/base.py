@@ -32,14 +32,22 @@ class StageConfig(Strict):
 
     Declarations (override in a stage's ``Config``):
     ``changes_structure`` — the stage removes channels or sets weight masks; the runner records the
-    dense teacher before the first such stage. ``needs()`` — artifact name -> the config field that
-    asks for it. ``provides()`` — artifact names this stage writes. ``conflicts()`` — artifact name
-    -> why this stage cannot run once it exists."""
+    dense teacher before the first such stage. ``changes_weights`` — the stage trains or edits
+    weights without changing the structure (train, finetune). A stage that does either
+    (``changes_model()``) cannot follow the files written from the model (``artifacts.SNAPSHOTS``:
+    ONNX, PT2, TensorRT engines), which would then describe a stale model; the recipe loader
+    refuses that order. ``needs()`` — artifact name -> the config field that asks for it.
+    ``provides()`` — artifact names this stage writes. ``conflicts()`` — artifact name -> why this
+    stage cannot run once it exists."""
 
     kind: str
     optional: bool = False
 
     changes_structure: ClassVar[bool] = False
+    changes_weights: ClassVar[bool] = False
+
+    def changes_model(self) -> bool:
+        return self.changes_structure or self.changes_weights
 
     def needs(self) -> dict[str, str]:
         return {}

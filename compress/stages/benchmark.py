@@ -21,7 +21,7 @@ class Config(StageConfig):
     kind: Literal["benchmark"] = "benchmark"
     backends: list[str] = Field(default_factory=lambda: ["onnxruntime"])
     batch_sizes: list[int] = Field(default_factory=lambda: [1, 32])
-    threads: int = Field(1, ge=1, description="intra-op threads (fixed, so numbers are comparable)")
+    threads: int = Field(1, ge=1, le=1024, description="intra-op threads (fixed, so numbers are comparable)")
     warmup: int = Field(10, ge=0)
     iters: int = Field(100, ge=1, description="timed calls per model per batch size")
     rounds: int = Field(10, ge=1, description="interleaving rounds (order flips each round)")

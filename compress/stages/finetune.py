@@ -2,7 +2,7 @@
 teacher; masks from ``sparsify`` (or any other mask) stay fixed throughout."""
 from __future__ import annotations
 
-from typing import Literal
+from typing import ClassVar, Literal
 
 from ..train.config import FinetuneBlock
 from .base import StageConfig
@@ -13,6 +13,7 @@ from .base import StageOutput, register_stage
 
 class Config(StageConfig, FinetuneBlock):
     kind: Literal["finetune"] = "finetune"
+    changes_weights: ClassVar[bool] = True
 
     def needs(self) -> dict[str, str]:
         return {TEACHER: "distill"} if self.distill is not None else {}

@@ -1,7 +1,7 @@
 """``train``: the dense baseline. Skipped when ``model.checkpoint`` supplies trained weights."""
 from __future__ import annotations
 
-from typing import Literal
+from typing import ClassVar, Literal
 
 from ..train.config import OptimizerConfig, TrainLoopConfig
 from .base import StageConfig
@@ -11,6 +11,7 @@ from .base import StageOutput, register_stage
 
 class Config(StageConfig, TrainLoopConfig):
     kind: Literal["train"] = "train"
+    changes_weights: ClassVar[bool] = True
     epochs: int = 20
     optimizer: OptimizerConfig = OptimizerConfig(lr=0.1, momentum=0.9, weight_decay=5e-4)
 

@@ -13,6 +13,7 @@ from torch import nn
 from ..sparsity import masks as mask_core
 from .experiment import RewindState, ShuffledBatches, weights_of
 from ..data import DataConfig, build_data
+from ..errors import InputError
 from ..io import atomic_write_json, save_figure
 from ..metrics import evaluate
 from ..train.loop import train
@@ -34,8 +35,16 @@ def interpolation_curve(model_a: nn.Module, model_b: nn.Module, x: torch.Tensor,
     """Test error (%) and loss at ``points`` evenly spaced α in [0, 1] of (1 − α)·θ_a + α·θ_b.
     Both models must have the same architecture (pruned weights are zeros, so dense ↔ sparse works)."""
     wa, wb = weights_of(model_a), weights_of(model_b)
-    if wa.keys() != wb.keys() or any(wa[k].shape != wb[k].shape for k in wa):
-        raise ValueError("the two models do not have the same parameters and shapes")
+    if wa.keys() != wb.keys():
+        only = sorted(set(wa) ^ set(wb))[:3]
+        raise InputError(f"the two networks have different parameters (e.g. {', '.join(only)}): interpolation "
+                         "needs the same architecture (dense vs masked works; dense vs channel-pruned does not)",
+                         field="checkpoint")
+    bad = next((k for k in wa if wa[k].shape != wb[k].shape), None)
+    if bad is not None:
+        raise InputError(f"the two networks differ in shape at {bad} ({tuple(wa[bad].shape)} vs "
+                         f"{tuple(wb[bad].shape)}): interpolation needs the same architecture (dense vs masked "
+                         "works; dense vs channel-pruned does not)", field="checkpoint")
     net = _plain(model_a).to(device)
     curve = []
     for i in range(points):

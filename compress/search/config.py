@@ -2,12 +2,26 @@
 latency table, accuracy proxy, the candidates' fine-tune and their end-to-end measurement."""
 from __future__ import annotations
 
+import importlib.util
+from pathlib import Path
 from typing import Literal, Optional
 
 from pydantic import Field, field_validator, model_validator
 
 from ..config import Strict
 from ..train.config import FinetuneBlock
+
+
+# SQLAlchemy dialect -> the Python driver modules it can use (the first is the one to install)
+DB_DRIVERS = {"postgresql": ["psycopg2", "psycopg", "pg8000"], "mysql": ["pymysql", "MySQLdb", "mysql"]}
+PIP_NAMES = {"psycopg2": "psycopg2-binary", "MySQLdb": "mysqlclient", "mysql": "mysql-connector-python"}
+
+
+def installed(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):  # a parent that fails to import; an import blocked in sys.modules
+        return False
 
 
 class ProxyConfig(Strict):
@@ -64,9 +78,32 @@ class SearchConfig(Strict):
     @field_validator("storage")
     @classmethod
     def _storage(cls, v: Optional[str]) -> Optional[str]:
-        if v is not None and "://" not in v:
+        if v is None:
+            return v
+        if "://" not in v:
             raise ValueError("must be an RDB URL such as sqlite:///search.db or postgresql://host/db")
+        scheme, _, rest = v.partition("://")
+        dialect, _, driver = scheme.partition("+")
+        if dialect == "sqlite":  # sqlite:///relative.db, sqlite:////absolute.db; sqlite:// is in memory
+            folder = Path(rest[1:] if rest.startswith("/") else rest).parent
+            if rest and not folder.is_dir():
+                raise ValueError(f"the folder of the SQLite file, {str(folder)!r}, does not exist")
+        else:  # Optuna talks to other databases through SQLAlchemy and the database's driver
+            drivers = DB_DRIVERS.get(dialect)
+            if drivers is None:
+                raise ValueError(f"unsupported database {dialect!r} (sqlite, postgresql, mysql)")
+            wanted = [driver] if driver else drivers
+            if not any(installed(d) for d in wanted):
+                raise ValueError(f"{dialect} storage needs a database driver: "
+                                 f"pip install {PIP_NAMES.get(wanted[0], wanted[0])}")
         return v
+
+    @model_validator(mode="after")
+    def _optuna_installed(self):
+        # checked when the recipe is loaded, not after the stages before the search have trained
+        if not installed("optuna"):
+            raise ValueError("the search stage needs Optuna: pip install 'compress[search]'")
+        return self
 
     @model_validator(mode="after")
     def _step(self):

@@ -73,6 +73,9 @@ def run_example(model: nn.Module, x: torch.Tensor, spec: str, field: str = "mode
     ``field`` (the input does not fit), the factory (no logits) or the machine (out of memory)."""
     was_training = model.training
     model.eval()
+    param = next(model.parameters(), None)  # a factory may return a model already on a GPU
+    if param is not None and param.device != x.device:
+        x = x.to(param.device)
     try:
         with torch.no_grad():
             out = model(x)
@@ -144,7 +147,7 @@ def check_fit(probe: ModelProbe, data: DataBundle, model_cfg: ModelConfig, data_
     with isolated_rng():
         logits = run_example(probe.model, x, model_cfg.factory)
         try:
-            F.cross_entropy(logits, y)
+            F.cross_entropy(logits, y.to(logits.device))
         except Exception as exc:
             raise InputError(f"the logits of {model_cfg.factory!r} (shape {_shape(logits.shape)}) cannot be scored "
                              f"against the labels of data.dataset {data_cfg.dataset!r} (shape {_shape(y.shape)}): "

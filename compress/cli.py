@@ -107,14 +107,24 @@ def _print_summary(summary: dict, run_dir: Path) -> None:
 
 @app.command()
 def validate(recipe: Path = typer.Argument(...),
-             set_: List[str] = typer.Option([], "--set", help="override a field: PATH=VALUE")):
-    """Check a recipe against the schema (nothing is run)."""
+             set_: List[str] = typer.Option([], "--set", help="override a field: PATH=VALUE"),
+             no_preflight: bool = typer.Option(False, "--no-preflight",
+                                               help="check the schema only: do not build the model or read data")):
+    """Check a recipe: the schema, then the pre-run checks (the model builds and runs the input
+    shape, its logits cover the labels, the data reads). Nothing is trained or downloaded."""
 
     def go():
         from .recipe import load_recipe
 
         r = load_recipe(recipe, list(set_))
+        checked = None
+        if not no_preflight:
+            from .preflight import preflight
+
+            checked = preflight(r.model, r.data, r.seed, download=False)
         typer.echo(f"{recipe}: ok ({len(r.stages)} stages: {', '.join(s.kind for s in r.stages)})")
+        if checked is not None:
+            typer.echo(f"  preflight: {checked.describe()}")
 
     _guard(go)
 
@@ -129,16 +139,16 @@ def inspect(recipe: Path = typer.Argument(...),
         import torch
 
         from .metrics import count_macs, count_params
-        from .model_io import build_model, load_weights
+        from .preflight import check_declared_classes, probe_model
         from .structured.pruner import annotate_guards, describe_groups, io_layers
         from .recipe import load_recipe
 
         if format not in ("text", "json"):
             raise InputError("must be text or json", field="--format")
         r = load_recipe(recipe, list(set_))
-        model = build_model(r.model.factory, r.model.kwargs).eval()
-        if r.model.checkpoint:
-            load_weights(model, r.model.checkpoint)
+        probe = probe_model(r.model)  # the model checks of validate/run: the same one-line errors
+        check_declared_classes(probe, r.model, r.data)
+        model = probe.model
         shape = tuple(r.model.input_shape)
         prune_cfg = next((s for s in r.stages if s.kind == "prune"), None)
         if prune_cfg is None:  # the defaults of a prune stage

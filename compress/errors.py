@@ -8,8 +8,9 @@ code   meaning
 2      invalid input: a recipe field, a file, data, model code, a missing extra (:class:`InputError`,
        :class:`ModelBreakError`); one line naming the field, file or module
 3      the run completed but a gate failed (:class:`GateError`); every artifact is written
-4      the machine refused: disk full, out of memory, permission denied, read-only file system
-       (:class:`EnvironmentFailure`); one line naming the path or the stage
+4      the machine refused: disk full, out of memory, permission denied, read-only file system, a
+       download that stalls past ``data.download_timeout`` (:class:`EnvironmentFailure`); one line
+       naming the path, the field or the stage
 5      training diverged: a NaN/Inf loss (:class:`DivergedError`); one line naming stage and step
 130    interrupted (Ctrl-C)
 =====  ==========================================================================================
@@ -53,3 +54,24 @@ class EnvironmentFailure(Exception):
 
 class DivergedError(Exception):
     """Training produced a NaN/Inf loss; the message names the stage and step."""
+
+
+def first_line(exc: BaseException, limit: int = 240) -> str:
+    """``Type: first line of the message`` (one line, bounded): how a user's exception is quoted."""
+    text = str(exc).strip()
+    line = text.splitlines()[0].strip() if text else ""
+    name = type(exc).__name__
+    out = f"{name}: {line}" if line else name
+    return out if len(out) <= limit else out[: limit - 3] + "..."
+
+
+_OOM_MARKERS = ("can't allocate memory", "cannot allocate memory", "out of memory", "not enough memory",
+                "failed to allocate")
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """Whether ``exc`` is the allocator refusing (CPU or CUDA): MemoryError, torch's
+    OutOfMemoryError, or the RuntimeError torch raises for an impossible CPU allocation."""
+    if isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError":
+        return True
+    return isinstance(exc, RuntimeError) and any(m in str(exc).lower() for m in _OOM_MARKERS)

@@ -1,6 +1,8 @@
 """Accuracy, loss, parameter and MAC counts."""
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import torch
 from torch import nn
 from torch.nn import functional as F
@@ -24,12 +26,19 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int
 
 
 def logits_of(out) -> torch.Tensor:
-    """Models from HF return an output object; ours return a tensor."""
+    """Models from HF return an output object; ours return a tensor. Accepted: a tensor, an object
+    with ``.logits``, a mapping with a ``"logits"`` key, or a tuple/list whose first item is one."""
     if isinstance(out, torch.Tensor):
         return out
     if hasattr(out, "logits"):
         return out.logits
-    if isinstance(out, (tuple, list)):
+    if isinstance(out, Mapping):
+        if "logits" in out:
+            return out["logits"]
+        keys = ", ".join(repr(k) for k in list(out)[:8])
+        raise TypeError(f"cannot find logits in model output: a {type(out).__name__} without a 'logits' key "
+                        f"(keys: {keys})")
+    if isinstance(out, (tuple, list)) and out:
         return out[0]
     raise TypeError(f"cannot find logits in model output of type {type(out).__name__}")
 

@@ -5,7 +5,9 @@ attributes are restored, tensors are re-allocated at their saved shapes, and the
 no pickle anywhere."""
 from __future__ import annotations
 
+import inspect
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +15,8 @@ import torch
 from torch import nn
 
 from . import zoo
-from .errors import InputError
+from .errors import EnvironmentFailure, InputError, first_line, is_out_of_memory
+from .extras import install_hint
 from .io import atomic_write_bytes, atomic_write_json
 from .registry import import_callable
 
@@ -32,14 +35,51 @@ def factory_path(spec: str) -> str:
     return spec if ":" in spec else f"compress.zoo:{spec}"
 
 
+def _kwargs_field(field: str) -> str:
+    """``model.factory`` -> ``model.kwargs`` (``arch.factory`` -> ``arch.kwargs``)."""
+    return field.rpartition(".")[0] + ".kwargs" if "." in field else "kwargs"
+
+
+def factory_failure(exc: Exception, spec: str, field: str = "model.factory",
+                    doing: str = "building the model") -> Exception:
+    """The one-line error for an exception raised by the user's model code (its factory or its
+    forward): out of memory is the machine (:class:`EnvironmentFailure`, exit 4); a missing optional
+    extra names the ``pip install``; anything else is the model's input error naming ``field``."""
+    if isinstance(exc, (InputError, EnvironmentFailure)):
+        return exc
+    if is_out_of_memory(exc):
+        msg = re.sub(r"\[enforce fail at [^\]]*\] (err == 0\. )?", "", first_line(exc))
+        return EnvironmentFailure(f"{field}: out of memory {doing} ({spec!r}): {msg}")
+    hint = install_hint(exc)
+    if hint:
+        return InputError(f"{spec!r} needs an optional extra: {hint}", field=field)
+    return InputError(f"{doing} ({spec!r}) raised {first_line(exc)}", field=field)
+
+
 def build_model(spec: str, kwargs: dict[str, Any] | None = None, field: str = "model.factory") -> nn.Module:
+    """Call the factory a recipe (or ``arch.json``) names. Whatever the user's factory raises
+    becomes one line naming the field (kwargs it rejects: ``model.kwargs``; out of memory: exit 4)."""
     fn = resolve_factory(spec, field)
+    kwargs = dict(kwargs or {})
     try:
-        model = fn(**(kwargs or {}))
+        signature = inspect.signature(fn)
+    except (TypeError, ValueError):  # some builtins and C extensions have none
+        signature = None
+    if signature is not None:
+        try:
+            signature.bind(**kwargs)
+        except TypeError as exc:
+            raise InputError(f"factory {spec!r} rejected its kwargs: {exc}", field=_kwargs_field(field)) from None
+    try:
+        model = fn(**kwargs)
     except TypeError as exc:
-        raise InputError(f"factory {spec!r} rejected its kwargs: {exc}", field="model.kwargs") from None
+        if signature is None and "argument" in str(exc):
+            raise InputError(f"factory {spec!r} rejected its kwargs: {exc}", field=_kwargs_field(field)) from None
+        raise factory_failure(exc, spec, field) from None
+    except Exception as exc:
+        raise factory_failure(exc, spec, field) from None
     if not isinstance(model, nn.Module):
-        raise InputError(f"factory {spec!r} did not return an nn.Module", field=field)
+        raise InputError(f"factory {spec!r} did not return an nn.Module (got {type(model).__name__})", field=field)
     return model
 
 

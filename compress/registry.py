@@ -4,7 +4,8 @@ from __future__ import annotations
 import importlib
 from typing import Callable, Generic, Iterator, TypeVar
 
-from .errors import InputError
+from .errors import InputError, first_line
+from .extras import install_hint
 
 T = TypeVar("T")
 
@@ -51,7 +52,8 @@ def import_callable(spec: str, field: str | None = None) -> Callable:
     try:
         mod = importlib.import_module(mod_name)
     except Exception as exc:  # ImportError, or an error raised while importing user code
-        raise InputError(f"cannot import module {mod_name!r}: {exc}", field=field) from None
+        why = install_hint(exc) or first_line(exc)
+        raise InputError(f"cannot import module {mod_name!r}: {why}", field=field) from None
     obj = mod
     for part in attr.split("."):
         if not hasattr(obj, part):

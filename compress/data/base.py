@@ -6,7 +6,7 @@ from dataclasses import dataclass
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from ..errors import InputError
+from ..errors import EnvironmentFailure, InputError, first_line, is_out_of_memory
 from ..registry import import_callable
 from .config import DataConfig
 from .registry import DATASETS
@@ -43,20 +43,62 @@ def make_loader(x: torch.Tensor, y: torch.Tensor, batch_size: int, shuffle: bool
                       drop_last=drop_last and len(x) > batch_size)
 
 
+def check_bundle(bundle: DataBundle, field: str) -> None:
+    """A bundle compress can train on: tensors, as many labels as samples, integer labels in
+    ``0..num_classes-1``, non-empty splits. A violation is an input error naming ``field``."""
+    for split in ("train", "test"):
+        x, y = getattr(bundle, f"{split}_x"), getattr(bundle, f"{split}_y")
+        if not isinstance(x, torch.Tensor) or not isinstance(y, torch.Tensor):
+            raise InputError(f"{split}_x and {split}_y must be torch tensors (got {type(x).__name__}, "
+                             f"{type(y).__name__})", field=field)
+        if len(x) == 0:
+            raise InputError(f"the {split} split is empty", field=field)
+        if len(x) != len(y):
+            raise InputError(f"the {split} split has {len(x):,} samples but {len(y):,} labels", field=field)
+        if y.dtype.is_floating_point or y.dtype.is_complex or y.dtype == torch.bool:
+            raise InputError(f"{split}_y must hold integer class labels (got {y.dtype})", field=field)
+        if not x.dtype.is_floating_point:
+            raise InputError(f"{split}_x must be a floating-point tensor (got {x.dtype})", field=field)
+    if not isinstance(bundle.num_classes, int) or bundle.num_classes < 1:
+        raise InputError(f"num_classes must be a positive int (got {bundle.num_classes!r})", field=field)
+    lo = min(int(bundle.train_y.min()), int(bundle.test_y.min()))
+    hi = max(int(bundle.train_y.max()), int(bundle.test_y.max()))
+    if lo < 0 or hi >= bundle.num_classes:
+        raise InputError(f"labels range over {lo}..{hi} but num_classes is {bundle.num_classes} "
+                         f"(labels must be 0..{bundle.num_classes - 1})", field=field)
+
+
 def build_data(cfg: DataConfig, input_shape: tuple[int, ...] | None, seed: int) -> DataBundle:
-    """Load the dataset a recipe names, then apply the recipe's subset limits."""
+    """Load the dataset a recipe names, then apply the recipe's subset limits. Unreadable data is an
+    :class:`InputError` naming the file or field; out of memory an :class:`EnvironmentFailure`."""
     if ":" in cfg.dataset:
         fn = import_callable(cfg.dataset, field="data.dataset")
         try:
             bundle = fn(cfg, input_shape=input_shape, seed=seed)
-        except InputError:
+        except (InputError, EnvironmentFailure):
             raise
         except Exception as exc:
-            raise InputError(f"dataset callable failed: {exc}", field="data.dataset") from None
+            if is_out_of_memory(exc):
+                raise EnvironmentFailure(f"data.dataset: out of memory in {cfg.dataset!r}: {first_line(exc)}") from None
+            raise InputError(f"dataset callable failed: {first_line(exc)}", field="data.dataset") from None
         if not isinstance(bundle, DataBundle):
-            raise InputError("dataset callable must return compress.data.DataBundle", field="data.dataset")
+            raise InputError(f"dataset callable must return compress.data.DataBundle (got {type(bundle).__name__})",
+                             field="data.dataset")
+        check_bundle(bundle, "data.dataset")
     else:
-        bundle = DATASETS.get(cfg.dataset, field="data.dataset")(cfg, input_shape=input_shape, seed=seed)
+        loader = DATASETS.get(cfg.dataset, field="data.dataset")
+        try:
+            bundle = loader(cfg, input_shape=input_shape, seed=seed)
+        except PermissionError as exc:
+            raise EnvironmentFailure(f"data.root: cannot read {exc.filename or cfg.root!r}: permission denied") from None
+        except OSError as exc:  # the files' fault (the loaders name the file for the formats they parse)
+            where = exc.filename or cfg.root
+            raise InputError(f"cannot read {str(where)!r}: {exc.strerror or first_line(exc)}", field="data.root") from None
+        except (MemoryError, RuntimeError) as exc:
+            if not is_out_of_memory(exc):
+                raise
+            raise EnvironmentFailure(f"data.dataset: out of memory loading {cfg.dataset!r}: {first_line(exc)}") from None
+        check_bundle(bundle, "data.root" if cfg.root else "data.dataset")
     g = torch.Generator().manual_seed(seed)
     if cfg.limit_train and cfg.limit_train < len(bundle.train_x):
         idx = torch.randperm(len(bundle.train_x), generator=g)[: cfg.limit_train]

@@ -5,12 +5,14 @@ import gzip
 import io
 import pickle
 import tarfile
+import zlib
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from ..errors import InputError
+from ..errors import InputError, first_line
+from ..memory import require_memory
 from .base import DataBundle
 from .registry import DATASETS
 from .download import fetch, md5_of
@@ -41,10 +43,26 @@ STATS = {  # per-dataset normalisation (mean, std), per channel
 }
 
 
+# Classes each built-in dataset has, known before any file is read (a model too narrow for them is
+# refused before the data loads); imagefolder counts its class folders, synthetic has data.num_classes.
+NUM_CLASSES = {"digits": 10, "mnist": 10, "fashion_mnist": 10, "cifar10": 10}
+
+
+def declared_num_classes(cfg) -> int | None:
+    """The number of classes ``cfg`` (a DataConfig) will have, when known without loading it."""
+    if cfg.dataset == "synthetic":
+        return cfg.num_classes
+    return NUM_CLASSES.get(cfg.dataset)
+
+
 def _normalise(x: torch.Tensor, mean, std) -> torch.Tensor:
     m = torch.tensor(mean, dtype=x.dtype).view(1, -1, 1, 1)
     s = torch.tensor(std, dtype=x.dtype).view(1, -1, 1, 1)
     return (x - m) / s
+
+
+class MissingData(InputError):
+    """The dataset's files are not under ``data.root`` (``data.download: true`` would fetch them)."""
 
 
 def _require_root(cfg, name: str) -> Path:
@@ -52,7 +70,8 @@ def _require_root(cfg, name: str) -> Path:
         raise InputError(f"dataset {name!r} needs data.root", field="data.root")
     root = Path(cfg.root).expanduser()
     if not root.exists() and not cfg.download:
-        raise InputError(f"directory {str(root)!r} does not exist", field="data.root")
+        error = MissingData if name in DEFAULT_URLS else InputError  # MissingData: download could fetch it
+        raise error(f"directory {str(root)!r} does not exist", field="data.root")
     return root
 
 
@@ -76,6 +95,10 @@ def synthetic(cfg, input_shape=None, seed: int = 0) -> DataBundle:
     something real and accuracy is meaningful (not 1/num_classes noise)."""
     if input_shape is None:
         raise InputError("synthetic data needs model.input_shape", field="model.input_shape")
+    per_sample = 4 * int(np.prod(input_shape, dtype=np.float64))
+    require_memory(2 * per_sample * (cfg.num_classes + cfg.train_size + cfg.val_size),
+                   f"synthetic data of shape {list(input_shape)} ({cfg.train_size} + {cfg.val_size} samples)",
+                   "model.input_shape")
     g = torch.Generator().manual_seed(seed)
     k = cfg.num_classes
     prototypes = torch.randn(k, *input_shape, generator=g)
@@ -90,38 +113,75 @@ def synthetic(cfg, input_shape=None, seed: int = 0) -> DataBundle:
     return DataBundle(xtr, ytr, xte, yte, k)
 
 
-def _read_idx(path: Path) -> np.ndarray:
-    with gzip.open(path, "rb") as f:
-        data = f.read()
-    if len(data) < 4 or data[0] != 0 or data[1] != 0:
-        raise InputError(f"{str(path)!r} is not an IDX file", field="data.root")
+def _read_gz(path: Path) -> bytes:
+    """A whole gzip file; a truncated or corrupt one is an input error naming it."""
+    try:
+        with gzip.open(path, "rb") as f:
+            return f.read()
+    except EOFError:
+        raise InputError(f"{str(path)!r} is truncated (the gzip stream ends early)", field="data.root") from None
+    except (gzip.BadGzipFile, zlib.error) as exc:
+        raise InputError(f"{str(path)!r} is not a valid gzip file ({first_line(exc)})", field="data.root") from None
+    except IsADirectoryError:
+        raise InputError(f"{str(path)!r} is a directory, not a file", field="data.root") from None
+
+
+def _read_idx(path: Path, ndim_expected: int) -> np.ndarray:
+    """An IDX file of unsigned bytes (magic 0x0000080N) with ``ndim_expected`` dimensions."""
+    data = _read_gz(path)
+    kind = "images (3 dimensions)" if ndim_expected == 3 else "labels (1 dimension)"
+    if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] != 0x08 or data[3] != ndim_expected:
+        magic = data[:4].hex() if len(data) >= 4 else "none"
+        raise InputError(f"{str(path)!r} is not an IDX file of {kind}: magic {magic}, expected "
+                         f"0000080{ndim_expected}", field="data.root")
     ndim = data[3]
+    if len(data) < 4 + 4 * ndim:
+        raise InputError(f"{str(path)!r} is truncated (incomplete IDX header)", field="data.root")
     dims = [int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim)]
     arr = np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim)
-    if arr.size != int(np.prod(dims)):
-        raise InputError(f"{str(path)!r} is truncated", field="data.root")
+    if arr.size != int(np.prod(dims, dtype=np.int64)):
+        raise InputError(f"{str(path)!r} is truncated: its header promises {dims} values, it holds {arr.size:,}",
+                         field="data.root")
     return arr.reshape(dims)
 
 
+def _md5_overrides(cfg, name: str, known: list[str]) -> dict[str, str]:
+    """``data.md5``: each key must be one of the dataset's own file names."""
+    given = dict(cfg.md5 or {})
+    unknown = [k for k in given if k not in known]
+    if unknown:
+        raise InputError(f"unknown file {unknown[0]!r} for dataset {name!r} (its files: {', '.join(known)})",
+                         field="data.md5")
+    return given
+
+
 def _idx_dataset(cfg, name: str, files: dict[str, str]) -> DataBundle:
+    sums = {**files, **_md5_overrides(cfg, name, list(files))}
     root = _require_root(cfg, name)
-    sums = {**files, **(cfg.md5 or {})}
     for fname, md5 in sums.items():
         path = root / fname
         if not path.exists():
             if not cfg.download:
-                raise InputError(f"missing file {str(path)!r} (set data.download: true to fetch it)",
-                                 field="data.root")
-            fetch((cfg.url or DEFAULT_URLS[name]) + fname, path, md5)
+                raise MissingData(f"missing file {str(path)!r} (set data.download: true to fetch it)",
+                                  field="data.root")
+            fetch((cfg.url or DEFAULT_URLS[name]) + fname, path, md5, deadline=cfg.download_timeout, root=root)
         elif cfg.verify_md5 and md5_of(path) != md5:
             raise InputError(f"md5 mismatch for {str(path)!r}", field="data.root")
-    arr = {f: _read_idx(root / f) for f in files}
+    splits = []
+    for images, labels in (("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
+                           ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz")):
+        x, y = _read_idx(root / images, 3), _read_idx(root / labels, 1)
+        if len(y) != len(x):
+            raise InputError(f"{str(root / labels)!r} holds {len(y):,} labels but {str(root / images)!r} holds "
+                             f"{len(x):,} images", field="data.root")
+        if len(y) and int(y.max()) >= NUM_CLASSES[name]:
+            raise InputError(f"{str(root / labels)!r} holds label {int(y.max())}; {name} has classes "
+                             f"0..{NUM_CLASSES[name] - 1}", field="data.root")
+        splits.append((x, y))
     to_x = lambda a: _normalise(torch.from_numpy(a.astype(np.float32) / 255.0).unsqueeze(1), *STATS[name])  # noqa: E731
     to_y = lambda a: torch.from_numpy(a.astype(np.int64))  # noqa: E731
-    return DataBundle(
-        to_x(arr["train-images-idx3-ubyte.gz"]), to_y(arr["train-labels-idx1-ubyte.gz"]),
-        to_x(arr["t10k-images-idx3-ubyte.gz"]), to_y(arr["t10k-labels-idx1-ubyte.gz"]), 10,
-    )
+    (xtr, ytr), (xte, yte) = splits
+    return DataBundle(to_x(xtr), to_y(ytr), to_x(xte), to_y(yte), NUM_CLASSES[name])
 
 
 @DATASETS.register("mnist")
@@ -155,14 +215,25 @@ def _load_cifar_python(blob: bytes, name: str) -> tuple[np.ndarray, np.ndarray]:
         d = _ArrayOnlyUnpickler(io.BytesIO(blob), encoding="bytes").load()
     except pickle.UnpicklingError as exc:
         raise InputError(f"CIFAR-10 batch {name!r}: {exc}", field="data.root") from None
-    x = np.asarray(d[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32)
-    return x, np.asarray(d[b"labels"], dtype=np.int64)
+    except Exception as exc:  # parsing an untrusted file: any failure is the file's
+        raise InputError(f"CIFAR-10 batch {name!r} is corrupt ({first_line(exc)})", field="data.root") from None
+    try:
+        x = np.asarray(d[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32)
+        y = np.asarray(d[b"labels"], dtype=np.int64)
+    except Exception as exc:
+        raise InputError(f"CIFAR-10 batch {name!r} does not hold 3x32x32 images and labels ({first_line(exc)})",
+                         field="data.root") from None
+    if len(x) != len(y) or (len(y) and (y.min() < 0 or y.max() >= NUM_CLASSES["cifar10"])):
+        raise InputError(f"CIFAR-10 batch {name!r} holds {len(y)} labels (range {y.min() if len(y) else '-'}.."
+                         f"{y.max() if len(y) else '-'}) for {len(x)} images", field="data.root")
+    return x, y
 
 
 @DATASETS.register("cifar10")
 def cifar10(cfg, input_shape=None, seed: int = 0) -> DataBundle:
     """CIFAR-10 from ``root``: the python batches (``cifar-10-batches-py/`` or the .tar.gz), or an
     image-folder tree ``train|test/<class>/*.jpg`` (e.g. a JPEG re-encoding)."""
+    md5_archive = _md5_overrides(cfg, "cifar10", [CIFAR10_ARCHIVE[0]]).get(CIFAR10_ARCHIVE[0], CIFAR10_ARCHIVE[1])
     root = _require_root(cfg, "cifar10")
     if (root / "train").is_dir() and (root / "test").is_dir():
         return imagefolder(cfg, input_shape, seed, stats=STATS["cifar10"])
@@ -170,20 +241,27 @@ def cifar10(cfg, input_shape=None, seed: int = 0) -> DataBundle:
     batch_dir = root / "cifar-10-batches-py"
     if not batch_dir.is_dir() and not archive.exists():
         if not cfg.download:
-            raise InputError(f"no CIFAR-10 data under {str(root)!r}", field="data.root")
-        md5 = (cfg.md5 or {}).get(CIFAR10_ARCHIVE[0], CIFAR10_ARCHIVE[1])
-        fetch((cfg.url or DEFAULT_URLS["cifar10"]) + CIFAR10_ARCHIVE[0], archive, md5)
+            raise MissingData(f"no CIFAR-10 data under {str(root)!r}", field="data.root")
+        fetch((cfg.url or DEFAULT_URLS["cifar10"]) + CIFAR10_ARCHIVE[0], archive, md5_archive,
+              deadline=cfg.download_timeout, root=root)
     names = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]
     blobs: dict[str, bytes] = {}
     if batch_dir.is_dir():
         for n in names:
-            blobs[n] = (batch_dir / n).read_bytes()
+            if (batch_dir / n).is_file():
+                blobs[n] = (batch_dir / n).read_bytes()
     else:
-        with tarfile.open(archive, "r:gz") as tar:
-            for m in tar.getmembers():
-                base = m.name.rsplit("/", 1)[-1]
-                if base in names and m.isfile():
-                    blobs[base] = tar.extractfile(m).read()
+        try:
+            with tarfile.open(archive, "r:gz") as tar:
+                for m in tar.getmembers():
+                    base = m.name.rsplit("/", 1)[-1]
+                    if base in names and m.isfile():
+                        blobs[base] = tar.extractfile(m).read()
+        except (tarfile.TarError, EOFError, zlib.error, gzip.BadGzipFile) as exc:
+            raise InputError(f"{str(archive)!r} is truncated or not a .tar.gz ({first_line(exc)})",
+                             field="data.root") from None
+        except IsADirectoryError:
+            raise InputError(f"{str(archive)!r} is a directory, not a file", field="data.root") from None
     missing = [n for n in names if n not in blobs]
     if missing:
         raise InputError(f"CIFAR-10 batches missing under {str(root)!r}: {missing}", field="data.root")
@@ -198,9 +276,29 @@ def cifar10(cfg, input_shape=None, seed: int = 0) -> DataBundle:
 _IMAGE_EXT = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
 
 
-def _read_split(split_dir: Path, classes: list[str], size, mode: str):
-    from PIL import Image
+def _read_image(f: Path, size, mode: str) -> np.ndarray:
+    """One image file, decoded, converted and resized; a file that is not a readable image (empty,
+    text named .jpg, truncated, a directory) is an input error naming it."""
+    from PIL import Image, UnidentifiedImageError
 
+    if f.is_dir():
+        raise InputError(f"{str(f)!r} is a directory, not an image", field="data.root")
+    try:
+        with Image.open(f) as im:
+            im = im.convert(mode)  # decodes the pixels: a truncated file fails here
+            if size is not None and im.size != (size[1], size[0]):
+                im = im.resize((size[1], size[0]), Image.BILINEAR)
+            return np.asarray(im, dtype=np.uint8)
+    except UnidentifiedImageError:
+        what = "an empty file" if f.stat().st_size == 0 else "not an image Pillow can read"
+        raise InputError(f"cannot read image {str(f)!r}: {what}", field="data.root") from None
+    except MemoryError:
+        raise
+    except Exception as exc:  # OSError (truncated), SyntaxError/ValueError (broken headers), decompression bombs
+        raise InputError(f"cannot read image {str(f)!r}: {first_line(exc)}", field="data.root") from None
+
+
+def _read_split(split_dir: Path, classes: list[str], size, mode: str):
     xs, ys = [], []
     for label, cls in enumerate(classes):
         cdir = split_dir / cls
@@ -209,11 +307,7 @@ def _read_split(split_dir: Path, classes: list[str], size, mode: str):
         for f in sorted(cdir.iterdir()):
             if f.suffix.lower() not in _IMAGE_EXT:
                 continue
-            with Image.open(f) as im:
-                im = im.convert(mode)
-                if size is not None and im.size != (size[1], size[0]):
-                    im = im.resize((size[1], size[0]), Image.BILINEAR)
-                xs.append(np.asarray(im, dtype=np.uint8))
+            xs.append(_read_image(f, size, mode))
             ys.append(label)
     if not xs:
         raise InputError(f"no images under {str(split_dir)!r}", field="data.root")
@@ -227,6 +321,9 @@ def imagefolder(cfg, input_shape=None, seed: int = 0, stats=None) -> DataBundle:
     """``root/train/<class>/*`` and ``root/test/<class>/*`` (JPEG/PNG via Pillow). Images are
     resized to ``model.input_shape``'s H x W; channels (1 or 3) follow it too."""
     root = _require_root(cfg, "imagefolder")
+    if input_shape is not None and (len(input_shape) != 3 or input_shape[0] not in (1, 3)):
+        raise InputError(f"image folders need [channels, height, width] with 1 or 3 channels, got "
+                         f"{list(input_shape)}", field="model.input_shape")
     train_dir, test_dir = root / "train", root / "test"
     for d in (train_dir, test_dir):
         if not d.is_dir():

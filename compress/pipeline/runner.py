@@ -11,10 +11,10 @@ from typing import Any
 import torch
 
 from .. import paths
-from ..data import build_data
 from ..errors import GateError, InputError
 from ..io import atomic_write_json, atomic_write_text, os_errors
 from ..model_io import build_model, load_portable, load_weights, save_portable
+from ..preflight import preflight
 from ..progress import log
 from ..recipe import Recipe
 from ..stages import STAGES, Artifacts, StageContext, StageOutput
@@ -44,13 +44,14 @@ def run_recipe(recipe: Recipe, run_dir: str | Path, resume: bool = False) -> dic
     run_dir = Path(run_dir)
     device = resolve_device(recipe.device)
     seed_everything(recipe.seed)
+    # the pre-run checks (model builds and runs the recipe's input, logits cover the labels, data
+    # reads) before the run directory is touched; they leave the global random state as it was
+    data = preflight(recipe.model, recipe.data, recipe.seed).data
     with os_errors(run_dir, action="access"), open_run_dir(run_dir, recipe, resume) as start:
-        return _run(recipe, run_dir, device, start)
+        return _run(recipe, run_dir, device, start, data)
 
 
-def _run(recipe: Recipe, run_dir: Path, device: torch.device, start: int) -> dict[str, Any]:
-    data = build_data(recipe.data, tuple(recipe.model.input_shape), recipe.seed)
-
+def _run(recipe: Recipe, run_dir: Path, device: torch.device, start: int, data) -> dict[str, Any]:
     model = build_model(recipe.model.factory, recipe.model.kwargs)
     if recipe.model.checkpoint:
         load_weights(model, recipe.model.checkpoint)

@@ -321,6 +321,9 @@ def test_schema_out_os_errors(tmp_path, monkeypatch, code, exit_code):
 
 @pytest.mark.parametrize("recipe", sorted((REPO / "recipes").glob("*.yaml")), ids=lambda p: p.name)
 def test_shipped_recipe_validates(recipe):
-    res = cli("validate", str(recipe))
+    # recipes whose data lives under a root (MNIST, CIFAR-10) get the schema check only: their data is
+    # not in the repository, and the pre-run checks refuse a missing data root by design
+    needs_files = yaml.safe_load(recipe.read_text()).get("data", {}).get("root") is not None
+    res = cli("validate", *(["--no-preflight"] if needs_files else []), str(recipe))
     assert res.returncode == 0, res.stderr
     assert "ok (" in res.stdout

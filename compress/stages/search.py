@@ -307,6 +307,14 @@ def run(cfg: Config, ctx) -> StageOutput:
     score = "val_accuracy" if not data_free else "proxy"
     chosen = max(pool, key=lambda r: (r[score], -r["measured_ms"]))
     chosen_model = models[chosen["name"]]
+    # the rule the run's gates read (compress.pipeline.gates): did the chosen model meet the budget as measured?
+    measured_key = "measured_ms" if cfg.budget_metric == "latency" else "macs"
+    dense_value = timing["dense"]["p50"] if cfg.budget_metric == "latency" else dense_macs
+    within_budget = bool(chosen[measured_key] <= limit)
+    measured_ratio = chosen[measured_key] / dense_value
+    if not within_budget:
+        log(f"[yellow]  the chosen model measured {measured_ratio:.3f} x dense, over the budget {cfg.budget} x dense "
+            f"(+{cfg.latency_tolerance:.0%}): the run's gates fail[/]")
     block = {"kind": "prune", "importance": cfg.importance, "scope": "per_layer", "ratio": 0.0,
              "round_to": cfg.round_to, "max_ratio": cfg.max_ratio,
              "ratios": pruner.per_layer_block(chosen["group_ratios"])}
@@ -335,6 +343,8 @@ def run(cfg: Config, ctx) -> StageOutput:
                   "measured_now": measured_now, "seconds": table_s},
         "predictor_scale": predictor.scale, "predictor_abs_error_pct_median": sorted(errors)[len(errors) // 2],
         "uniform_ratio": u_ratio, "global_ratio": g_ratio, "rows": rows, "chosen": chosen["name"],
+        "within_budget": within_budget, "measured_ratio": measured_ratio, "budget_ratio": cfg.budget,
+        "tolerance": cfg.latency_tolerance, "budget_limit_ratio": cfg.budget * (1 + cfg.latency_tolerance),
         "fastest_at_baseline_proxy": fastest_name, "prune_block": block, "seconds": time.perf_counter() - t_start,
     }
     atomic_write_json(sdir / "search.json", {**result, "trials": trial_pts})
@@ -342,5 +352,6 @@ def run(cfg: Config, ctx) -> StageOutput:
     if cfg.apply:
         ctx.model = chosen_model
     return StageOutput(metrics={k: result[k] for k in ("trials_total", "trials_added", "chosen", "uniform_ratio",
-                                                       "global_ratio", "predictor_abs_error_pct_median")},
+                                                       "global_ratio", "predictor_abs_error_pct_median",
+                                                       "within_budget", "measured_ratio")},
                        summary={"search": result})

@@ -257,34 +257,83 @@ def search(
     _guard(go)
 
 
+def _parse_require(text: str) -> tuple[str, float]:
+    """``--require``: ``all`` | a layer count (``3``) | a fraction of the eligible layers (``0.8``)."""
+    t = text.strip().lower()
+    if t == "all":
+        return "all", 1.0
+    try:
+        if "." in t:
+            f = float(t)
+            if 0 < f <= 1:
+                return "fraction", f
+        else:
+            k = int(t)
+            if k >= 1:
+                return "count", k
+    except ValueError:
+        pass
+    raise InputError(f"must be 'all', a layer count >= 1 or a fraction in (0, 1] such as 0.8; got {text!r}",
+                     field="--require")
+
+
 @app.command("check-sparsity")
 def check_sparsity_cmd(onnx_file: Path = typer.Argument(..., help="model.onnx"),
-                       pattern: str = typer.Option("2:4", "--pattern"),
-                       format: str = typer.Option("text", "--format", help="text | json")):
-    """Report, per Conv/Gemm/MatMul, whether the ONNX weight holds N:M along TensorRT's reduction axis."""
+                       pattern: str = typer.Option("2:4", "--pattern",
+                                                   help="N:M: at most N non-zeros in every M weights (2:4, 1:4, 4:8)"),
+                       format: str = typer.Option("text", "--format", help="text | json"),
+                       require: Optional[str] = typer.Option(
+                           None, "--require", help="exit 3 unless enough eligible layers hold the pattern: all | "
+                                                   "a count (3) | a fraction of the eligible layers (0.8)")):
+    """Report, per Conv/Gemm/MatMul, whether the ONNX weight holds N:M along TensorRT's reduction axis
+    (at most N non-zeros in every M consecutive weights); with --require, exit 3 when too few do."""
 
     def go():
-        from .deploy.onnx_io import check_sparsity
+        import math
 
+        from .deploy.onnx_io import check_sparsity
+        from .sparsity.n_m import parse_pattern
+
+        if format not in ("text", "json"):
+            raise InputError("must be text or json", field="--format")
+        try:
+            n, m = parse_pattern(pattern)
+        except ValueError as exc:
+            raise InputError(str(exc), field="--pattern") from None
+        rule = _parse_require(require) if require is not None else None
         if not onnx_file.is_file():
             raise InputError(f"file {str(onnx_file)!r} does not exist", field="onnx_file")
-        try:
-            n, m = (int(p) for p in pattern.split(":"))
-        except ValueError:
-            raise InputError("must look like N:M", field="--pattern") from None
         try:
             rep = check_sparsity(onnx_file, n, m)
         except Exception as exc:  # not an ONNX file
             raise InputError(f"cannot read {str(onnx_file)!r} as ONNX: {str(exc).splitlines()[0][:200]}",
                              field="onnx_file") from None
+        held, eligible = rep["sparse_layers"], rep["eligible_layers"]
+        failure = None
+        if rule is not None:
+            kind, value = rule
+            needed = (eligible if kind == "all" else int(value) if kind == "count"
+                      else math.ceil(value * eligible - 1e-9))
+            if eligible == 0:
+                failure = (f"--require {require}: no eligible layer (no Conv/Gemm/MatMul with a constant weight whose "
+                           f"reduction dim is a multiple of {m}) in {str(onnx_file)!r}")
+            elif held < needed:
+                failure = f"--require {require}: {held} of {eligible} eligible layers hold {rep['pattern']}, needs {needed}"
+            rep["require"] = {"rule": require, "needed": needed if eligible else None, "met": failure is None}
         if format == "json":
             typer.echo(json.dumps(rep, indent=2))
-            return
-        for layer in rep["layers"]:
-            mark = "2:4" if layer["sparse_2_4"] else ("dense" if layer["eligible"] else "n/a")
-            why = f" ({layer['reason']})" if "reason" in layer else ""
-            typer.echo(f"  {mark:6s} {layer['op']:6s} {layer['node']} {layer['shape']} axis {layer['axis']}{why}")
-        typer.echo(f"{rep['sparse_layers']} of {rep['total_layers']} layers hold {rep['pattern']}")
+        else:
+            for layer in rep["layers"]:
+                mark = rep["pattern"] if layer["holds_pattern"] else ("no" if layer["eligible"] else "n/a")
+                why = f" ({layer['reason']})" if "reason" in layer else ""
+                typer.echo(f"  {mark:6s} {layer['op']:6s} {layer['node']} {layer['shape']} axis {layer['axis']}{why}")
+            typer.echo(f"{held} of {eligible} eligible layers hold {rep['pattern']} (at most {n} non-zeros in every "
+                       f"{m} weights; {rep['total_layers']} Conv/Gemm/MatMul with a constant weight)")
+        if failure is not None:
+            raise GateError([failure])
+        if eligible == 0:
+            typer.echo(f"warning: no eligible layer in {str(onnx_file)!r}: nothing was checked "
+                       "(--require makes this exit 3)", err=True)
 
     _guard(go)
 

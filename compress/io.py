@@ -14,6 +14,7 @@ import contextlib
 import errno
 import io
 import json
+import math
 import os
 import secrets
 from pathlib import Path
@@ -106,8 +107,40 @@ def atomic_write_text(path: str | Path, text: str) -> None:
     atomic_write_bytes(Path(path), text.encode())
 
 
+NON_FINITE = {"nan": "NaN", "inf": "Infinity", "-inf": "-Infinity"}
+
+
+def json_safe(obj: Any) -> Any:
+    """``obj`` with every non-finite float written as the string ``"NaN"``, ``"Infinity"`` or
+    ``"-Infinity"`` (JSON has no such numbers; ``float(s)`` reads them back), tensors and numpy
+    values as plain numbers/lists and paths as strings."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else NON_FINITE[repr(obj)]
+    if isinstance(obj, (str, int, bool)) or obj is None:
+        return obj
+    if isinstance(obj, dict):
+        return {k: json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    if isinstance(obj, torch.Tensor):
+        return json_safe(obj.tolist())
+    if hasattr(obj, "tolist"):  # numpy arrays and scalars
+        return json_safe(obj.tolist())
+    if isinstance(obj, Path):
+        return str(obj)
+    return obj
+
+
+def as_number(v: Any) -> Any:
+    """Read back what :func:`json_safe` wrote: ``"NaN"``/``"Infinity"``/``"-Infinity"`` -> float."""
+    return float(v) if isinstance(v, str) and v in NON_FINITE.values() else v
+
+
 def atomic_write_json(path: str | Path, obj: Any) -> None:
-    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=_json_default) + "\n")
+    """Valid JSON only: non-finite numbers become strings (:func:`json_safe`); ``allow_nan=False``
+    makes anything that slipped past that an error instead of a bare ``NaN`` in the file."""
+    text = json.dumps(json_safe(obj), indent=2, sort_keys=False, default=_json_default, allow_nan=False)
+    atomic_write_text(path, text + "\n")
 
 
 def _json_default(o: Any):

@@ -19,11 +19,24 @@ from .stages.artifacts import HOW, ONNX, ONNX_INT8, SNAPSHOTS, TEACHER
 
 
 class Gates(Strict):
-    max_accuracy_drop: Optional[float] = Field(None, ge=0, description="percentage points vs the dense model")
-    min_speedup: Optional[float] = Field(None, gt=0, description="compressed vs dense, first backend, first batch size")
-    max_parity_error: Optional[float] = Field(None, gt=0, description="max |ONNX Runtime - torch|")
+    """Judged after the last stage; a failed gate exits 3 (see compress.pipeline.gates). The
+    accuracy-drop and parity gates are on by default, ``null`` turns one off; a NaN or infinite
+    value fails its gate."""
+
+    max_accuracy_drop: Optional[float] = Field(
+        1.0, ge=0, allow_inf_nan=False,
+        description="percentage points, dense - final on the test split (default on); also fails a final model "
+                    "at chance level")
+    min_accuracy: Optional[float] = Field(None, ge=0, le=100, allow_inf_nan=False,
+                                          description="percent: an absolute floor for the final model's accuracy")
+    min_speedup: Optional[float] = Field(None, gt=0, allow_inf_nan=False,
+                                         description="compressed vs dense, first backend, first batch size")
+    max_parity_error: Optional[float] = Field(
+        1e-4, gt=0, allow_inf_nan=False,
+        description="max |ONNX Runtime - torch| (default on when the recipe exports; not applicable without export)")
     max_int8_accuracy_drop: Optional[float] = Field(
-        None, ge=0, description="percentage points, int8 ONNX (export.onnx.int8) vs the compressed fp32 model")
+        None, ge=0, allow_inf_nan=False,
+        description="percentage points, int8 ONNX (export.onnx.int8) vs the compressed fp32 model")
 
 
 def _stage_union():
@@ -120,9 +133,14 @@ class Recipe(Strict):
             available |= st.provides()
         gate_needs = {"max_parity_error": ONNX, "max_int8_accuracy_drop": ONNX_INT8}
         for gate, artifact in gate_needs.items():
-            if getattr(self.gates, gate) is not None and artifact not in available:
+            if getattr(self.gates, gate) is None or artifact in available:
+                continue
+            if gate in self.gates.model_fields_set:  # set by the user: the recipe cannot satisfy it
                 raise InputError(f"the gate needs the {artifact}: {HOW[artifact].replace(' before this one', '')}",
                                  field=f"gates.{gate}")
+            # a default that cannot apply: resolved to null, reported as not applicable (and the
+            # resolved recipe.yaml validates again)
+            self.gates.__dict__[gate] = None
 
 
 # ---------------------------------------------------------------------------------------------

@@ -38,7 +38,9 @@ def tiny_recipe(**overrides) -> dict:
             {"kind": "export", "onnx": {"opset": 17}},
             {"kind": "benchmark", "batch_sizes": [1], "iters": 20, "rounds": 2, "warmup": 2},
         ],
-        "gates": {},
+        # a 3-epoch net pruned by half and fine-tuned for 1 epoch drops a few points: the default
+        # max_accuracy_drop (1.0 pp) is off here on purpose; tests of the gates set their own
+        "gates": {"max_accuracy_drop": None},
     }
     r.update(overrides)
     return r

@@ -32,7 +32,7 @@ def run_dir(tmp_path_factory):
     stages[6] = {"kind": "benchmark", "backends": ["onnxruntime", "torch"], "batch_sizes": [1, 8],
                  "iters": 10, "rounds": 2, "warmup": 1}
     stages.append({"kind": "tensorrt", "optional": True})
-    r["gates"] = {"max_parity_error": 1e-4}
+    r["gates"] = {"max_parity_error": 1e-4, "max_accuracy_drop": None}  # 10 training steps: accuracy not judged
     import yaml
 
     recipe = tmp / "recipe.yaml"

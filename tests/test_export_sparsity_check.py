@@ -124,11 +124,12 @@ def test_check_sparsity_cli(tmp_path):
                                    "w2": rng.standard_normal((16, 4)).astype(np.float32)}, [x])
     r = cli("check-sparsity", str(path))
     assert r.returncode == 0, r.stderr
-    assert "2:4    MatMul mm_sparse" in r.stdout and "dense  MatMul mm_dense" in r.stdout
-    assert "1 of 2 layers hold 2:4" in r.stdout
+    assert "2:4    MatMul mm_sparse" in r.stdout and "no     MatMul mm_dense" in r.stdout
+    assert "1 of 2 eligible layers hold 2:4" in r.stdout
     r = cli("check-sparsity", str(path), "--format", "json")
     rep = json.loads(r.stdout)
     assert [layer["sparse_2_4"] for layer in rep["layers"]] == [True, False]
+    assert [layer["holds_pattern"] for layer in rep["layers"]] == [True, False]
     bad = tmp_path / "not.onnx"
     bad.write_text("hello")
     r = cli("check-sparsity", str(bad))

@@ -22,7 +22,9 @@ def tiny_run(tmp_path_factory):
     import yaml
 
     recipe = d / "recipe.yaml"
-    recipe.write_text(yaml.safe_dump(tiny_recipe(gates={"max_parity_error": 1e-4}), sort_keys=False))
+    # the tiny net drops a few points (2.5 pp on one machine): a loose accuracy gate, checked
+    recipe.write_text(yaml.safe_dump(tiny_recipe(gates={"max_parity_error": 1e-4, "max_accuracy_drop": 15.0}),
+                                     sort_keys=False))
     out = d / "run"
     res = cli("run", str(recipe), "--out", str(out), "--quiet")
     assert res.returncode == 0, res.stderr
@@ -46,7 +48,11 @@ def test_summary_contract(tiny_run):
     assert row["backend"] == "onnxruntime" and row["batch_size"] == 1
     assert row["dense_ms_p50"] > 0 and row["compressed_ms_p50"] > 0
     assert row["speedup"] == pytest.approx(row["dense_ms_p50"] / row["compressed_ms_p50"])
-    assert s["gates"] == {"passed": True, "failures": [], "checked": s["gates"]["checked"]}
+    g = s["gates"]
+    assert g["passed"] and g["failures"] == [] and g["warnings"] == []
+    assert {r["gate"] for r in g["results"]} == {"max_accuracy_drop", "max_parity_error"}
+    assert all(r["passed"] for r in g["results"])
+    assert set(g["skipped"]) == {"min_accuracy", "min_speedup", "max_int8_accuracy_drop"}
     # the dense model was really trained (digits is easy: well above chance)
     assert s["dense"]["accuracy"] > 80
 

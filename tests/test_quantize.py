@@ -162,7 +162,7 @@ def test_int8_accuracy_gate():
 
 
 def test_int8_end_to_end_through_the_cli(write_recipe, tmp_path, one_thread):
-    r = tiny_recipe(gates={"max_int8_accuracy_drop": 2.0})
+    r = tiny_recipe(gates={"max_int8_accuracy_drop": 2.0, "max_accuracy_drop": None})
     r["stages"][0]["epochs"] = 2
     r["stages"][5]["onnx"]["int8"] = {"calibration_batches": 2}
     r["stages"][6]["backends"] = ["onnxruntime", "onnxruntime_int8"]

@@ -203,7 +203,7 @@ def onnx_accuracy(onnx_path: str | Path, x: torch.Tensor, y: torch.Tensor, batch
 
 
 # ---------------------------------------------------------------------------------------------
-# 2:4 check on ONNX initializers, along the axis TensorRT reads.
+# N:M (2:4) check on ONNX initializers, along the axis TensorRT reads.
 
 _PASS_THROUGH = {"Identity", "Transpose", "Cast", "DequantizeLinear", "Reshape", "Unsqueeze", "Squeeze"}
 
@@ -244,21 +244,21 @@ def _trace_initializer(name: str, producers: dict, inits: dict):
     return src
 
 
-def _n_m_ok(arr: np.ndarray, axis: int, n: int = 2, m: int = 4) -> tuple[bool, float]:
-    t = np.moveaxis(arr, axis, -1)
-    c = t.shape[-1]
-    if c % m:
-        return False, 0.0
-    groups = t.reshape(-1, c // m, m)
-    zeros = (groups == 0).sum(-1)
-    return bool((zeros >= n).all()), float((zeros >= n).mean())
-
-
 def check_sparsity(path: str | Path, n: int = 2, m: int = 4) -> dict:
-    """For every Conv/Gemm/MatMul with a constant weight: does it hold n:m along the reduction axis
-    TensorRT reads (Conv axis 1; Gemm axis 1 if transB=1 else 0; MatMul second input axis 0)?"""
+    """For every Conv/Gemm/MatMul with a constant weight: does it hold N:M (at most ``n`` non-zeros
+    in every ``m`` consecutive weights, see :mod:`compress.sparsity.n_m`) along the reduction axis
+    TensorRT reads (Conv axis 1; Gemm axis 1 if transB=1 else 0; MatMul second input axis 0)?
+
+    Per layer: ``holds_pattern`` (the pattern asked), ``sparse_2_4`` (2:4 whatever was asked, the
+    field earlier versions published), ``fraction_groups_ok`` (of the pattern asked), ``eligible``
+    (the reduction dim is a multiple of ``m`` and the layer is not depthwise). Totals:
+    ``sparse_layers`` (layers holding the pattern asked), ``eligible_layers``, ``total_layers``."""
     import onnx
 
+    from ..sparsity.n_m import n_m_check
+
+    if not 0 < n < m:
+        raise ValueError(f"N:M needs 0 < N < M, got {n}:{m}")
     proto = onnx.load(str(path))
     g = proto.graph
     inits = {i.name: i for i in g.initializer}
@@ -275,18 +275,20 @@ def check_sparsity(path: str | Path, n: int = 2, m: int = 4) -> dict:
             group = next((a.i for a in node.attribute if a.name == "group"), 1)
             if group > 1 and w.shape[1] == 1:
                 layers.append({"node": node.name or node.output[0], "op": "Conv", "shape": list(w.shape), "axis": 1,
-                               "sparse_2_4": False, "eligible": False, "reason": "depthwise"})
+                               "holds_pattern": False, "sparse_2_4": False, "eligible": False, "reason": "depthwise"})
                 continue
         elif node.op_type == "Gemm":
             trans_b = next((a.i for a in node.attribute if a.name == "transB"), 0)
             axis = 1 if trans_b else 0
         else:
             axis = w.ndim - 2  # MatMul: B is [.., K, N]; K (the reduction) is the second-to-last
-        ok, frac = _n_m_ok(w, axis, n, m)
+        ok, frac = n_m_check(w, axis, n, m)
+        ok24 = ok if (n, m) == (2, 4) else n_m_check(w, axis, 2, 4)[0]
         eligible = w.shape[axis] % m == 0
         layers.append({"node": node.name or node.output[0], "op": node.op_type, "shape": list(w.shape), "axis": axis,
-                       "sparse_2_4": ok, "fraction_groups_ok": round(frac, 4), "eligible": eligible,
+                       "holds_pattern": ok, "sparse_2_4": ok24, "fraction_groups_ok": round(frac, 4),
+                       "eligible": eligible,
                        **({} if eligible else {"reason": f"reduction dim {w.shape[axis]} % {m} != 0"})})
-    n_sparse = sum(1 for layer in layers if layer["sparse_2_4"])
+    n_sparse = sum(1 for layer in layers if layer["holds_pattern"])
     return {"file": str(path), "pattern": f"{n}:{m}", "layers": layers, "sparse_layers": n_sparse,
-            "total_layers": len(layers)}
+            "eligible_layers": sum(1 for layer in layers if layer["eligible"]), "total_layers": len(layers)}

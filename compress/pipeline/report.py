@@ -5,7 +5,7 @@ from pathlib import Path
 
 from ..deploy.bench import LATENCY_PLOT as PLOT_NAME
 from ..deploy.bench import latency_table, plot_latency
-from ..io import atomic_write_text
+from ..io import as_number, atomic_write_text
 
 
 def _fmt(v, nd: int = 2) -> str:
@@ -14,6 +14,12 @@ def _fmt(v, nd: int = 2) -> str:
     if isinstance(v, int) and abs(v) >= 10_000:
         return f"{v:,}"
     return str(v)
+
+
+def _num(v, spec: str) -> str:
+    """A number that may be missing or a non-finite value read back from JSON (``"NaN"``)."""
+    v = as_number(v)
+    return format(v, spec) if isinstance(v, (int, float)) else ("n/a" if v is None else str(v))
 
 
 def render(summary: dict) -> str:
@@ -39,9 +45,9 @@ def render(summary: dict) -> str:
         sp = exp.get("sparsity_2_4", {})
         lines += ["", "## Export", "",
                   f"- ONNX: `{exp.get('onnx')}` (opset {exp.get('opset')})",
-                  f"- parity vs torch: max abs {exp.get('parity_max_abs_error', float('nan')):.3g}, "
-                  f"mean abs {exp.get('parity_mean_abs_error', float('nan')):.3g}, "
-                  f"top-1 agreement {exp.get('parity_top1_agreement', float('nan')):.2f}%",
+                  f"- parity vs torch: max abs {_num(exp.get('parity_max_abs_error'), '.3g')}, "
+                  f"mean abs {_num(exp.get('parity_mean_abs_error'), '.3g')}, "
+                  f"top-1 agreement {_num(exp.get('parity_top1_agreement'), '.2f')}%",
                   f"- 2:4 along the reduction axis in the ONNX weights: {sp.get('sparse_layers', 0)} of "
                   f"{sp.get('total_layers', 0)} Conv/Gemm/MatMul layers"]
         for key, label in (("onnx_fp16", "fp16 ONNX"), ("pt2", "torch.export program")):
@@ -58,11 +64,30 @@ def render(summary: dict) -> str:
     if summary.get("benchmark"):
         lines += ["", f"![latency vs batch size]({PLOT_NAME})"]
     lines += _tensorrt_section(summary.get("tensorrt") or {})
-    g = summary["gates"]
-    lines += ["", "## Gates", "", "passed" if g["passed"] else "FAILED: " + "; ".join(g["failures"])]
-    for k, v in g.get("checked", {}).items():
-        lines.append(f"- {k}: {_fmt(v, 4)}")
+    lines += _gates_section(summary["gates"])
     return "\n".join(lines) + "\n"
+
+
+def _gates_section(g: dict) -> list[str]:
+    """Which gates were checked (value, rule, limit), which were skipped and why, and warnings."""
+    lines = ["", "## Gates", "", "passed" if g["passed"] else "FAILED: " + "; ".join(g["failures"])]
+    if g.get("warnings"):
+        lines += [""] + [f"> warning: {w}" for w in g["warnings"]]
+    if "results" in g:
+        if g["results"]:
+            lines += ["", "| gate | value | rule | limit | |", "|---|---|---|---|---|"]
+            for r in g["results"]:
+                value = r["value"]
+                shown = f"{value:.4g}" if isinstance(value, float) else str(value)
+                note = f" ({r['note']})".replace("|", "\\|") if r.get("note") else ""  # a table cell
+                lines.append(f"| {r['gate']}{note} | {shown} | {r['rule']} | {r['limit']} | "
+                             f"{'ok' if r['passed'] else '**failed**'} |")
+    else:  # a summary written before gates listed their results
+        for k, v in g.get("checked", {}).items():
+            lines.append(f"- {k}: {_fmt(v, 4)}")
+    if g.get("skipped"):
+        lines += ["", "Not checked:", ""] + [f"- {k}: {why}" for k, why in g["skipped"].items()]
+    return lines
 
 
 def _tensorrt_section(trt: dict) -> list[str]:

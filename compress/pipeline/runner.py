@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -11,7 +12,7 @@ from typing import Any
 import torch
 
 from .. import paths
-from ..errors import GateError, InputError
+from ..errors import DivergedError, GateError, InputError
 from ..io import atomic_write_json, atomic_write_text, os_errors
 from ..model_io import build_model, load_portable, load_weights, save_portable
 from ..preflight import preflight
@@ -20,7 +21,7 @@ from ..recipe import Recipe
 from ..stages import STAGES, Artifacts, StageContext, StageOutput
 from ..stages.artifacts import TEACHER
 from ..stages.base import seed_everything
-from .gates import check_gates
+from .gates import chance_level, check_gates
 from .report import write_report
 from .run_dir import open_run_dir, read_stage_result
 
@@ -55,6 +56,7 @@ def _run(recipe: Recipe, run_dir: Path, device: torch.device, start: int, data) 
     model = build_model(recipe.model.factory, recipe.model.kwargs)
     if recipe.model.checkpoint:
         load_weights(model, recipe.model.checkpoint)
+        _refuse_non_finite(model)
     dense = None
     artifacts = Artifacts()
     results: list[dict] = []
@@ -85,7 +87,10 @@ def _run(recipe: Recipe, run_dir: Path, device: torch.device, start: int, data) 
         seed_everything(ctx.seed)
         log(f"[bold]stage {i}[/] {cfg.kind}")
         t0 = time.perf_counter()
-        out: StageOutput = STAGES.get(cfg.kind).run(cfg, ctx)
+        try:
+            out: StageOutput = STAGES.get(cfg.kind).run(cfg, ctx)
+        except DivergedError as exc:  # the training loop knows the step; the runner knows the stage
+            raise DivergedError(f"stages[{i}] ({cfg.kind}): {str(exc).removeprefix(cfg.kind + ': ')}") from None
         seconds = time.perf_counter() - t0
         if ctx.dense is not None and ctx.artifacts.teacher is None:  # a stage that trains the teacher itself
             _record_teacher(ctx, ctx.dense, recipe)
@@ -105,11 +110,21 @@ def _run(recipe: Recipe, run_dir: Path, device: torch.device, start: int, data) 
     final = {**ctx.evaluate(), **ctx.stats()}
     dense_metrics = json.loads((paths.dense_dir(run_dir) / paths.METRICS).read_text())
     summary_out = _assemble(recipe, dense_metrics, final, results, summary, ctx)
+    for warning in summary_out["gates"]["warnings"]:  # on stderr even with --quiet: CI logs should show them
+        print(f"warning: {warning}", file=sys.stderr)
     atomic_write_json(run_dir / paths.SUMMARY, summary_out)
     write_report(run_dir, summary_out)
     if not summary_out["gates"]["passed"]:
         raise GateError(summary_out["gates"]["failures"])
     return summary_out
+
+
+def _refuse_non_finite(model) -> None:
+    """A checkpoint holding NaN or infinite weights cannot give a meaningful run: refuse it (exit 2)."""
+    for name, t in model.state_dict().items():
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            bad = int((~torch.isfinite(t)).sum())
+            raise InputError(f"{bad} of {t.numel()} values of {name!r} are NaN or infinite", field="model.checkpoint")
 
 
 def _record_teacher(ctx: StageContext, model, recipe: Recipe) -> None:
@@ -124,7 +139,7 @@ def _record_teacher(ctx: StageContext, model, recipe: Recipe) -> None:
 
 
 def _assemble(recipe: Recipe, dense: dict, final: dict, results: list[dict], extra: dict, ctx) -> dict:
-    gates = check_gates(recipe, dense, final, extra)
+    gates = check_gates(recipe, dense, final, extra, chance=chance_level(ctx.data.test_y, ctx.data.num_classes))
     out = {
         "name": recipe.name,
         "status": "passed" if gates["passed"] else "gates_failed",

@@ -131,6 +131,8 @@ class Selection:
     budget: float                     # re-anchored on that measurement (latency), else the MACs budget
     budget_desc: str
     block: dict                       # the per_layer prune stage that rebuilds the chosen model
+    within_budget: bool               # the chosen model, as measured, meets the budget (+ tolerance)
+    measured_ratio: float             # its measured latency (or MACs) over dense's
 
 
 def storage_url(storage: str | None, run_dir: Path) -> str:
@@ -347,12 +349,21 @@ class Search:
         within = [r for r in searched if (r["measured_ms"] if cfg.budget_metric == "latency" else r["macs"]) <= limit]
         score = "val_accuracy" if not cfg.data_free else "proxy"
         chosen = max(within or searched, key=lambda r: (r[score], -r["measured_ms"]))
+        # the rule the run's gates read (compress.pipeline.gates): did the chosen model meet the budget as measured?
+        measured_key = "measured_ms" if cfg.budget_metric == "latency" else "macs"
+        dense_value = dense_ms if cfg.budget_metric == "latency" else b.dense_macs
+        within_budget = bool(chosen[measured_key] <= limit)
+        measured_ratio = chosen[measured_key] / dense_value
+        if not within_budget:
+            log(f"[yellow]  the chosen model measured {measured_ratio:.3f} x dense, over the budget {cfg.budget} x "
+                f"dense (+{cfg.latency_tolerance:.0%}): the run's gates fail[/]")
         block = {"kind": "prune", "importance": cfg.importance, "scope": "per_layer", "ratio": 0.0,
                  "round_to": cfg.round_to, "max_ratio": cfg.max_ratio,
                  "ratios": self.pruner.per_layer_block(chosen["group_ratios"])}
         if cfg.ignore is not None:
             block["ignore"] = cfg.ignore
-        return Selection(rows, models, chosen, fastest_name, dense_ms, budget, budget_desc, block)
+        return Selection(rows, models, chosen, fastest_name, dense_ms, budget, budget_desc, block, within_budget,
+                         measured_ratio)
 
     def _finetune_and_score(self, name: str, model: nn.Module, row: dict) -> None:
         """The same short (distilled) fine-tune for every candidate, then validation and test accuracy."""
@@ -394,7 +405,10 @@ class Search:
             "predictor_scale": b.predictor.scale,
             "predictor_abs_error_pct_median": sorted(errors)[len(errors) // 2],
             "uniform_ratio": base.uniform_ratio, "global_ratio": base.global_ratio, "rows": sel.rows,
-            "chosen": sel.chosen["name"], "fastest_at_baseline_proxy": sel.fastest_name, "prune_block": sel.block,
+            "chosen": sel.chosen["name"], "within_budget": sel.within_budget, "measured_ratio": sel.measured_ratio,
+            "budget_ratio": cfg.budget, "tolerance": cfg.latency_tolerance,
+            "budget_limit_ratio": cfg.budget * (1 + cfg.latency_tolerance),
+            "fastest_at_baseline_proxy": sel.fastest_name, "prune_block": sel.block,
             "seconds": time.perf_counter() - self.t_start,
         }
         atomic_write_json(sdir / "search.json", {**result, "trials": trial_pts})

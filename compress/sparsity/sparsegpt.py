@@ -88,7 +88,10 @@ class HessianCollector:
 def prune_matrix(w: torch.Tensor, h: torch.Tensor, n: int, m: int, block: int = 128,
                  damp: float = 0.01) -> tuple[torch.Tensor, torch.Tensor]:
     """SparseGPT on one ``[rows, cols]`` matrix with Hessian ``h`` ``[cols, cols]``: returns
-    ``(pruned weight, mask)`` with ``n`` zeros in every group of ``m`` consecutive columns."""
+    ``(pruned weight, mask)`` holding N:M: at most ``n`` non-zeros (``m - n`` zeros) in every group of
+    ``m`` consecutive columns (the convention of :mod:`compress.sparsity.n_m`)."""
+    if not 0 < n < m:
+        raise ValueError(f"N:M needs 0 < N < M, got {n}:{m}")
     rows, cols = w.shape
     if cols % m:
         raise ValueError(f"reduction dim {cols} is not a multiple of {m}")
@@ -112,9 +115,9 @@ def prune_matrix(w: torch.Tensor, h: torch.Tensor, n: int, m: int, block: int = 
         hinv1 = hinv[i1:i2, i1:i2]
         d1 = torch.diag(hinv1)
         for i in range(i2 - i1):
-            if i % m == 0:  # choose this group's n zeros from the error-compensated weights
+            if i % m == 0:  # choose this group's m - n zeros from the error-compensated weights
                 score = w1[:, i:i + m] ** 2 / d1[i:i + m].unsqueeze(0) ** 2
-                drop = torch.topk(score, n, dim=1, largest=False).indices
+                drop = torch.topk(score, m - n, dim=1, largest=False).indices
                 mask[:, i1 + i:i1 + i + m].scatter_(1, drop, False)
             col = w1[:, i]
             q = col * mask[:, i1 + i]
@@ -132,7 +135,8 @@ def sparsegpt_masks(model: nn.Module, layers: dict[str, nn.Module], batches: Ite
                     block: int = 128, damp: float = 0.01, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
     """Collect the Hessians of ``layers`` on ``batches`` (inputs, or ``(inputs, targets)`` pairs) in one
     forward pass of the dense model, then prune each layer: its weight is replaced by the
-    error-compensated sparse weight. Returns ``{layer name: mask}`` in the weight's shape."""
+    error-compensated sparse weight, holding N:M (at most ``n`` non-zeros per ``m``). Returns
+    ``{layer name: mask}`` in the weight's shape."""
     collector = HessianCollector(layers)
     was_training = model.training
     model.eval()

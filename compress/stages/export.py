@@ -145,6 +145,7 @@ def run(cfg: Config, ctx) -> StageOutput:
     summary = {"export": {**paths, "opset": cfg.onnx.opset, "dynamic_batch": cfg.onnx.dynamic_batch,
                           "exporter": cfg.onnx.exporter, **par, **extra,
                           "sparsity_2_4": {"sparse_layers": sparsity["sparse_layers"],
+                                           "eligible_layers": sparsity["eligible_layers"],
                                            "total_layers": sparsity["total_layers"],
                                            "layers": sparsity["layers"]}}}
     ctx.model.to(ctx.device)

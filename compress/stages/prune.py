@@ -37,6 +37,8 @@ from .artifacts import MASKS, TEACHER
 from .base import StageOutput, register_stage
 from ..structured.early_bird import EarlyBird, train_until_early_bird
 from .finetune import FinetuneBlock, finetune
+from ..errors import InputError
+from ..progress import log
 
 
 class GuardsConfig(Strict):
@@ -111,6 +113,7 @@ class Config(StageConfig):
     finetune_between: Optional[FinetuneBlock] = None
     obs_update: bool = Field(False, description="importance obs: OBS-update the surviving weights")
     obs_dampening: float = Field(0.01, gt=0, description="importance obs: Fisher dampening, relative to its mean diagonal")
+    allow_noop: bool = Field(False, description="accept a prune that removes nothing (otherwise the stage fails, exit 2)")
 
     @field_validator("ratio")
     @classmethod
@@ -186,6 +189,27 @@ def _output_signature(model, x):
         return tuple(logits_of(model(x)).shape)
 
 
+def _nothing_pruned(cfg: Config, ctx, model, example, kw: dict, ratio) -> str:
+    """Why a prune removed nothing; raises InputError (exit 2) naming the field unless
+    ``allow_noop: true``, else logs and returns the reason."""
+    output = pruner.io_layers(model, example)[1]
+    ignore = list(cfg.ignore or []) + ([output] if kw["guards"].classifier and output else [])
+    groups = pruner.describe_groups(model, example, ignore)
+    where = f"stages[{ctx.index}]"
+    if not groups:
+        field = f"{where}.ignore" if cfg.ignore else where
+        why = ("the model has no prunable channel group (every Conv/Linear is ignored"
+               f"{' by ignore: ' + str(cfg.ignore) if cfg.ignore else ''} or is the classifier)")
+    else:
+        field = f"{where}.{'target' if cfg.target is not None else 'ratios' if cfg.scope == 'per_layer' else 'ratio'}"
+        why = (f"ratio {ratio} (scope {cfg.scope}) removed no channel from {len(groups)} prunable groups: Torch-Pruning "
+               "leaves a group it would empty, and the guards and max_ratio may keep the rest; try a ratio such as 0.5")
+    if not cfg.allow_noop:
+        raise InputError(f"nothing was pruned: {why}; set allow_noop: true on the stage to accept this", field=field)
+    log(f"[yellow]  prune: nothing was pruned ({why}); allow_noop: true accepts it[/]")
+    return why
+
+
 @register_stage("prune", Config)
 def run(cfg: Config, ctx) -> StageOutput:
     """Remove whole channels (and the coupled channels of every dependent layer), within the guards."""
@@ -245,6 +269,9 @@ def run(cfg: Config, ctx) -> StageOutput:
     ratio = ratios[0] if len(ratios) == 1 else ratios
     ctx.model = model
     after = ctx.stats()
+    noop = None
+    if after["params"] == before["params"] and after["macs"] == before["macs"]:
+        noop = _nothing_pruned(cfg, ctx, model, example, kw, ratio)
     acc = ctx.evaluate()["accuracy"]
     metrics = {
         "importance": cfg.importance, "scope": cfg.scope, "ratio": ratio, "steps": cfg.steps,
@@ -265,5 +292,7 @@ def run(cfg: Config, ctx) -> StageOutput:
         metrics["finetune_between"] = step_metrics
     if early_bird is not None:
         metrics["early_bird"] = early_bird
+    if noop is not None:
+        metrics["noop"] = noop
     summary = {"prune": {"target": search["target"], "achieved": search["achieved"], "ratio": ratio}} if search else {}
     return StageOutput(metrics=metrics, summary=summary)

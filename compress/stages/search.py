@@ -53,5 +53,6 @@ def run(cfg: Config, ctx) -> StageOutput:
         ctx.model = out.model
     result = out.result
     return StageOutput(metrics={k: result[k] for k in ("trials_total", "trials_added", "chosen", "uniform_ratio",
-                                                       "global_ratio", "predictor_abs_error_pct_median")},
+                                                       "global_ratio", "predictor_abs_error_pct_median",
+                                                       "within_budget", "measured_ratio")},
                        summary={"search": result})

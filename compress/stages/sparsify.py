@@ -1,5 +1,7 @@
 """``sparsify``: N:M (2:4) semi-structured weight masks along the reduction (input-channel) dim,
-the layout TensorRT's sparse tensor-core kernels read. Masks stay fixed through later fine-tunes."""
+the layout TensorRT's sparse tensor-core kernels read. ``pattern: "N:M"`` keeps at most N non-zero
+weights in every M consecutive input channels (``2:4``: 2 of 4; ``1:4``: 1 of 4; ``4:8``: 4 of 8),
+the convention of :mod:`compress.sparsity.n_m`. Masks stay fixed through later fine-tunes."""
 from __future__ import annotations
 
 from typing import ClassVar, Literal, Optional
@@ -9,7 +11,7 @@ from torch import nn
 
 from .base import StageConfig
 from ..sparsity import masks
-from ..sparsity.n_m import n_m_mask
+from ..sparsity.n_m import n_m_mask, parse_pattern
 from ..modules import match_any, output_layer
 from ..sparsity.sparsegpt import sparsegpt_masks
 from .artifacts import MASKS
@@ -21,7 +23,7 @@ SPARSIFY_METHODS = ("magnitude", "sparsegpt")
 class Config(StageConfig):
     kind: Literal["sparsify"] = "sparsify"
     changes_structure: ClassVar[bool] = True
-    pattern: str = "2:4"
+    pattern: str = Field("2:4", description="N:M: at most N non-zeros in every M consecutive input channels")
     method: str = "magnitude"
     ignore: Optional[list[str]] = Field(None, description="module-name patterns left dense; default: none")
     asp_rule: bool = Field(False, description="only layers with out % 8 == 0 and in % 16 == 0 (NVIDIA ASP)")
@@ -32,12 +34,7 @@ class Config(StageConfig):
     @field_validator("pattern")
     @classmethod
     def _pattern(cls, v: str) -> str:
-        try:
-            n, m = (int(p) for p in v.split(":"))
-        except ValueError:
-            raise ValueError("must look like 'N:M', e.g. '2:4'") from None
-        if not 0 < n < m:
-            raise ValueError("needs 0 < N < M")
+        parse_pattern(v)  # ValueError: one line naming the rule
         return v
 
     @field_validator("method")
@@ -52,8 +49,7 @@ class Config(StageConfig):
 
     @property
     def n_m(self) -> tuple[int, int]:
-        n, m = (int(p) for p in self.pattern.split(":"))
-        return n, m
+        return parse_pattern(self.pattern)
 
 
 def eligible_layers(model: nn.Module, m: int, ignore, asp_rule: bool) -> tuple[list[tuple[str, nn.Module]], list[dict]]:

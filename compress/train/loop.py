@@ -10,6 +10,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from ..errors import DivergedError
 from ..sparsity import masks
 from ..metrics import evaluate, logits_of
 from ..progress import task
@@ -70,6 +71,9 @@ def train(model: nn.Module, loader, cfg, device: torch.device | str = "cpu", tea
 
     Masks (``*_mask`` buffers) are honoured: gradients are masked before and weights after every
     step, and optimizer state at masked positions is zeroed, so pruned weights stay exactly zero.
+
+    A NaN or infinite loss raises :class:`compress.errors.DivergedError` (exit 5) naming the step;
+    the runner adds the stage.
     """
     model.to(device)
     opt = make_optimizer(model, cfg.optimizer)
@@ -112,6 +116,11 @@ def train(model: nn.Module, loader, cfg, device: torch.device | str = "cpu", tea
                     loss = distill_loss(out, t_out, yb, distill.alpha, distill.temperature, cfg.label_smoothing)
                 else:
                     loss = F.cross_entropy(out, yb, label_smoothing=cfg.label_smoothing)
+                if not bool(torch.isfinite(loss)):  # stop at once: every later step would train on garbage
+                    raise DivergedError(
+                        f"{description}: the loss is {loss.item()} at step {result.steps + 1} (epoch {epoch + 1}, "
+                        f"learning rate {opt.param_groups[0]['lr']:.3g}); lower the learning rate, add grad_clip, "
+                        "or check the data and model.checkpoint")
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 if use_masks:

@@ -103,6 +103,12 @@ class Recipe(Strict):
         if self.model.checkpoint is not None and not Path(self.model.checkpoint).expanduser().is_file():
             raise InputError(f"file {self.model.checkpoint!r} does not exist", field="model.checkpoint")
         self._check_stage_order()
+        for i, st in enumerate(self.stages):
+            missing = st.unavailable_here()
+            if missing is not None:
+                field, why = missing
+                raise InputError(f"{why}; mark the stage 'optional: true' to skip it on machines without it",
+                                 field=f"stages[{i}].{field}")
         return self
 
     def _check_stage_order(self) -> None:

@@ -52,7 +52,8 @@ VALID = [
     ("distill-after-lottery", [TRAIN, LOTTERY, DISTILL], {}),
     ("prune-then-sparsify", [TRAIN, PRUNE, SPARSIFY], {}),
     ("export-then-tensorrt", [TRAIN, EXPORT, {"kind": "tensorrt", "optional": True}], {"max_parity_error": 1e-4}),
-    ("tensorrt-int8-after-int8-export", [TRAIN, EXPORT_INT8, {"kind": "tensorrt", "precision": "best"}], {}),
+    ("tensorrt-int8-after-int8-export", [TRAIN, EXPORT_INT8, {"kind": "tensorrt", "precision": "best", "optional": True}],
+     {}),
 ]
 
 
@@ -101,3 +102,30 @@ def test_order_errors_come_from_the_loader():
         assert ei.value.field == field, name
     for _, stages, gates in VALID:
         validate_data(_recipe(stages, gates))
+
+
+def _tensorrt_runs_here() -> bool:
+    from compress.deploy.tensorrt import require_tensorrt
+    from compress.deploy.timing import BackendUnavailable
+
+    try:
+        require_tensorrt()
+    except BackendUnavailable:
+        return False
+    return True
+
+
+@pytest.mark.skipif(_tensorrt_runs_here(), reason="checks the refusal on machines without TensorRT or a GPU")
+@pytest.mark.parametrize("stage, field", [
+    ({"kind": "tensorrt"}, "stages[2].kind"),
+    ({**BENCH, "backends": ["onnxruntime", "tensorrt"]}, "stages[2].backends"),
+])
+def test_a_required_backend_missing_here_is_refused_before_training(write_recipe, stage, field):
+    """A stage this machine cannot run is an input error when the recipe is loaded (not after the
+    training stages); ``optional: true`` makes it a skip instead."""
+    res = cli("validate", str(write_recipe(_recipe([TRAIN, EXPORT, stage], {}))))
+    assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr
+    line = res.stderr.strip().splitlines()[-1]
+    assert line.startswith(f"error: {field}: ") and "compress[tensorrt]" in line and "optional: true" in line
+    res = cli("validate", str(write_recipe(_recipe([TRAIN, EXPORT, {**stage, "optional": True}], {}))))
+    assert res.returncode == 0, res.stderr

@@ -58,6 +58,12 @@ class StageConfig(Strict):
     def conflicts(self) -> dict[str, str]:
         return {}
 
+    def unavailable_here(self) -> tuple[str, str] | None:
+        """(field, reason) when this machine cannot run the stage as configured (a backend, extra or
+        device missing), checked when the recipe is loaded, before any stage trains. A stage marked
+        ``optional: true`` is skipped at run time instead, so it is never unavailable here."""
+        return None
+
 
 @dataclass
 class StageOutput:

@@ -10,6 +10,7 @@ from .base import StageConfig
 from ..errors import InputError
 from ..deploy.backends import BACKENDS
 from ..deploy.bench import Subject, time_backends
+from ..deploy import tensorrt as trb
 from ..deploy.timing import BackendUnavailable
 from ..deploy.onnx_io import export_onnx
 from ..progress import log
@@ -39,6 +40,15 @@ class Config(StageConfig):
         if "tensorrt" in self.backends and self.precision in ("int8", "best"):
             return {ONNX_INT8: "precision"}
         return {}
+
+    def unavailable_here(self) -> tuple[str, str] | None:
+        if self.optional or "tensorrt" not in self.backends:
+            return None
+        try:
+            trb.require_tensorrt()
+        except BackendUnavailable as exc:
+            return "backends", f"backend 'tensorrt' cannot run here: {exc}"
+        return None
 
     @field_validator("backends")
     @classmethod

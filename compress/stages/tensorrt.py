@@ -48,6 +48,15 @@ class Config(StageConfig):
     def provides(self) -> set[str]:
         return {ENGINES}
 
+    def unavailable_here(self) -> tuple[str, str] | None:
+        if self.optional:
+            return None
+        try:
+            trb.require_tensorrt()
+        except BackendUnavailable as exc:
+            return "kind", str(exc)
+        return None
+
     @model_validator(mode="after")
     def _batches(self):
         if not self.min_batch <= self.opt_batch <= self.max_batch:

@@ -22,25 +22,20 @@ def _err(msg: str) -> None:
     typer.echo(f"error: {msg}", err=True)
 
 
+_EXIT_OF = {InputError: EXIT_INPUT, ModelBreakError: EXIT_INPUT, EnvironmentFailure: EXIT_ENVIRONMENT,
+            DivergedError: EXIT_DIVERGED}
+
+
 def _guard(fn):
     """Map exceptions to exit codes; no traceback for the user's mistakes."""
     try:
         return fn()
-    except InputError as exc:
-        _err(str(exc))
-        raise typer.Exit(EXIT_INPUT)
-    except ModelBreakError as exc:
-        _err(str(exc))
-        raise typer.Exit(EXIT_INPUT)
     except GateError as exc:
         _err(f"gates failed: {exc}")
         raise typer.Exit(EXIT_GATE)
-    except EnvironmentFailure as exc:
+    except tuple(_EXIT_OF) as exc:  # one line, the code documented in compress/errors.py
         _err(str(exc))
-        raise typer.Exit(EXIT_ENVIRONMENT)
-    except DivergedError as exc:
-        _err(str(exc))
-        raise typer.Exit(EXIT_DIVERGED)
+        raise typer.Exit(next(code for kind, code in _EXIT_OF.items() if isinstance(exc, kind)))
     except typer.Exit:
         raise
     except KeyboardInterrupt:

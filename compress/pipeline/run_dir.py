@@ -238,13 +238,13 @@ def _check_factory(folder: Path, recipe: Recipe) -> None:
                        "(choose another --out)", field=str(folder / "arch.json"))
 
 
-def _stage_damage(folder: Path, recipe: Recipe) -> str | None:
-    """Why a completed stage folder cannot be reused (None: it can)."""
+def _damage(folder: Path, recipe: Recipe, record: str, valid) -> str | None:
+    """Why a completed checkpoint folder (its JSON ``record``, checked by ``valid``, its factory and
+    its weights) cannot be reused; None: it can."""
     try:
-        rec = read_json_file(folder / paths.RESULT)
-        if not isinstance(rec, dict) or not isinstance(rec.get("stage"), dict) \
-                or not isinstance(rec.get("summary", {}), dict) or not isinstance(rec.get("artifacts") or {}, dict):
-            raise InputError("damaged: not a stage result", field=str(folder / paths.RESULT))
+        rec = read_json_file(folder / record)
+        if not valid(rec):
+            raise InputError(f"damaged: not a {record.removesuffix('.json')} record", field=str(folder / record))
         _check_factory(folder, recipe)
         check_safetensors(folder / "model.safetensors")
     except _Altered:
@@ -254,19 +254,13 @@ def _stage_damage(folder: Path, recipe: Recipe) -> str | None:
     return None
 
 
+def _stage_damage(folder: Path, recipe: Recipe) -> str | None:
+    return _damage(folder, recipe, paths.RESULT, lambda rec: isinstance(rec, dict) and isinstance(rec.get("stage"), dict)
+                   and isinstance(rec.get("summary", {}), dict) and isinstance(rec.get("artifacts") or {}, dict))
+
+
 def _dense_damage(run_dir: Path, recipe: Recipe) -> str | None:
-    d = paths.dense_dir(run_dir)
-    try:
-        metrics = read_json_file(d / paths.METRICS)
-        if not isinstance(metrics, dict):
-            raise InputError("damaged: not an object of metrics", field=str(d / paths.METRICS))
-        _check_factory(d, recipe)
-        check_safetensors(d / "model.safetensors")
-    except _Altered:
-        raise
-    except InputError as exc:
-        return str(exc)
-    return None
+    return _damage(paths.dense_dir(run_dir), recipe, paths.METRICS, lambda rec: isinstance(rec, dict))
 
 
 def _teacher_of(run_dir: Path, index: int, kind: str) -> str | None:

@@ -26,6 +26,16 @@ _EXIT_OF = {InputError: EXIT_INPUT, ModelBreakError: EXIT_INPUT, EnvironmentFail
             DivergedError: EXIT_DIVERGED}
 
 
+def _caused_by_interrupt(exc: BaseException) -> bool:
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, KeyboardInterrupt):
+            return True
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
 def _guard(fn):
     """Map exceptions to exit codes; no traceback for the user's mistakes."""
     try:
@@ -42,7 +52,11 @@ def _guard(fn):
         _err("interrupted")
         _said_interrupted.append(True)
         raise typer.Exit(EXIT_INTERRUPTED)
-    except Exception:
+    except Exception as exc:
+        if _caused_by_interrupt(exc):  # Ctrl-C inside a C extension's import surfaces as ImportError
+            _err("interrupted")
+            _said_interrupted.append(True)
+            raise typer.Exit(EXIT_INTERRUPTED)
         traceback.print_exc()
         raise typer.Exit(EXIT_BUG)
 

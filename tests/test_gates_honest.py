@@ -127,7 +127,17 @@ def test_json_files_never_hold_bare_nan(tmp_path):
     assert _strict_json((tmp_path / "x.json").read_text())["a"] == "NaN"
 
 
-@pytest.mark.parametrize("lr", [".inf", "1.0e+30"])
+def test_infinite_learning_rate_is_refused_before_training(write_recipe, tmp_path):
+    """A non-finite float in the recipe never reaches training: exit 2 naming the field."""
+    text = yaml.safe_dump(_small(), sort_keys=False).replace("lr: 0.1", "lr: .inf")
+    res = cli("-q", "run", str(write_recipe(text)), "--out", str(tmp_path / "run"))
+    assert res.returncode == 2, (res.returncode, res.stderr)
+    _no_traceback(res)
+    assert res.stderr.startswith("error: stages[0].optimizer.lr: ") and "finite" in res.stderr
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("lr", ["1.0e+30", "1.0e+38"])
 def test_nan_or_inf_loss_stops_training_with_exit_5(write_recipe, tmp_path, lr, one_thread):
     text = yaml.safe_dump(_small(), sort_keys=False).replace("lr: 0.1", f"lr: {lr}")
     assert f"lr: {lr}" in text

@@ -204,17 +204,19 @@ def test_dotdot_name_does_not_write_into_the_current_directory(tmp_path):
 @pytest.mark.parametrize("resume", [False, True], ids=["plain", "resume"])
 def test_run_that_failed_before_any_stage_reruns_in_place(resume, tmp_path):
     out = tmp_path / "run"
-    bad = short_recipe(data={"dataset": "mnist", "root": str(tmp_path / "missing")})
+    # an input error the pre-run checks cannot see: the first stage fails after the run directory exists
+    bad = short_recipe()
+    bad["stages"] = [{"kind": "prune", "ratio": 0.999999, "scope": "uniform"}]
     res = run_cli("run", str(write_yaml(tmp_path / "bad.yaml", bad)), "--out", str(out), "--quiet")
-    one_line_error(res, 2, "data.root")
-    assert (out / "recipe.yaml").is_file() and not list(out.rglob("DONE"))
+    one_line_error(res, 2, "stages[0].ratio")
+    assert (out / "recipe.yaml").is_file() and not list((out / "stages").rglob("DONE"))  # no stage completed
     fixed = short_recipe()
     fixed["stages"] = fixed["stages"][:1]
     res = run_cli("run", str(write_yaml(tmp_path / "fixed.yaml", fixed)), "--out", str(out), "--quiet",
                   *(["--resume"] if resume else []))
     assert res.returncode == 0, res.stderr
-    assert "data.dataset" in res.stderr  # the note says what changed since the failed attempt
-    assert yaml.safe_load((out / "recipe.yaml").read_text())["data"]["dataset"] == "digits"
+    assert "stages[0]" in res.stderr  # the note says what changed since the failed attempt
+    assert yaml.safe_load((out / "recipe.yaml").read_text())["stages"][0]["kind"] == "train"
     assert (out / "stages" / "00-train" / "DONE").exists() and (out / "summary.json").is_file()
 
 

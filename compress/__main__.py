@@ -7,6 +7,11 @@ import sys
 
 def entry() -> None:
     try:
+        import signal
+
+        from .errors import on_sigint
+
+        signal.signal(signal.SIGINT, on_sigint)
         from .cli import main
     except KeyboardInterrupt:
         sys.stderr.write("error: interrupted\n")

@@ -10,7 +10,7 @@ from typing import List, Optional
 
 import typer
 
-from .errors import (EXIT_BUG, EXIT_DIVERGED, EXIT_ENVIRONMENT, EXIT_GATE, EXIT_INPUT, EXIT_INTERRUPTED,
+from .errors import (INTERRUPTED, EXIT_BUG, EXIT_DIVERGED, EXIT_ENVIRONMENT, EXIT_GATE, EXIT_INPUT, EXIT_INTERRUPTED,
                      DivergedError, EnvironmentFailure, GateError, InputError, ModelBreakError)
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -53,7 +53,8 @@ def _guard(fn):
         _said_interrupted.append(True)
         raise typer.Exit(EXIT_INTERRUPTED)
     except Exception as exc:
-        if _caused_by_interrupt(exc):  # Ctrl-C inside a C extension's import surfaces as ImportError
+        if _caused_by_interrupt(exc) or INTERRUPTED:  # Ctrl-C inside a C extension's import surfaces as
+            # ImportError, or as a later error of a half-initialised module
             _err("interrupted")
             _said_interrupted.append(True)
             raise typer.Exit(EXIT_INTERRUPTED)

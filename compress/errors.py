@@ -75,3 +75,15 @@ def is_out_of_memory(exc: BaseException) -> bool:
     if isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError":
         return True
     return isinstance(exc, RuntimeError) and any(m in str(exc).lower() for m in _OOM_MARKERS)
+
+
+INTERRUPTED: list[bool] = []  # set by on_sigint: once Ctrl-C arrived, whatever fails next is the interrupt
+
+
+def on_sigint(signum, frame) -> None:
+    """SIGINT handler for the command line: record the interrupt, then raise KeyboardInterrupt as
+    Python's default handler does. A Ctrl-C that lands inside a C extension's import can surface as
+    some other error (ImportError, RecursionError in a half-initialised numpy); the flag lets the CLI
+    still report it as an interrupt (exit 130), not as a bug."""
+    INTERRUPTED.append(True)
+    raise KeyboardInterrupt

@@ -319,7 +319,7 @@ def test_resume_of_a_damaged_run_directory_reruns_from_the_damaged_stage(case, c
 def test_second_run_into_a_busy_directory_is_refused_and_the_lock_dies_with_its_process(tmp_path):
     out = tmp_path / "run"
     r = short_recipe()
-    r["stages"][0]["epochs"] = 30  # long enough to overlap
+    r["stages"][0]["epochs"] = 5000  # far longer than the checks below (it is killed after them)
     recipe = write_yaml(tmp_path / "r.yaml", r)
     first = subprocess.Popen([sys.executable, "-m", "compress", "run", str(recipe), "--out", str(out), "--quiet"],
                              env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
@@ -330,8 +330,8 @@ def test_second_run_into_a_busy_directory_is_refused_and_the_lock_dies_with_its_
         assert first.poll() is None, first.stderr.read().decode()
         for resume in ([], ["--resume"]):
             res = run_cli("run", str(recipe), "--out", str(out), "--quiet", *resume)
-            one_line_error(res, 2, str(out / ".lock"), "in use")
             assert first.poll() is None, "the run to finish first ended before the check"
+            one_line_error(res, 2, str(out / ".lock"), "in use")
     finally:
         os.killpg(first.pid, signal.SIGKILL)
         first.wait()

@@ -80,7 +80,10 @@ def fetch(url: str, dest: Path, md5: str | None, timeout: float = 60.0, deadline
             raise InputError(f"md5 mismatch for {url}: got {h.hexdigest()}, expected {md5}", field="data.download")
         os.replace(tmp, dest)
     except (TimeoutError, socket.timeout):
-        raise _timed_out(url, f"timed out after {time.monotonic() - start:.1f} s with {received:,} bytes received "
+        elapsed = time.monotonic() - start
+        if elapsed + 0.05 >= deadline:  # the read that ran into the deadline (its timeout was cut to what was left)
+            raise _timed_out(url, f"did not finish within {deadline:g} s ({received:,} bytes received)") from None
+        raise _timed_out(url, f"timed out after {elapsed:.1f} s with {received:,} bytes received "
                               f"(limits: {deadline:g} s in all, {timeout:g} s without data)") from None
     except urllib.error.URLError as exc:
         if isinstance(exc.reason, (TimeoutError, socket.timeout)):

@@ -4,6 +4,8 @@ modules they bring, so a missing one is reported as the extra to install, not a 
 pyproject.toml."""
 from __future__ import annotations
 
+import importlib.util
+
 # top-level module -> extra that installs it
 EXTRA_OF_MODULE = {
     "transformers": "hf",
@@ -27,3 +29,11 @@ def install_hint(exc: BaseException) -> str | None:
     if extra is None:
         return None
     return f"module {exc.name.split('.')[0]!r} is not installed: pip install 'compress[{extra}]'"
+
+
+def installed(module: str) -> bool:
+    """Whether ``module`` can be imported here, without importing it."""
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):  # a parent that fails to import; an import blocked in sys.modules
+        return False

@@ -202,17 +202,6 @@ def _lock(run_dir: Path) -> int | None:
 # ---------------------------------------------------------------------------------------------
 # Completed stages, damage, what to throw away
 
-def completed_stages(run_dir: Path, recipe: Recipe) -> int:
-    """How many leading stages finished (their DONE marker exists)."""
-    n = 0
-    for i, st in enumerate(recipe.stages):
-        if paths.is_done(paths.stage_dir(run_dir, i, st.kind)):
-            n = i + 1
-        else:
-            break
-    return n
-
-
 def _stage_folders(run_dir: Path) -> dict[int, Path]:
     stages = run_dir / "stages"
     out: dict[int, Path] = {}
@@ -437,13 +426,6 @@ def open_run_dir(run_dir: str | Path, recipe: Recipe, resume: bool) -> Iterator[
     finally:
         if fd is not None:
             os.close(fd)
-
-
-def prepare_run_dir(run_dir: Path, recipe: Recipe, resume: bool) -> int:
-    """Create (or, with resume, reopen) the run directory without holding its lock afterwards;
-    return the index of the first stage to run. The runner uses :func:`open_run_dir`."""
-    with open_run_dir(run_dir, recipe, resume) as start:
-        return start
 
 
 def read_stage_result(run_dir: Path, index: int, kind: str) -> dict[str, Any]:

@@ -2,26 +2,19 @@
 latency table, accuracy proxy, the candidates' fine-tune and their end-to-end measurement."""
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 from typing import Literal, Optional
 
 from pydantic import Field, field_validator, model_validator
 
 from ..config import Strict
+from ..extras import installed
 from ..train.config import FinetuneBlock
 
 
 # SQLAlchemy dialect -> the Python driver modules it can use (the first is the one to install)
 DB_DRIVERS = {"postgresql": ["psycopg2", "psycopg", "pg8000"], "mysql": ["pymysql", "MySQLdb", "mysql"]}
 PIP_NAMES = {"psycopg2": "psycopg2-binary", "MySQLdb": "mysqlclient", "mysql": "mysql-connector-python"}
-
-
-def installed(module: str) -> bool:
-    try:
-        return importlib.util.find_spec(module) is not None
-    except (ImportError, ValueError):  # a parent that fails to import; an import blocked in sys.modules
-        return False
 
 
 class ProxyConfig(Strict):

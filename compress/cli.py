@@ -77,8 +77,11 @@ def run(
     set_: List[str] = typer.Option([], "--set", help="override a field: PATH=VALUE, e.g. stages.1.ratio=0.3"),
     device: Optional[str] = typer.Option(None, "--device", help="auto | cpu | cuda (overrides the recipe)"),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bars or stage logs (CI)"),
+    threads: Optional[int] = typer.Option(None, "--threads", min=1, max=1024,
+                                          help="intra-op threads for training (overrides the recipe's threads; "
+                                               "default: chosen from the idle cores)"),
 ):
-    """Run a recipe end to end."""
+    """Run a recipe end to end (under torchrun: data-parallel training, rank 0 writes)."""
     if quiet:
         from .progress import set_quiet
 
@@ -91,8 +94,9 @@ def run(
         overrides = list(set_) + ([f"device={device}"] if device else [])
         r = load_recipe(recipe, overrides)
         run_dir = out or Path("runs") / r.name
-        summary = run_recipe(r, run_dir, resume=resume)
-        _print_summary(summary, run_dir)
+        summary = run_recipe(r, run_dir, resume=resume, threads=threads)
+        if summary is not None:  # None on torchrun ranks other than 0
+            _print_summary(summary, run_dir)
 
     _guard(go)
 

@@ -8,6 +8,7 @@ CI jobs and other tools, so it changes here or nowhere.
     <run>/summary.json, report.md     written at the end
     <run>/dense/                      the dense teacher (portable checkpoint + metrics.json + DONE)
     <run>/stages/NN-<kind>/           per stage: portable checkpoint, result.json, then DONE
+    <run>/stages/NN-<kind>/step.pt    a training stage's last step checkpoint (removed once DONE)
     <run>/lottery/NN/                 a lottery stage's units of work (outlive a failed stage)
     <run>/search.db, latency_table.json   a search stage's Optuna study and latency table
     <run>/tensorrt/                   TensorRT engines and their build record
@@ -28,6 +29,7 @@ DONE = "DONE"                  # written last: a folder counts as complete only 
 RESULT = "result.json"         # a stage's metrics, summary block and artifacts
 METRICS = "metrics.json"       # the dense teacher's metrics
 LOCK = ".lock"
+STEP_CHECKPOINT = "step.pt"    # the training state inside a stage (compress.train.loop.StepCheckpointing)
 
 
 def stage_dir(run_dir: str | Path, index: int, kind: str) -> Path:

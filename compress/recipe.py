@@ -8,6 +8,7 @@ import re
 from pathlib import Path
 from typing import Annotated, Any, Literal, Optional, Union
 
+import torch
 import yaml
 from pydantic import Field, TypeAdapter, ValidationError, field_validator, model_validator
 
@@ -16,6 +17,7 @@ from .data.config import DataConfig
 from .errors import EnvironmentFailure, InputError
 from .stages import STAGES
 from .stages.artifacts import HOW, ONNX, ONNX_INT8, SNAPSHOTS, TEACHER
+from .train.config import TrainLoopConfig
 
 
 class Gates(Strict):
@@ -67,6 +69,10 @@ class Recipe(Strict):
     stages: list[StageUnion] = Field(default_factory=list,  # type: ignore[valid-type]
                                      description=f"one or more stages (at most {MAX_STAGES}), run in order")
     gates: Gates = Field(default_factory=Gates)
+    threads: Optional[int] = Field(
+        None, ge=1, le=1024, description="intra-op threads for training and evaluation (default: chosen from the "
+                                         "idle cores this process may use; see compress.threads); --threads "
+                                         "overrides it; benchmark timings keep their own benchmark.threads")
 
     @field_validator("name")
     @classmethod
@@ -103,6 +109,7 @@ class Recipe(Strict):
         if self.model.checkpoint is not None and not Path(self.model.checkpoint).expanduser().is_file():
             raise InputError(f"file {self.model.checkpoint!r} does not exist", field="model.checkpoint")
         self._check_stage_order()
+        self._check_precision()
         for i, st in enumerate(self.stages):
             missing = st.unavailable_here()
             if missing is not None:
@@ -110,6 +117,27 @@ class Recipe(Strict):
                 raise InputError(f"{why}; mark the stage 'optional: true' to skip it on machines without it",
                                  field=f"stages[{i}].{field}")
         return self
+
+    def _check_precision(self) -> None:
+        """fp16 autocast trains only on CUDA (bf16 is the CPU's reduced precision): refuse it before any
+        stage runs when the recipe's device is, or resolves to, the CPU."""
+        if self.device == "cuda" or (self.device == "auto" and torch.cuda.is_available()):
+            return
+
+        def loops(obj, path):
+            if isinstance(obj, TrainLoopConfig):
+                yield obj, path
+            if isinstance(obj, Strict):
+                for name in type(obj).model_fields:
+                    value = getattr(obj, name)
+                    if isinstance(value, Strict):
+                        yield from loops(value, f"{path}.{name}")
+
+        for i, st in enumerate(self.stages):
+            for loop, path in loops(st, f"stages[{i}]"):
+                if loop.precision == "fp16":
+                    raise InputError("fp16 autocast needs a CUDA device and this recipe trains on the CPU; use "
+                                     "precision: bf16 (or fp32)", field=f"{path}.precision")
 
     def _check_stage_order(self) -> None:
         """Check the stages against what each declares it needs, provides and conflicts with (see

@@ -263,7 +263,13 @@ def _discard(run_dir: Path, old_kinds: list[str], new_kinds: list[str], start: i
     re-run export stage, lottery work that no longer fits, and the summary and report (written
     again at the end)."""
     for i, folder in _stage_folders(run_dir).items():
-        if i >= start:
+        if i == start and start < changed and folder.name == paths.stage_dir(run_dir, i, new_kinds[i]).name \
+                and (folder / paths.STEP_CHECKPOINT).is_file():
+            # the stage to run next, unchanged, was killed part-way: keep its step checkpoint only
+            for p in folder.iterdir():
+                if p.name != paths.STEP_CHECKPOINT:
+                    shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
+        elif i >= start:
             shutil.rmtree(folder)
     kinds_after = set(old_kinds[start:]) | set(new_kinds[start:])
     teacher_kept = start > 0 and _teacher_of(run_dir, start - 1, new_kinds[start - 1]) is not None

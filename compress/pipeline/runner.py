@@ -1,5 +1,15 @@
 """Runs a recipe: stages in order, a checkpoint and completion marker per stage, resume, gates,
-``summary.json`` and ``report.md``. Data flows one way: recipe -> stages -> artifacts."""
+``summary.json`` and ``report.md``. Data flows one way: recipe -> stages -> artifacts.
+
+Under torchrun (see :mod:`compress.distributed`) every process runs this. Rank 0 alone holds the
+run directory's lock and writes files, logs and progress. Stages that declare ``every_rank``
+(train, finetune, prune, sparsify) run on every rank: training in them is data-parallel, and what
+they do besides training is deterministic given the same model, seed and data, so every rank ends
+with the same model; rank 0's weights are broadcast afterwards all the same, which also checks
+that the structures agree. Every other stage (export, benchmark, lottery, search, ...) runs on
+rank 0 alone, while the others wait, and then hands its model to them: those stages write files,
+time things or keep their own resumable state on disk, which N copies would race on or duplicate.
+"""
 from __future__ import annotations
 
 import copy
@@ -11,12 +21,14 @@ from typing import Any
 
 import torch
 
+from .. import distributed as dist
 from .. import paths
 from ..errors import DivergedError, GateError, InputError
 from ..io import atomic_write_json, atomic_write_text, os_errors
 from ..model_io import build_model, load_portable, load_weights, save_portable
 from ..preflight import preflight
-from ..progress import log
+from ..progress import log, set_quiet
+from ..threads import apply as apply_threads, choose_threads
 from ..recipe import Recipe
 from ..stages import STAGES, Artifacts, StageContext, StageOutput
 from ..stages.artifacts import TEACHER
@@ -38,21 +50,42 @@ def _save_model(model, directory: Path, recipe: Recipe) -> None:
     save_portable(model, directory, recipe.model.factory, recipe.model.kwargs, recipe.model.input_shape)
 
 
-def run_recipe(recipe: Recipe, run_dir: str | Path, resume: bool = False) -> dict[str, Any]:
-    """Run every stage; return the summary. Raises GateError (after writing everything) when a
-    gate fails. The run directory is locked while this runs (see :mod:`.run_dir`); a full disk, a
-    read-only file system or a permission is an EnvironmentFailure naming the path."""
+def run_recipe(recipe: Recipe, run_dir: str | Path, resume: bool = False,
+               threads: int | None = None) -> dict[str, Any] | None:
+    """Run every stage; return the summary (None on ranks other than 0 under torchrun). Raises
+    GateError (after writing everything) when a gate fails. The run directory is locked while this
+    runs (see :mod:`.run_dir`); a full disk, a read-only file system or a permission is an
+    EnvironmentFailure naming the path. ``threads`` (``--threads``) overrides ``recipe.threads``."""
     run_dir = Path(run_dir)
-    device = resolve_device(recipe.device)
-    seed_everything(recipe.seed)
-    # the pre-run checks (model builds and runs the recipe's input, logits cover the labels, data
-    # reads) before the run directory is touched; they leave the global random state as it was
-    data = preflight(recipe.model, recipe.data, recipe.seed).data
-    with os_errors(run_dir, action="access"), open_run_dir(run_dir, recipe, resume) as start:
-        return _run(recipe, run_dir, device, start, data)
+    launched_here = dist.launched() and not dist.active()
+    device = dist.init_from_env(resolve_device(recipe.device))
+    try:
+        if not dist.is_main():
+            set_quiet(True)  # one process reports
+        requested, source = (threads, "--threads") if threads is not None else (recipe.threads, "recipe")
+        # loader workers take a core each; the data block names them where the data layer has them
+        workers = int(getattr(recipe.data, "num_workers", 0) or 0)
+        choice = choose_threads(requested, source, dist.local_world_size(), workers)
+        apply_threads(choice)
+        seed_everything(recipe.seed)
+        # the pre-run checks (model builds and runs the recipe's input, logits cover the labels, data
+        # reads) before the run directory is touched; they leave the global random state as it was.
+        # Rank 0 first: it may download the data, which the others then find in place
+        with dist.main_first():
+            data = preflight(recipe.model, recipe.data, recipe.seed).data
+        if not dist.is_main():
+            return _run(recipe, run_dir, device, dist.broadcast_object(None), data, choice.to_dict())
+        with os_errors(run_dir, action="access"), open_run_dir(run_dir, recipe, resume) as start:
+            dist.broadcast_object(start)
+            return _run(recipe, run_dir, device, start, data, choice.to_dict())
+    finally:
+        if launched_here:
+            dist.shutdown()
 
 
-def _run(recipe: Recipe, run_dir: Path, device: torch.device, start: int, data) -> dict[str, Any]:
+def _run(recipe: Recipe, run_dir: Path, device: torch.device, start: int, data,
+         threads: dict) -> dict[str, Any] | None:
+    main = dist.is_main()
     model = build_model(recipe.model.factory, recipe.model.kwargs)
     if recipe.model.checkpoint:
         load_weights(model, recipe.model.checkpoint)
@@ -61,7 +94,7 @@ def _run(recipe: Recipe, run_dir: Path, device: torch.device, start: int, data) 
     artifacts = Artifacts()
     results: list[dict] = []
     summary: dict[str, Any] = {}
-    if start > 0:  # resume: restore model, teacher, artifacts and the results of completed stages
+    if start > 0 and main:  # resume: restore model, teacher, artifacts and the results of completed stages
         own = [recipe.model.factory]  # the recipe names the factory: resuming it runs no one else's code
         model = load_portable(paths.stage_dir(run_dir, start - 1, recipe.stages[start - 1].kind), allow=own)
         if paths.is_done(paths.dense_dir(run_dir)):
@@ -72,7 +105,11 @@ def _run(recipe: Recipe, run_dir: Path, device: torch.device, start: int, data) 
             summary.update(rec.get("summary", {}))
             artifacts = Artifacts.from_dict(rec.get("artifacts"))
         log(f"resuming at stage {start} ({recipe.stages[start].kind if start < len(recipe.stages) else 'end'})")
+    if start > 0:  # the other ranks get what rank 0 read (the run directory may be on its machine only)
+        model, dense, artifacts = dist.broadcast_object((model, dense, artifacts) if main else None)
     model.to(device)
+    if dense is not None:
+        dense.to(device)
     ctx = StageContext(run_dir=run_dir, device=device, data=data, model=model, run_name=recipe.name,
                        run_seed=recipe.seed, model_spec=recipe.model, batch_size=recipe.data.batch_size,
                        dense=dense, artifacts=artifacts)
@@ -82,16 +119,16 @@ def _run(recipe: Recipe, run_dir: Path, device: torch.device, start: int, data) 
         if ctx.dense is None and cfg.changes_structure and TEACHER not in cfg.provides():
             _record_teacher(ctx, ctx.model, recipe)
         sdir = paths.stage_dir(run_dir, i, cfg.kind)
-        sdir.mkdir(parents=True, exist_ok=True)
+        if main:
+            sdir.mkdir(parents=True, exist_ok=True)
         ctx.index, ctx.stage_dir = i, sdir
         seed_everything(ctx.seed)
         log(f"[bold]stage {i}[/] {cfg.kind}")
         t0 = time.perf_counter()
-        try:
-            out: StageOutput = STAGES.get(cfg.kind).run(cfg, ctx)
-        except DivergedError as exc:  # the training loop knows the step; the runner knows the stage
-            raise DivergedError(f"stages[{i}] ({cfg.kind}): {str(exc).removeprefix(cfg.kind + ': ')}") from None
+        out = _run_stage(cfg, ctx, i)
         seconds = time.perf_counter() - t0
+        if not main:
+            continue
         if ctx.dense is not None and ctx.artifacts.teacher is None:  # a stage that trains the teacher itself
             _record_teacher(ctx, ctx.dense, recipe)
         entry = {"index": i, "kind": cfg.kind, "seconds": round(seconds, 3), **out.metrics}
@@ -104,12 +141,17 @@ def _run(recipe: Recipe, run_dir: Path, device: torch.device, start: int, data) 
         atomic_write_json(sdir / paths.RESULT, {"stage": entry, "summary": out.summary,
                                                 "artifacts": ctx.artifacts.to_dict()})
         atomic_write_text(sdir / paths.DONE, "")  # written last: the stage counts as done only now
+        (sdir / paths.STEP_CHECKPOINT).unlink(missing_ok=True)  # the stage's own checkpoint supersedes it
     if ctx.dense is None:
         _record_teacher(ctx, ctx.model, recipe)
+    if not main:
+        return None
 
     final = {**ctx.evaluate(), **ctx.stats()}
     dense_metrics = json.loads((paths.dense_dir(run_dir) / paths.METRICS).read_text())
     summary_out = _assemble(recipe, dense_metrics, final, results, summary, ctx)
+    summary_out["threads"] = threads
+    summary_out["processes"] = dist.world_size()
     for warning in summary_out["gates"]["warnings"]:  # on stderr even with --quiet: CI logs should show them
         print(f"warning: {warning}", file=sys.stderr)
     atomic_write_json(run_dir / paths.SUMMARY, summary_out)
@@ -117,6 +159,38 @@ def _run(recipe: Recipe, run_dir: Path, device: torch.device, start: int, data) 
     if not summary_out["gates"]["passed"]:
         raise GateError(summary_out["gates"]["failures"])
     return summary_out
+
+
+def _run_stage(cfg, ctx: StageContext, i: int) -> StageOutput | None:
+    """Run stage ``i`` where it runs (every rank, or rank 0 while the others wait; see the module
+    docstring) and leave every rank with the same model, teacher and artifacts. None on a rank that
+    did not run it."""
+    spec = STAGES.get(cfg.kind)
+    on_every_rank = type(cfg).every_rank or not dist.active()
+    out = None
+    dense_before = ctx.dense
+    try:
+        if on_every_rank:
+            with dist.collective():
+                out = spec.run(cfg, ctx)
+        elif dist.is_main():
+            out = spec.run(cfg, ctx)
+    except DivergedError as exc:  # the training loop knows the step; the runner knows the stage
+        raise DivergedError(f"stages[{i}] ({cfg.kind}): {str(exc).removeprefix(cfg.kind + ': ')}") from None
+    if not dist.active():
+        return out
+    if on_every_rank:
+        dist.broadcast_state(ctx.model)
+    else:
+        changed = cfg.changes_model()
+        model, new_dense, artifacts = dist.broadcast_object(
+            (ctx.model if changed else None, ctx.dense if ctx.dense is not dense_before else None, ctx.artifacts)
+            if dist.is_main() else None)
+        if not dist.is_main():
+            ctx.model = model.to(ctx.device) if changed else ctx.model
+            ctx.dense = new_dense.to(ctx.device) if new_dense is not None else ctx.dense
+            ctx.artifacts = artifacts
+    return out
 
 
 def _refuse_non_finite(model) -> None:
@@ -131,11 +205,13 @@ def _record_teacher(ctx: StageContext, model, recipe: Recipe) -> None:
     """Snapshot ``model`` as the dense teacher (the distillation teacher and the accuracy reference)."""
     dense = model if model is ctx.dense else copy.deepcopy(model).eval()
     d = paths.dense_dir(ctx.run_dir)
+    ctx.dense = dense
+    ctx.artifacts.teacher = str(d.relative_to(ctx.run_dir))
+    if not dist.is_main():  # the same teacher on every rank; rank 0 writes it
+        return
     _save_model(dense, d, recipe)
     atomic_write_json(d / paths.METRICS, {**ctx.evaluate(dense), **ctx.stats(dense)})
     atomic_write_text(d / paths.DONE, "")
-    ctx.dense = dense
-    ctx.artifacts.teacher = str(d.relative_to(ctx.run_dir))
 
 
 def _assemble(recipe: Recipe, dense: dict, final: dict, results: list[dict], extra: dict, ctx) -> dict:

@@ -21,6 +21,7 @@ from torch import nn
 from ..config import ModelConfig, Strict
 from ..data import DataBundle, make_loader
 from ..metrics import evaluate, model_stats
+from .. import paths
 from ..paths import seed_everything as seed_everything, stage_seed  # re-exported for the runner
 from ..registry import Registry
 from .artifacts import Artifacts
@@ -36,7 +37,9 @@ class StageConfig(Strict):
     weights without changing the structure (train, finetune). A stage that does either
     (``changes_model()``) cannot follow the files written from the model (``artifacts.SNAPSHOTS``:
     ONNX, PT2, TensorRT engines), which would then describe a stale model; the recipe loader
-    refuses that order. ``needs()`` — artifact name -> the config field that asks for it.
+    refuses that order. ``every_rank`` — under torchrun the stage runs on every process (its
+    training is data-parallel, everything else it does deterministic); otherwise rank 0 runs it
+    alone and hands its model to the others (see :mod:`compress.pipeline.runner`). ``needs()`` — artifact name -> the config field that asks for it.
     ``provides()`` — artifact names this stage writes. ``conflicts()`` — artifact name -> why this
     stage cannot run once it exists."""
 
@@ -45,6 +48,7 @@ class StageConfig(Strict):
 
     changes_structure: ClassVar[bool] = False
     changes_weights: ClassVar[bool] = False
+    every_rank: ClassVar[bool] = False  # under torchrun: runs on every rank (training in it is data-parallel)
 
     def changes_model(self) -> bool:
         return self.changes_structure or self.changes_weights
@@ -91,6 +95,27 @@ def register_stage(kind: str, config: type, doc: str = ""):
         return fn
 
     return deco
+
+
+def step_checkpointing(ctx: "StageContext", cfg):
+    """Step checkpoints of a training stage, in its folder (``cfg.checkpoint_every``)."""
+    from ..train.loop import StepCheckpointing
+
+    return StepCheckpointing(paths.stage_dir(ctx.run_dir, ctx.index, cfg.kind) / paths.STEP_CHECKPOINT,
+                             every=cfg.checkpoint_every)
+
+
+def training_metrics(res) -> dict[str, Any]:
+    """A training stage's entry in ``summary.stages``: steps, epochs, last train loss, throughput,
+    and ``resumed_at_step`` when it continued from a step checkpoint."""
+    out: dict[str, Any] = {"steps": res.steps, "epochs": res.epochs_run,
+                           "train_loss": res.history[-1]["train_loss"] if res.history else None,
+                           "samples_per_s": res.samples_per_s}
+    if res.resumed_at_step is not None:
+        out["resumed_at_step"] = res.resumed_at_step
+    if res.compile is not None:
+        out["compile"] = res.compile
+    return out
 
 
 @dataclass

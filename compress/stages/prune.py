@@ -95,6 +95,7 @@ class EarlyBirdConfig(FinetuneBlock):
 class Config(StageConfig):
     kind: Literal["prune"] = "prune"
     changes_structure: ClassVar[bool] = True
+    every_rank: ClassVar[bool] = True
     when: Literal["trained", "early_bird"] = Field(
         "trained", description="trained: prune the model as it is; early_bird: train until the Early-Bird ticket emerges first")
     early_bird: EarlyBirdConfig = Field(default_factory=EarlyBirdConfig)

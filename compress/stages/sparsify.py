@@ -23,6 +23,7 @@ SPARSIFY_METHODS = ("magnitude", "sparsegpt")
 class Config(StageConfig):
     kind: Literal["sparsify"] = "sparsify"
     changes_structure: ClassVar[bool] = True
+    every_rank: ClassVar[bool] = True
     pattern: str = Field("2:4", description="N:M: at most N non-zeros in every M consecutive input channels")
     method: str = "magnitude"
     ignore: Optional[list[str]] = Field(None, description="module-name patterns left dense; default: none")

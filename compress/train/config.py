@@ -37,6 +37,24 @@ class TrainLoopConfig(Strict):
     batch_size: Optional[int] = Field(None, ge=1, description="overrides data.batch_size")
     label_smoothing: float = Field(0.0, ge=0, lt=1)
     grad_clip: Optional[float] = Field(None, gt=0)
+    precision: Literal["fp32", "bf16", "fp16"] = Field(
+        "fp32", description="autocast precision of forward passes: bf16 (CPU or CUDA) or fp16 (CUDA only, with a "
+                            "gradient scaler); the weights and optimizer stay fp32")
+    channels_last: bool = Field(False, description="NHWC memory format for the model and 4-D inputs")
+    grad_accum_steps: int = Field(1, ge=1, le=4096, description="micro-batches summed into one optimizer step")
+    compile: bool = Field(False, description="torch.compile the model; falls back to eager (with a warning) "
+                                             "when compiling fails")
+    ema: Optional[float] = Field(None, gt=0, lt=1, description="decay of an exponential moving average of the "
+                                                                "weights; the average is what is evaluated and saved")
+
+
+class StepCheckpoints(Strict):
+    """Resume inside a training stage (``train``, ``finetune``): a checkpoint of the whole training
+    state in the stage's folder, which ``--resume`` continues from and the completed stage deletes."""
+
+    checkpoint_every: Optional[int] = Field(
+        None, ge=1, description="optimizer steps between step checkpoints (default: every epoch); one is also "
+                                "written after at most 10 minutes of training")
 
 
 class FinetuneBlock(TrainLoopConfig):

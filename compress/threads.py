@@ -1,0 +1,100 @@
+"""How many intra-op threads training uses.
+
+torch's default is one thread per physical core, whether or not those cores are free. On a shared
+machine that is the slow choice: OpenMP threads spin-wait for a sibling the kernel descheduled,
+so a 2-core machine with one other busy process ran the quickstart's train stage more than 7x
+slower with the default than with one thread (benchmarks/results/threads.md). The choice here
+starts from the cores this process may run on (``os.sched_getaffinity``, capped by a cgroup CPU
+quota), subtracts the cores other processes keep busy right now (sampled from ``/proc/stat`` over
+a fraction of a second), shares the rest among this machine's processes of the job (torchrun's
+``LOCAL_WORLD_SIZE``) and leaves one core per data-loader worker. A recipe's ``threads:`` or
+``--threads`` replaces the choice, and so does ``OMP_NUM_THREADS`` in the environment (a fixed count also pins float rounding, which can depend on how
+work is split across threads). Benchmark timings use their own fixed thread count
+(``benchmark.threads``), set and restored around each measurement.
+"""
+from __future__ import annotations
+
+import math
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+
+@dataclass
+class ThreadChoice:
+    intra_op: int
+    source: str                  # "--threads", "recipe", "OMP_NUM_THREADS" or "auto"
+    cores: int                   # CPUs this process may run on (affinity, cgroup quota)
+    idle_cores: float | None     # of those, how many were idle when the run started (auto only)
+    local_processes: int
+    loader_workers: int
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def usable_cores() -> int:
+    """CPUs this process may run on: its affinity mask, capped by a cgroup v2 CPU quota."""
+    try:
+        n = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # not Linux
+        n = os.cpu_count() or 1
+    try:
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()[:2]
+        if quota != "max":
+            n = min(n, max(1, math.ceil(int(quota) / int(period))))
+    except (OSError, ValueError):
+        pass
+    return max(1, n)
+
+
+def _cpu_times() -> dict[int, tuple[int, int]]:
+    """Per CPU: (idle jiffies incl. iowait, total jiffies)."""
+    out = {}
+    for line in Path("/proc/stat").read_text().splitlines():
+        name, *fields = line.split()
+        if name.startswith("cpu") and name != "cpu":
+            v = [int(x) for x in fields[:8]]
+            out[int(name[3:])] = (v[3] + v[4], sum(v))
+    return out
+
+
+def idle_cores(window_s: float = 0.3) -> float | None:
+    """How many of this process's CPUs were idle over the next ``window_s`` seconds (None where
+    /proc/stat cannot tell)."""
+    try:
+        allowed = os.sched_getaffinity(0)
+        a = _cpu_times()
+        time.sleep(window_s)
+        b = _cpu_times()
+    except (AttributeError, OSError, ValueError):
+        return None
+    idle = 0.0
+    for cpu in allowed:
+        if cpu in a and cpu in b and b[cpu][1] > a[cpu][1]:
+            idle += (b[cpu][0] - a[cpu][0]) / (b[cpu][1] - a[cpu][1])
+    return idle
+
+
+def choose_threads(requested: int | None, source: str, local_processes: int = 1,
+                   loader_workers: int = 0) -> ThreadChoice:
+    """The intra-op thread count for this process (see the module docstring)."""
+    cores = usable_cores()
+    if requested is not None:
+        return ThreadChoice(requested, source, cores, None, local_processes, loader_workers)
+    env = os.environ.get("OMP_NUM_THREADS", "").strip()
+    if env.isdigit() and int(env) >= 1:  # the environment's explicit choice (torchrun sets 1 unless given one)
+        return ThreadChoice(int(env), "OMP_NUM_THREADS", cores, None, local_processes, loader_workers)
+    free = None
+    if local_processes == 1:  # under torchrun the sibling processes are starting too: they are not "other load"
+        free = idle_cores()
+    available = cores if free is None else min(cores, max(1, math.floor(free + 0.25)))
+    n = max(1, available // max(1, local_processes) - loader_workers)
+    return ThreadChoice(n, "auto", cores, None if free is None else round(free, 2), local_processes, loader_workers)
+
+
+def apply(choice: ThreadChoice) -> None:
+    torch.set_num_threads(choice.intra_op)

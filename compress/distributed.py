@@ -112,16 +112,25 @@ def broadcast_object(obj: Any, src: int = 0) -> Any:
 
 
 @torch.no_grad()
-def broadcast_state(model: torch.nn.Module, src: int = 0) -> None:
-    """Overwrite every rank's parameters and buffers with rank ``src``'s (same structure on all ranks)."""
+def broadcast_state(model: torch.nn.Module, src: int = 0) -> list[str]:
+    """Overwrite every rank's parameters and buffers with rank ``src``'s (same structure on all
+    ranks). Returns the names of the parameters that differed from rank ``src``'s before (empty
+    after data-parallel training, whose replicas stay identical; buffers such as BatchNorm
+    statistics are per-replica and not compared)."""
     if not active():
-        return
+        return []
     signature = [(k, tuple(v.shape), str(v.dtype)) for k, v in model.state_dict().items()]
     if broadcast_object(signature, src) != signature:
         raise RuntimeError(f"rank {rank()}: the model's structure differs from rank {src}'s after a stage every rank "
                            "ran; that stage is not deterministic across processes")
-    for t in model.state_dict().values():
+    params = dict(model.named_parameters())
+    differed = []
+    for name, t in model.state_dict().items():
+        mine = t.clone() if name in params else None
         dist.broadcast(t, src=src)
+        if mine is not None and not torch.equal(mine, t):
+            differed.append(name)
+    return differed
 
 
 def all_reduce_sum(values: list[float], device: torch.device | str = "cpu") -> list[float]:

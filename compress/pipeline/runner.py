@@ -180,7 +180,10 @@ def _run_stage(cfg, ctx: StageContext, i: int) -> StageOutput | None:
     if not dist.active():
         return out
     if on_every_rank:
-        dist.broadcast_state(ctx.model)
+        differed = dist.broadcast_state(ctx.model)
+        if differed:  # the stage is not deterministic across processes here; rank 0's model goes on
+            print(f"warning: stages[{i}] ({cfg.kind}): rank {dist.rank()}'s parameters differed from rank 0's in "
+                  f"{len(differed)} tensor(s) (first: {differed[0]}); continuing with rank 0's", file=sys.stderr)
     else:
         changed = cfg.changes_model()
         model, new_dense, artifacts = dist.broadcast_object(

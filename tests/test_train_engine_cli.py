@@ -11,7 +11,6 @@ import subprocess
 import sys
 import time
 
-import pytest
 import yaml
 
 from conftest import REPO, cli

@@ -195,3 +195,24 @@ def test_step_checkpoint_resume_is_exact(one_thread, tmp_path, every):
     res = train(resumed, _loader(x, y), cfg, checkpointing=ck)
     assert res.resumed_at_step == saved["steps"]
     assert _equal(_weights(whole), _weights(resumed))
+
+
+@pytest.mark.parametrize("stage, field", [
+    ({"kind": "train", "precision": "fp16"}, "stages[0].precision"),
+    ({"kind": "prune", "finetune_between": {"precision": "fp16"}}, "stages[0].finetune_between.precision"),
+])
+def test_fp16_recipe_on_cpu_is_refused_before_running(tmp_path, stage, field):
+    import yaml
+
+    from compress.recipe import load_recipe
+
+    p = tmp_path / "r.yaml"
+    p.write_text(yaml.safe_dump({"name": "x", "device": "cpu", "model": {"factory": "small_cnn", "input_shape": [1, 8, 8]},
+                                 "stages": [stage]}))
+    with pytest.raises(InputError) as e:
+        load_recipe(p, [])
+    assert e.value.field == field and "fp16 autocast needs a CUDA device" in str(e.value)
+    stage_bf16 = yaml.safe_load(yaml.safe_dump(stage).replace("fp16", "bf16"))
+    p.write_text(yaml.safe_dump({"name": "x", "device": "cpu", "model": {"factory": "small_cnn", "input_shape": [1, 8, 8]},
+                                 "stages": [stage_bf16]}))
+    load_recipe(p, [])

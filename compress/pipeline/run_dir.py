@@ -13,7 +13,8 @@ The rules, in one place:
   ``dense/``). It keeps every completed stage whose own config and every earlier stage's config
   are unchanged, and runs again from the first stage that changed, did not complete, or whose
   files are damaged, saying which and why (the first differing field path, e.g.
-  ``stages[3].ratio``). The top-level ``model``, ``data``, ``seed`` and ``device`` blocks feed
+  ``stages[3].ratio``). The first stage it runs keeps its step checkpoint (``step.pt``: a training
+  stage killed part-way) when that stage is unchanged, and continues from it. The top-level ``model``, ``data``, ``seed`` and ``device`` blocks feed
   every stage: a change there keeps nothing, so resume refuses it. ``gates`` and ``name`` change no
   stage: the completed run is judged again.
 - A process that writes a run directory holds an exclusive ``flock`` on its lock file (released by
@@ -259,7 +260,7 @@ def _teacher_of(run_dir: Path, index: int, kind: str) -> str | None:
 
 def _discard(run_dir: Path, old_kinds: list[str], new_kinds: list[str], start: int, changed: int) -> None:
     """Remove what stages ``start`` and later wrote, so nothing stale survives a re-run: their
-    stage folders, the dense teacher unless a kept stage handed it on, the deployment files of a
+    stage folders (except the step checkpoint of stage ``start`` when it is unchanged), the dense teacher unless a kept stage handed it on, the deployment files of a
     re-run export stage, lottery work that no longer fits, and the summary and report (written
     again at the end)."""
     for i, folder in _stage_folders(run_dir).items():

@@ -1,11 +1,11 @@
 """The quickstart's train stage beside a CPU hog: torch's default intra-op threads vs the count
 compress chooses (compress.threads).
 
-    python benchmarks/threads.py --repeats 3 --timeout 180
+    python benchmarks/threads.py --repeats 3 --timeout 180 [--epochs 20]
 
 One busy process (a Python loop) runs on the machine for the whole benchmark. Each measurement is a
 real ``compress run`` of recipes/quickstart.yaml cut to its first stage (the 20-epoch dense train),
-in a subprocess without OMP_NUM_THREADS: "default" passes ``--threads`` = torch's default for this
+(``--epochs`` shortens it on a crowded machine), in a subprocess without OMP_NUM_THREADS: "default" passes ``--threads`` = torch's default for this
 machine (one per core), "chosen" passes nothing, so compress picks. The two alternate. A run past
 ``--timeout`` seconds is stopped and counted as that many seconds. Writes benchmarks/results/threads.md.
 """
@@ -63,12 +63,14 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--timeout", type=float, default=180.0)
+    ap.add_argument("--epochs", type=int, default=20, help="the train stage's epochs (the quickstart has 20)")
     args = ap.parse_args()
     env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")}
     env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
     default = _torch_default_threads(env)
     quickstart = yaml.safe_load((REPO / "recipes" / "quickstart.yaml").read_text())
     quickstart["stages"] = quickstart["stages"][:1]
+    quickstart["stages"][0]["epochs"] = args.epochs
     quickstart["gates"] = {"max_accuracy_drop": None, "max_parity_error": None}
     rows = {"default": [], "chosen": []}
     with tempfile.TemporaryDirectory() as tmp:
@@ -88,11 +90,11 @@ def main() -> None:
     med = {k: statistics.median(r["wall_s"] for r in v) for k, v in rows.items()}
     unfinished = {k: sum(not r["finished"] for r in v) for k, v in rows.items()}
     chosen = sorted({r["threads"] for r in rows["chosen"] if r["finished"]})
-    cmd = f"python benchmarks/threads.py --repeats {args.repeats} --timeout {args.timeout:g}"
+    cmd = f"python benchmarks/threads.py --repeats {args.repeats} --timeout {args.timeout:g} --epochs {args.epochs}"
     lines = ["# Training threads beside a busy process", "", f"Command: `{cmd}`", "", machine_lines(m),
              f"- torch's default intra-op threads here: {default}; compress chose: {', '.join(map(str, chosen)) or '-'}",
              f"- load average when done: {os.getloadavg()[0]:.1f} (other processes were running on this machine too)",
-             "", "Each run: `compress run` of recipes/quickstart.yaml cut to its 20-epoch train stage, with one "
+             "", f"Each run: `compress run` of recipes/quickstart.yaml cut to its train stage ({args.epochs} epochs), with one "
              "CPU-bound Python process running beside it the whole time. Default and chosen alternate. A run "
              f"stopped at the {args.timeout:g} s limit counts as {args.timeout:g} s.", "",
              "| threads | runs | unfinished | median wall (s) | wall times (s) | train stage times (s) |",

@@ -2,8 +2,8 @@
 
 torch's default is one thread per physical core, whether or not those cores are free. On a shared
 machine that is the slow choice: OpenMP threads spin-wait for a sibling the kernel descheduled,
-so a 2-core machine with one other busy process ran the quickstart's train stage more than 7x
-slower with the default than with one thread (benchmarks/results/threads.md). The choice here
+so on a 2-core machine beside one busy process the quickstart's train stage did not finish within
+the time one thread needed several times over (benchmarks/results/threads.md). The choice here
 starts from the cores this process may run on (``os.sched_getaffinity``, capped by a cgroup CPU
 quota), subtracts the cores other processes keep busy right now (sampled from ``/proc/stat`` over
 a fraction of a second), shares the rest among this machine's processes of the job (torchrun's

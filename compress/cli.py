@@ -131,7 +131,7 @@ def validate(recipe: Path = typer.Argument(...),
         if not no_preflight:
             from .preflight import preflight
 
-            checked = preflight(r.model, r.data, r.seed, download=False)
+            checked = preflight(r.model, r.data, r.seed, download=False, task=r.task)
         typer.echo(f"{recipe}: ok ({len(r.stages)} stages: {', '.join(s.kind for s in r.stages)})")
         if checked is not None:
             typer.echo(f"  preflight: {checked.describe()}")

@@ -27,15 +27,16 @@ from typing import Iterator
 import numpy as np
 import torch
 from torch import nn
-from torch.nn import functional as F
+from torch.utils.data import default_collate
 
 from .config import ModelConfig
-from .data import DataBundle, build_data
+from .data import DataBundle, build_data, label_bounds
 from .data.builtin import MissingData, declared_num_classes
 from .data.config import DataConfig
 from .errors import InputError, first_line
 from .memory import require_memory
-from .metrics import count_params, logits_of
+from .metrics import call_model, count_params, logits_of, to_device
+from .tasks import build_objective
 from .model_io import build_model, factory_failure, load_weights
 
 
@@ -132,26 +133,49 @@ def check_declared_classes(probe: ModelProbe, model_cfg: ModelConfig, data_cfg: 
                          field=_classes_field(model_cfg))
 
 
-def check_fit(probe: ModelProbe, data: DataBundle, model_cfg: ModelConfig, data_cfg: DataConfig) -> None:
-    """Check 5: the data fits the model."""
-    if tuple(data.input_shape) != probe.input_shape:
+def check_fit(probe: ModelProbe, data: DataBundle, model_cfg: ModelConfig, data_cfg: DataConfig,
+              objective=None, seed: int = 0) -> None:
+    """Check 5: the data fits the model: the samples' shape, every label inside the model's outputs
+    (before any training), and the task's loss on a real batch of two training items."""
+    objective = objective or build_objective(None)
+    shape = data.input_shape
+    if shape is not None and tuple(shape) != probe.input_shape:
         raise InputError(f"is {_shape(probe.input_shape)} but the samples of data.dataset {data_cfg.dataset!r} "
-                         f"have shape {_shape(data.input_shape)}", field="model.input_shape")
-    hi = max(int(data.train_y.max()), int(data.test_y.max()))
-    n = max(data.num_classes, hi + 1)
-    if probe.num_outputs < n:
-        raise InputError(f"the model has {probe.num_outputs} outputs but data.dataset {data_cfg.dataset!r} has "
-                         f"{n} classes (labels 0..{n - 1}); set model.kwargs.num_classes: {n}",
-                         field=_classes_field(model_cfg))
-    x, y = data.train_x[:1], data.train_y[:1]
+                         f"have shape {_shape(shape)}", field="model.input_shape")
+    ignore = getattr(objective, "ignore_index", None)
+    lo, hi = 0, -1
+    if objective.name != "custom":  # a custom task's targets mean whatever its loss says
+        bounds = [label_bounds(ds, seed, ignore) for ds in (data.train, data.test)]
+        lo = min(b[0] for b in bounds if b[2]) if any(b[2] for b in bounds) else 0
+        hi = max(b[1] for b in bounds)
+        how = "all labels" if all(b[3] for b in bounds) else "a sample of the labels"
+        if lo < 0:
+            raise InputError(f"{how} of data.dataset {data_cfg.dataset!r} include {lo}; labels must be 0 or more "
+                             + (f"(or {ignore}, ignored)" if ignore is not None else ""), field="data.dataset")
+        n = max(data.num_classes or 0, hi + 1)
+        if probe.num_outputs < n:
+            raise InputError(f"the model has {probe.num_outputs} outputs but data.dataset {data_cfg.dataset!r} has "
+                             f"{n} classes ({how}: 0..{hi}); set model.kwargs.num_classes: {n}",
+                             field=_classes_field(model_cfg))
+    batch = default_collate([data.train[i] for i in range(min(2, len(data.train)))])
+    x, y = batch
     with isolated_rng():
-        logits = run_example(probe.model, x, model_cfg.factory)
+        param = next(probe.model.parameters(), None)
+        dev = param.device if param is not None else torch.device("cpu")
         try:
-            F.cross_entropy(logits, y.to(logits.device))
+            with torch.no_grad():
+                out = call_model(probe.model.eval(), to_device(x, dev))
         except Exception as exc:
-            raise InputError(f"the logits of {model_cfg.factory!r} (shape {_shape(logits.shape)}) cannot be scored "
-                             f"against the labels of data.dataset {data_cfg.dataset!r} (shape {_shape(y.shape)}): "
-                             f"{first_line(exc)}", field="model.factory") from None
+            raise factory_failure(exc, model_cfg.factory, "model.input_shape",
+                                  doing="running a batch of the training data") from None
+        try:
+            with torch.no_grad():
+                objective.loss(out, y.to(dev))
+        except Exception as exc:
+            shape = _shape(logits_of(out).shape) if not isinstance(exc, TypeError) else type(out).__name__
+            raise InputError(f"the outputs of {model_cfg.factory!r} ({shape}) cannot be scored against the labels "
+                             f"of data.dataset {data_cfg.dataset!r} (shape {_shape(y.shape)}) by the "
+                             f"{objective.name} loss: {first_line(exc)}", field="model.factory") from None
 
 
 @dataclass
@@ -170,7 +194,7 @@ class Preflight:
 
 
 def preflight(model_cfg: ModelConfig, data_cfg: DataConfig, seed: int, download: bool = True,
-              checkpoint: bool = True) -> Preflight:
+              checkpoint: bool = True, task=None) -> Preflight:
     """Every check above. With ``download=False`` (``validate``), data that is missing but would be
     downloaded by ``run`` is not fetched, and the data checks are skipped with a note."""
     probe = probe_model(model_cfg, checkpoint=checkpoint)
@@ -185,7 +209,7 @@ def preflight(model_cfg: ModelConfig, data_cfg: DataConfig, seed: int, download:
     if data is None:
         note = f"data {data_cfg.dataset}: not checked (files missing; run downloads them)"
     else:
-        check_fit(probe, data, model_cfg, data_cfg)
-        note = (f"data {data_cfg.dataset}: {len(data.train_x):,} train / {len(data.test_x):,} test samples, "
-                f"{data.num_classes} classes")
+        check_fit(probe, data, model_cfg, data_cfg, build_objective(task), seed)
+        note = (f"data {data_cfg.dataset}: {len(data.train):,} train / {len(data.test):,} test samples"
+                + (f", {data.num_classes} classes" if data.num_classes else ""))
     return Preflight(data, count_params(probe.model), probe.input_shape, probe.logits_shape, note)

@@ -22,7 +22,7 @@ class Config(StageConfig, FinetuneBlock):
 def finetune(block: FinetuneBlock, ctx, description: str = "finetune") -> dict:
     teacher = ctx.dense if block.distill is not None else None
     res = train_loop(ctx.model, ctx.train_loader(block.batch_size), block, ctx.device, teacher=teacher,
-                     distill=block.distill, description=description)
+                     distill=block.distill, description=description, objective=ctx.training_objective)
     return {"steps": res.steps, "epochs": res.epochs_run, "distilled": teacher is not None,
             "train_loss": res.history[-1]["train_loss"] if res.history else None}
 
@@ -33,5 +33,5 @@ def run(cfg: Config, ctx) -> StageOutput:
     if cfg.distill is not None and ctx.dense is None:  # the recipe loader refuses such an order
         raise RuntimeError("bug: distillation without a dense teacher passed recipe validation")
     metrics = finetune(cfg, ctx)
-    metrics["accuracy"] = ctx.evaluate()["accuracy"]
+    metrics.update(ctx.headline())
     return StageOutput(metrics=metrics)

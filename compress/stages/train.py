@@ -21,8 +21,8 @@ def run(cfg: Config, ctx) -> StageOutput:
     """Train the dense model from its initialisation."""
     if ctx.model_spec.checkpoint:
         return StageOutput(skipped="model.checkpoint given")
-    res = train_loop(ctx.model, ctx.train_loader(cfg.batch_size), cfg, ctx.device, description="train")
-    ev = ctx.evaluate()
+    res = train_loop(ctx.model, ctx.train_loader(cfg.batch_size), cfg, ctx.device, description="train",
+                     objective=ctx.training_objective)
     return StageOutput(metrics={"steps": res.steps, "epochs": res.epochs_run,
                                 "train_loss": res.history[-1]["train_loss"] if res.history else None,
-                                "accuracy": ev["accuracy"]})
+                                **ctx.headline()})

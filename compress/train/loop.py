@@ -12,7 +12,7 @@ from torch.nn import functional as F
 
 from ..errors import DivergedError
 from ..sparsity import masks
-from ..metrics import evaluate, logits_of
+from ..metrics import batch_size_of, call_model, evaluate, logits_of, to_device
 from ..progress import task
 
 
@@ -62,7 +62,7 @@ def distill_loss(student_logits, teacher_logits, targets, alpha: float, temperat
 def train(model: nn.Module, loader, cfg, device: torch.device | str = "cpu", teacher: nn.Module | None = None,
           distill=None, description: str = "train", eval_fn: Callable[[nn.Module], dict] | None = None,
           on_step: Callable[[int, nn.Module, torch.optim.Optimizer], None] | None = None,
-          start_step: int = 0, optimizer_state: dict | None = None) -> TrainResult:
+          start_step: int = 0, optimizer_state: dict | None = None, objective=None) -> TrainResult:
     """Train ``model`` in place for ``cfg.epochs`` epochs (or ``cfg.max_steps`` steps).
 
     ``start_step`` / ``optimizer_state`` resume a run at step k (late rewinding): the LR schedule,
@@ -71,6 +71,12 @@ def train(model: nn.Module, loader, cfg, device: torch.device | str = "cpu", tea
 
     Masks (``*_mask`` buffers) are honoured: gradients are masked before and weights after every
     step, and optimizer state at masked positions is zeroed, so pruned weights stay exactly zero.
+
+    Batches are ``(inputs, targets)``: ``inputs`` a tensor (``model(x)``), a tuple/list of tensors
+    (``model(*x)``) or a dict of tensors (``model(**x)``). ``objective`` (see
+    :class:`compress.tasks.Objective`: ``loss(out, targets)`` and ``distill_loss(student_out,
+    teacher_out, targets, distill)`` on raw model outputs) replaces classification's cross-entropy
+    and Hinton distillation.
 
     A NaN or infinite loss raises :class:`compress.errors.DivergedError` (exit 5) naming the step;
     the runner adds the stage.
@@ -108,14 +114,17 @@ def train(model: nn.Module, loader, cfg, device: torch.device | str = "cpu", tea
                 f = lr_factor(result.steps, total, warmup, cfg.optimizer)
                 for g, lr in zip(opt.param_groups, base_lrs):
                     g["lr"] = lr * f
-                xb, yb = xb.to(device), yb.to(device)
-                out = logits_of(model(xb))
+                xb, yb = to_device(xb, device), yb.to(device)
+                raw = call_model(model, xb)
                 if teacher is not None and distill is not None:
                     with torch.no_grad():
-                        t_out = logits_of(teacher(xb))
-                    loss = distill_loss(out, t_out, yb, distill.alpha, distill.temperature, cfg.label_smoothing)
+                        t_raw = call_model(teacher, xb)
+                    loss = (objective.distill_loss(raw, t_raw, yb, distill) if objective is not None else
+                            distill_loss(logits_of(raw), logits_of(t_raw), yb, distill.alpha, distill.temperature,
+                                         cfg.label_smoothing))
                 else:
-                    loss = F.cross_entropy(out, yb, label_smoothing=cfg.label_smoothing)
+                    loss = (objective.loss(raw, yb) if objective is not None else
+                            F.cross_entropy(logits_of(raw), yb, label_smoothing=cfg.label_smoothing))
                 if not bool(torch.isfinite(loss)):  # stop at once: every later step would train on garbage
                     raise DivergedError(
                         f"{description}: the loss is {loss.item()} at step {result.steps + 1} (epoch {epoch + 1}, "
@@ -131,8 +140,8 @@ def train(model: nn.Module, loader, cfg, device: torch.device | str = "cpu", tea
                 if use_masks:
                     masks.apply_masks(model)
                 result.steps += 1
-                loss_sum += loss.item() * len(xb)
-                seen += len(xb)
+                loss_sum += loss.item() * batch_size_of(xb)
+                seen += batch_size_of(xb)
                 if on_step is not None:
                     on_step(result.steps, model, opt)
                 bar.advance(1, info=f"epoch {epoch + 1}/{epochs} loss {loss.item():.3f}")

@@ -136,7 +136,7 @@ def check_declared_classes(probe: ModelProbe, model_cfg: ModelConfig, data_cfg: 
 def check_fit(probe: ModelProbe, data: DataBundle, model_cfg: ModelConfig, data_cfg: DataConfig,
               objective=None, seed: int = 0) -> None:
     """Check 5: the data fits the model: the samples' shape, every label inside the model's outputs
-    (before any training), and the task's loss on a real batch of two training items."""
+    (before any training), and the task's loss on one real training item."""
     objective = objective or build_objective(None)
     shape = data.input_shape
     if shape is not None and tuple(shape) != probe.input_shape:
@@ -149,6 +149,9 @@ def check_fit(probe: ModelProbe, data: DataBundle, model_cfg: ModelConfig, data_
         lo = min(b[0] for b in bounds if b[2]) if any(b[2] for b in bounds) else 0
         hi = max(b[1] for b in bounds)
         how = "all labels" if all(b[3] for b in bounds) else "a sample of the labels"
+        if data.num_classes and hi >= data.num_classes:
+            raise InputError(f"labels range over {lo}..{hi} but num_classes is {data.num_classes} "
+                             f"(labels must be 0..{data.num_classes - 1})", field="data.dataset")
         if lo < 0:
             raise InputError(f"{how} of data.dataset {data_cfg.dataset!r} include {lo}; labels must be 0 or more "
                              + (f"(or {ignore}, ignored)" if ignore is not None else ""), field="data.dataset")
@@ -157,7 +160,7 @@ def check_fit(probe: ModelProbe, data: DataBundle, model_cfg: ModelConfig, data_
             raise InputError(f"the model has {probe.num_outputs} outputs but data.dataset {data_cfg.dataset!r} has "
                              f"{n} classes ({how}: 0..{hi}); set model.kwargs.num_classes: {n}",
                              field=_classes_field(model_cfg))
-    batch = default_collate([data.train[i] for i in range(min(2, len(data.train)))])
+    batch = default_collate([data.train[0]])  # one real item, batch 1
     x, y = batch
     with isolated_rng():
         param = next(probe.model.parameters(), None)

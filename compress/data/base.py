@@ -313,6 +313,10 @@ def build_data(cfg: DataConfig, input_shape: tuple[int, ...] | None, seed: int) 
             if not is_out_of_memory(exc):
                 raise
             raise EnvironmentFailure(f"data.dataset: out of memory loading {cfg.dataset!r}: {first_line(exc)}") from None
+    if cfg.check_images:
+        from .imagefolder import verify_images
+
+        verify_images(bundle, cfg.check_images, seed)
     if cfg.preprocess.mean == "auto":
         _auto_statistics(bundle, cfg, seed)
     g = torch.Generator().manual_seed(seed)

@@ -174,7 +174,7 @@ def _idx_dataset(cfg, name: str, files: dict[str, str]) -> DataBundle:
             raise InputError(f"{str(root / labels)!r} holds label {int(y.max())}; {name} has classes "
                              f"0..{NUM_CLASSES[name] - 1}", field="data.root")
         splits.append((x, y))
-    to_x = lambda a: torch.from_numpy(np.ascontiguousarray(a)).unsqueeze(1)  # noqa: E731  (uint8 in memory)
+    to_x = lambda a: torch.from_numpy(np.array(a)).unsqueeze(1)  # noqa: E731  (a writable uint8 copy in memory)
     to_y = lambda a: torch.from_numpy(a.astype(np.int64))  # noqa: E731
     (xtr, ytr), (xte, yte) = splits
     return in_memory(cfg, name, to_x(xtr), to_y(ytr), to_x(xte), to_y(yte), NUM_CLASSES[name])

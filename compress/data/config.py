@@ -86,6 +86,9 @@ class DataConfig(Strict):
     augment: AugmentConfig = Field(default_factory=AugmentConfig)
     on_bad_file: Literal["error", "skip"] = Field(
         "error", description="an unreadable or empty image: error (exit 2 naming it) or skip (counted in the summary)")
+    check_images: int = Field(
+        2000, ge=0, description="image folders: before training, decode this many images (all of a smaller split; "
+                                "a seeded sample of a larger one) so a broken file fails in seconds, not mid-run")
     # loaders
     num_workers: int = Field(0, ge=0, description="DataLoader worker processes (0: load in the main process)")
     pin_memory: bool = False

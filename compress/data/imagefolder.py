@@ -77,6 +77,27 @@ class ImageFolder(Dataset):
         raise BadImage(f"more than {MAX_SKIPS_IN_A_ROW} unreadable images in a row from {str(self.files[i])!r}")
 
 
+def verify_images(bundle: DataBundle, limit: int, seed: int) -> None:
+    """Decode up to ``limit`` images per split before training (every image of a split that small;
+    else a seeded sample: decoding a million files would take as long as an epoch). Under
+    ``on_bad_file: error`` the first unreadable one is a :class:`BadImage` naming it; under ``skip``
+    it is logged like any skipped file."""
+    for ds in (bundle.train, bundle.val, bundle.test):
+        inner = getattr(ds, "dataset", ds)  # a Subset (limit_train) checks its folder
+        if not isinstance(inner, ImageFolder) or not limit:
+            continue
+        n = len(inner.files)
+        idx = range(n) if n <= limit else torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:limit]
+        for i in idx:
+            f = inner.files[int(i)]
+            try:
+                read_image(f, inner.mode)
+            except BadImage:
+                if inner.bad_files is None:
+                    raise
+                inner.bad_files.add(str(f))
+
+
 def list_split(split_dir: Path, classes: list[str]) -> tuple[list[Path], list[int]]:
     files, targets = [], []
     for label, cls in enumerate(classes):
@@ -110,3 +131,6 @@ def image_folder_bundle(cfg, input_shape, root: Path, name: str) -> DataBundle:
     split = lambda d: ImageFolder(*list_split(d, classes), mode, pre, log)  # noqa: E731
     val = split(val_dir) if val_dir.is_dir() else None
     return DataBundle(split(train_dir), split(test_dir), len(classes), val=val, preprocess=pre, bad_files=log)
+
+
+__all__ = ["BadImage", "ImageFolder", "image_folder_bundle", "list_split", "read_image", "verify_images"]

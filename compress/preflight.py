@@ -57,12 +57,12 @@ class ModelProbe:
     """A freshly built model (eval mode) and the shape of its logits for one example."""
 
     model: nn.Module
-    input_shape: tuple[int, ...]
-    logits_shape: tuple[int, ...]
+    input_shape: tuple[int, ...] | None
+    logits_shape: tuple[int, ...] | None  # None until a real batch ran (no model.input_shape)
 
     @property
-    def num_outputs(self) -> int:
-        return self.logits_shape[1]
+    def num_outputs(self) -> int | None:
+        return self.logits_shape[1] if self.logits_shape else None
 
 
 def _shape(shape) -> str:
@@ -102,13 +102,16 @@ def run_example(model: nn.Module, x: torch.Tensor, spec: str, field: str = "mode
 def probe_model(model_cfg: ModelConfig, checkpoint: bool = True) -> ModelProbe:
     """Checks 1-2: build the model (and load ``model.checkpoint``) and run one example through it,
     without touching the global random state."""
-    shape = tuple(model_cfg.input_shape)
-    require_memory(4 * int(np.prod(shape, dtype=np.float64)), f"one input of shape {_shape(shape)}",
-                   "model.input_shape")
+    shape = tuple(model_cfg.input_shape) if model_cfg.input_shape is not None else None
+    if shape is not None:
+        require_memory(4 * int(np.prod(shape, dtype=np.float64)), f"one input of shape {_shape(shape)}",
+                       "model.input_shape")
     with isolated_rng():
         model = build_model(model_cfg.factory, model_cfg.kwargs)
         if checkpoint and model_cfg.checkpoint:
             load_weights(model, model_cfg.checkpoint)
+        if shape is None:  # dict / tuple inputs: check_fit runs a real batch instead
+            return ModelProbe(model.eval(), None, None)
         g = torch.Generator().manual_seed(0)
         try:
             x = torch.randn(1, *shape, generator=g)
@@ -127,7 +130,7 @@ def _classes_field(model_cfg: ModelConfig) -> str:
 def check_declared_classes(probe: ModelProbe, model_cfg: ModelConfig, data_cfg: DataConfig) -> None:
     """Check 3: the model is wide enough for the classes a built-in dataset is known to have."""
     n = declared_num_classes(data_cfg)
-    if n is not None and probe.num_outputs < n:
+    if n is not None and probe.num_outputs is not None and probe.num_outputs < n:
         raise InputError(f"the model has {probe.num_outputs} outputs but data.dataset {data_cfg.dataset!r} has "
                          f"{n} classes (labels 0..{n - 1}); set model.kwargs.num_classes: {n}",
                          field=_classes_field(model_cfg))
@@ -139,29 +142,10 @@ def check_fit(probe: ModelProbe, data: DataBundle, model_cfg: ModelConfig, data_
     (before any training), and the task's loss on one real training item."""
     objective = objective or build_objective(None)
     shape = data.input_shape
-    if shape is not None and tuple(shape) != probe.input_shape:
+    if shape is not None and probe.input_shape is not None and tuple(shape) != probe.input_shape:
         raise InputError(f"is {_shape(probe.input_shape)} but the samples of data.dataset {data_cfg.dataset!r} "
                          f"have shape {_shape(shape)}", field="model.input_shape")
-    ignore = getattr(objective, "ignore_index", None)
-    lo, hi = 0, -1
-    if objective.name != "custom":  # a custom task's targets mean whatever its loss says
-        bounds = [label_bounds(ds, seed, ignore) for ds in (data.train, data.test)]
-        lo = min(b[0] for b in bounds if b[2]) if any(b[2] for b in bounds) else 0
-        hi = max(b[1] for b in bounds)
-        how = "all labels" if all(b[3] for b in bounds) else "a sample of the labels"
-        if data.num_classes and hi >= data.num_classes:
-            raise InputError(f"labels range over {lo}..{hi} but num_classes is {data.num_classes} "
-                             f"(labels must be 0..{data.num_classes - 1})", field="data.dataset")
-        if lo < 0:
-            raise InputError(f"{how} of data.dataset {data_cfg.dataset!r} include {lo}; labels must be 0 or more "
-                             + (f"(or {ignore}, ignored)" if ignore is not None else ""), field="data.dataset")
-        n = max(data.num_classes or 0, hi + 1)
-        if probe.num_outputs < n:
-            raise InputError(f"the model has {probe.num_outputs} outputs but data.dataset {data_cfg.dataset!r} has "
-                             f"{n} classes ({how}: 0..{hi}); set model.kwargs.num_classes: {n}",
-                             field=_classes_field(model_cfg))
-    batch = default_collate([data.train[0]])  # one real item, batch 1
-    x, y = batch
+    x, y = default_collate([data.train[0]])  # one real item, batch 1
     with isolated_rng():
         param = next(probe.model.parameters(), None)
         dev = param.device if param is not None else torch.device("cpu")
@@ -171,14 +155,44 @@ def check_fit(probe: ModelProbe, data: DataBundle, model_cfg: ModelConfig, data_
         except Exception as exc:
             raise factory_failure(exc, model_cfg.factory, "model.input_shape",
                                   doing="running a batch of the training data") from None
+    if probe.logits_shape is None:  # no model.input_shape: the real item is the probe
         try:
-            with torch.no_grad():
-                objective.loss(out, y.to(dev))
-        except Exception as exc:
-            shape = _shape(logits_of(out).shape) if not isinstance(exc, TypeError) else type(out).__name__
-            raise InputError(f"the outputs of {model_cfg.factory!r} ({shape}) cannot be scored against the labels "
-                             f"of data.dataset {data_cfg.dataset!r} (shape {_shape(y.shape)}) by the "
-                             f"{objective.name} loss: {first_line(exc)}", field="model.factory") from None
+            probe.logits_shape = tuple(logits_of(out).shape)
+        except TypeError as exc:
+            raise InputError(f"compress cannot read logits from the output of {model_cfg.factory!r}: {exc}",
+                             field="model.factory") from None
+    ignore = getattr(objective, "ignore_index", None)
+    if objective.name != "custom":  # a custom task's targets mean whatever its loss says
+        _check_labels(probe, data, model_cfg, data_cfg, ignore, seed)
+    try:
+        with torch.no_grad(), isolated_rng():
+            objective.loss(out, y.to(dev))
+    except Exception as exc:
+        shape = _shape(logits_of(out).shape) if not isinstance(exc, TypeError) else type(out).__name__
+        raise InputError(f"the outputs of {model_cfg.factory!r} ({shape}) cannot be scored against the labels "
+                         f"of data.dataset {data_cfg.dataset!r} (shape {_shape(y.shape)}) by the "
+                         f"{objective.name} loss: {first_line(exc)}", field="model.factory") from None
+
+
+def _check_labels(probe: ModelProbe, data: DataBundle, model_cfg: ModelConfig, data_cfg: DataConfig,
+                  ignore: int | None, seed: int) -> None:
+    """Every label (or a bounded sample of them, see :func:`compress.data.label_bounds`) inside the
+    dataset's declared classes and the model's outputs: exit 2 before any training."""
+    bounds = [label_bounds(ds, seed, ignore) for ds in (data.train, data.test)]
+    lo = min(b[0] for b in bounds if b[2]) if any(b[2] for b in bounds) else 0
+    hi = max(b[1] for b in bounds)
+    how = "all labels" if all(b[3] for b in bounds) else "a sample of the labels"
+    if data.num_classes and hi >= data.num_classes:
+        raise InputError(f"labels range over {lo}..{hi} but num_classes is {data.num_classes} "
+                         f"(labels must be 0..{data.num_classes - 1})", field="data.dataset")
+    if lo < 0:
+        raise InputError(f"{how} of data.dataset {data_cfg.dataset!r} include {lo}; labels must be 0 or more"
+                         + (f" (or {ignore}, ignored)" if ignore is not None else ""), field="data.dataset")
+    n = max(data.num_classes or 0, hi + 1)
+    if probe.num_outputs < n:
+        raise InputError(f"the model has {probe.num_outputs} outputs but data.dataset {data_cfg.dataset!r} has "
+                         f"{n} classes ({how}: 0..{hi}); set model.kwargs.num_classes: {n}",
+                         field=_classes_field(model_cfg))
 
 
 @dataclass
@@ -187,13 +201,14 @@ class Preflight:
 
     data: DataBundle | None
     params: int
-    input_shape: tuple[int, ...]
-    logits_shape: tuple[int, ...]
+    input_shape: tuple[int, ...] | None
+    logits_shape: tuple[int, ...] | None
     data_note: str
 
     def describe(self) -> str:
-        return (f"model builds ({self.params:,} params), input {_shape((1, *self.input_shape))} -> logits "
-                f"{_shape(self.logits_shape)}; {self.data_note}")
+        shown = _shape((1, *self.input_shape)) if self.input_shape else "a real batch"
+        return (f"model builds ({self.params:,} params), input {shown} -> logits "
+                f"{_shape(self.logits_shape) if self.logits_shape else 'not run'}; {self.data_note}")
 
 
 def preflight(model_cfg: ModelConfig, data_cfg: DataConfig, seed: int, download: bool = True,

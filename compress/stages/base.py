@@ -118,8 +118,12 @@ class StageContext:
         return stage_seed(self.run_seed, self.index)
 
     @property
-    def input_shape(self) -> tuple[int, ...]:
-        return tuple(self.model_spec.input_shape)
+    def input_shape(self) -> tuple[int, ...] | None:
+        """The recipe's ``model.input_shape``, else one sample's shape when inputs are one tensor;
+        None for dict / tuple inputs (use :meth:`example_inputs`)."""
+        if self.model_spec.input_shape is not None:
+            return tuple(self.model_spec.input_shape)
+        return self.data.input_shape
 
     def path(self, relative: str | None) -> Path | None:
         """An artifact path (relative to the run directory) as a path."""

@@ -179,6 +179,7 @@ class DataBundle:
     loader: LoaderOptions = field(default_factory=LoaderOptions)
     bad_files: BadFileLog | None = None
     name: str = ""
+    verify: Callable | None = None  # (bundle, limit, seed): decode files before training (image folders)
 
     def train_dataset(self, augmented: bool = True) -> Dataset:
         return Augmented(self.train, self.augment) if augmented and self.augment is not None else self.train
@@ -199,7 +200,7 @@ class DataBundle:
         perm = torch.randperm(len(self.train), generator=g)
         val_idx, tr_idx = perm[:n_val].tolist(), perm[n_val:].tolist()
         rest = DataBundle(Subset(self.train, tr_idx), self.test, self.num_classes, None, self.preprocess,
-                          self.augment, self.augment_backend, self.loader, self.bad_files, self.name)
+                          self.augment, self.augment_backend, self.loader, self.bad_files, self.name, self.verify)
         return rest, Subset(self.train, val_idx)
 
     def skipped_files(self) -> list[str]:
@@ -313,10 +314,8 @@ def build_data(cfg: DataConfig, input_shape: tuple[int, ...] | None, seed: int) 
             if not is_out_of_memory(exc):
                 raise
             raise EnvironmentFailure(f"data.dataset: out of memory loading {cfg.dataset!r}: {first_line(exc)}") from None
-    if cfg.check_images:
-        from .imagefolder import verify_images
-
-        verify_images(bundle, cfg.check_images, seed)
+    if cfg.check_images and bundle.verify is not None:
+        bundle.verify(bundle, cfg.check_images, seed)
     if cfg.preprocess.mean == "auto":
         _auto_statistics(bundle, cfg, seed)
     g = torch.Generator().manual_seed(seed)

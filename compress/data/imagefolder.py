@@ -130,7 +130,8 @@ def image_folder_bundle(cfg, input_shape, root: Path, name: str) -> DataBundle:
     log = BadFileLog() if cfg.on_bad_file == "skip" else None
     split = lambda d: ImageFolder(*list_split(d, classes), mode, pre, log)  # noqa: E731
     val = split(val_dir) if val_dir.is_dir() else None
-    return DataBundle(split(train_dir), split(test_dir), len(classes), val=val, preprocess=pre, bad_files=log)
+    return DataBundle(split(train_dir), split(test_dir), len(classes), val=val, preprocess=pre, bad_files=log,
+                      verify=verify_images)
 
 
 __all__ = ["BadImage", "ImageFolder", "image_folder_bundle", "list_split", "read_image", "verify_images"]

@@ -8,10 +8,11 @@ use (``loss``, ``distill_loss``, ``meter``) plus its primary metric, which the g
 """
 from __future__ import annotations
 
-from .base import Objective, build_objective
+from .base import Objective
 from .classification import Classification
 from .config import TaskConfig
 from .custom import Custom
+from .factory import build_objective
 from .segmentation import Segmentation, SegmentationMeter
 
 __all__ = ["Classification", "Custom", "Objective", "Segmentation", "SegmentationMeter", "TaskConfig",

@@ -31,17 +31,4 @@ def soft_kl(student: torch.Tensor, teacher: torch.Tensor, temperature: float) ->
     return kl.sum(1).mean() * (t * t)
 
 
-def build_objective(cfg) -> Objective:
-    """The objective for a :class:`~compress.tasks.config.TaskConfig` (None: classification)."""
-    from .classification import Classification
-    from .custom import Custom
-    from .segmentation import Segmentation
-
-    if cfg is None or cfg.name == "classification":
-        return Classification()
-    if cfg.name == "segmentation":
-        return Segmentation(cfg.ignore_index)
-    return Custom(cfg)
-
-
-__all__ = ["Objective", "build_objective", "logits_of", "soft_kl"]
+__all__ = ["Objective", "logits_of", "soft_kl"]

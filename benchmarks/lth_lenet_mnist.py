@@ -137,7 +137,7 @@ def long_budget(args, seed: int, levels: list[int], iterations: int) -> list[dic
     data = build_data(r.data, tuple(r.model.input_shape), r.seed)
     train_data, val = data.split_validation(t.validation, stage_seed)
     work = args.out / f"seed-{seed}" / "lottery" / "00"
-    batches = lottery.ShuffledBatches(train_data.train_x, train_data.train_y, t.batch_size, stage_seed)
+    batches = lottery.ShuffledBatches(train_data.train_dataset(), t.batch_size, stage_seed, train_data.loader)
     plan = lottery.TrainPlan(TrainLoopConfig(epochs=0, max_steps=iterations, optimizer=t.optimizer), batches,
                              iterations, max(args.eval_every, iterations // 50))
     rows = []
@@ -147,7 +147,7 @@ def long_budget(args, seed: int, levels: list[int], iterations: int) -> list[dic
         level_masks = lottery.load_tensors(work / f"masks-{level:02d}.pt")
         masks.set_masks(net, level_masks)
         t0 = time.perf_counter()
-        rec, _ = lottery.train_level(net, plan, lottery.Evalsets(val, (data.test_x, data.test_y)))
+        rec, _ = lottery.train_level(net, plan, lottery.Evalsets(val, data.test, data.loader))
         rows.append({"level": level, "percent_remaining": masks.percent_remaining(level_masks),
                      **{k: v for k, v in rec.items() if k != "history"}, "seconds": time.perf_counter() - t0})
         print(f"long budget seed {seed} level {level}: {rows[-1]}", flush=True)

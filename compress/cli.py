@@ -105,8 +105,10 @@ def _print_summary(summary: dict, run_dir: Path) -> None:
     from .progress import console, is_quiet
 
     d, f = summary["dense"], summary["final"]
+    key = (summary.get("task") or {}).get("primary_metric", "accuracy")
+    unit = "%" if key in ("accuracy", "miou") else ""
     lines = [f"{summary['name']}: {summary['status']}",
-             f"  accuracy {d['accuracy']:.2f}% -> {f['accuracy']:.2f}%   params {d['params']:,} -> {f['params']:,}"
+             f"  {key} {d[key]:.2f}{unit} -> {f[key]:.2f}{unit}   params {d['params']:,} -> {f['params']:,}"
              f"   MACs {d['macs']:,} -> {f['macs']:,}"]
     for r in summary.get("benchmark", []):
         if "speedup" in r:
@@ -135,7 +137,7 @@ def validate(recipe: Path = typer.Argument(...),
         if not no_preflight:
             from .preflight import preflight
 
-            checked = preflight(r.model, r.data, r.seed, download=False)
+            checked = preflight(r.model, r.data, r.seed, download=False, task=r.task)
         typer.echo(f"{recipe}: ok ({len(r.stages)} stages: {', '.join(s.kind for s in r.stages)})")
         if checked is not None:
             typer.echo(f"  preflight: {checked.describe()}")

@@ -58,7 +58,10 @@ class ModelConfig(Strict):
     factory: str = Field(..., description="'module:callable', or a bare name from compress.zoo")
     kwargs: dict[str, Any] = Field(default_factory=dict)
     checkpoint: Optional[str] = Field(None, description="trained weights: .safetensors, or .pt loaded weights_only")
-    input_shape: list[int] = Field(..., description="one sample, no batch dim, e.g. [3, 32, 32]")
+    input_shape: Optional[list[int]] = Field(
+        None, description="one sample, no batch dim, e.g. [3, 32, 32]; may be left out when the data's inputs are "
+                          "not one tensor (a dict such as input_ids + attention_mask, or a tuple): checks, MAC counts "
+                          "and exports then use a real batch")
 
     @field_validator("factory")
     @classmethod
@@ -73,7 +76,7 @@ class ModelConfig(Strict):
 
     @field_validator("input_shape")
     @classmethod
-    def _shape(cls, v: list[int]) -> list[int]:
-        if not v or any(d < 1 for d in v):
+    def _shape(cls, v: Optional[list[int]]) -> Optional[list[int]]:
+        if v is not None and (not v or any(d < 1 for d in v)):
             raise ValueError("must be a non-empty list of positive ints")
         return v

@@ -9,6 +9,7 @@ import importlib.util
 # top-level module -> extra that installs it
 EXTRA_OF_MODULE = {
     "transformers": "hf",
+    "datasets": "hf-datasets",
     "optuna": "search",
     "tensorrt": "tensorrt",
     "modelopt": "modelopt",

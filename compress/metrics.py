@@ -8,21 +8,67 @@ from torch import nn
 from torch.nn import functional as F
 
 
+def to_device(inputs, device):
+    """A batch's inputs (tensor, tuple/list of tensors, dict of tensors) on ``device``."""
+    if isinstance(inputs, torch.Tensor):
+        return inputs.to(device)
+    if isinstance(inputs, Mapping):
+        return {k: to_device(v, device) for k, v in inputs.items()}
+    if isinstance(inputs, (tuple, list)):
+        return type(inputs)(to_device(v, device) for v in inputs)
+    return inputs
+
+
+def call_model(model: nn.Module, inputs):
+    """``model(x)`` for a tensor, ``model(*x)`` for a tuple/list, ``model(**x)`` for a dict."""
+    if isinstance(inputs, Mapping):
+        return model(**inputs)
+    if isinstance(inputs, (tuple, list)):
+        return model(*inputs)
+    return model(inputs)
+
+
+def batch_size_of(inputs) -> int:
+    if isinstance(inputs, torch.Tensor):
+        return int(inputs.shape[0])
+    first = next(iter(inputs.values())) if isinstance(inputs, Mapping) else inputs[0]
+    return batch_size_of(first)
+
+
+class ClassificationMeter:
+    """Top-1 and top-5 accuracy (percent) and mean cross-entropy over batches."""
+
+    primary = "accuracy"
+
+    def __init__(self):
+        self.correct = self.correct5 = self.n = 0
+        self.loss_sum = 0.0
+
+    def update(self, output, targets: torch.Tensor) -> None:
+        out = logits_of(output)
+        self.loss_sum += F.cross_entropy(out, targets, reduction="sum").item()
+        top = out.topk(min(5, out.shape[1]), dim=1).indices
+        self.correct += (top[:, 0] == targets).sum().item()
+        self.correct5 += (top == targets[:, None]).any(1).sum().item()
+        self.n += len(targets)
+
+    def result(self) -> dict[str, float]:
+        n = max(1, self.n)
+        return {"accuracy": 100.0 * self.correct / n, "top5": 100.0 * self.correct5 / n, "loss": self.loss_sum / n}
+
+
 @torch.no_grad()
-def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 256,
-             device: torch.device | str = "cpu") -> dict[str, float]:
-    """Top-1 accuracy (percent) and mean cross-entropy on ``(x, y)``."""
+def evaluate(model: nn.Module, loader, device: torch.device | str = "cpu", objective=None) -> dict[str, float]:
+    """The task's metrics over every batch of ``loader`` (``(inputs, targets)`` batches); without an
+    ``objective``, classification: top-1 ``accuracy`` and ``top5`` (percent) and mean cross-entropy."""
     was_training = model.training
     model.eval()
-    correct, loss_sum = 0, 0.0
-    for i in range(0, len(x), batch_size):
-        xb, yb = x[i: i + batch_size].to(device), y[i: i + batch_size].to(device)
-        out = logits_of(model(xb))
-        loss_sum += F.cross_entropy(out, yb, reduction="sum").item()
-        correct += (out.argmax(1) == yb).sum().item()
+    meter = objective.meter() if objective is not None else ClassificationMeter()
+    for inputs, targets in loader:
+        out = call_model(model, to_device(inputs, device))
+        meter.update(out, targets.to(device))
     model.train(was_training)
-    n = max(1, len(x))
-    return {"accuracy": 100.0 * correct / n, "loss": loss_sum / n}
+    return meter.result()
 
 
 def logits_of(out) -> torch.Tensor:
@@ -52,21 +98,22 @@ def count_nonzero_params(model: nn.Module) -> int:
 
 
 @torch.no_grad()
-def count_macs(model: nn.Module, input_shape, device: torch.device | str = "cpu") -> int:
-    """Multiply-accumulates for one sample (Torch-Pruning's op counter)."""
+def count_macs(model: nn.Module, input_shape, device: torch.device | str = "cpu", example=None) -> int:
+    """Multiply-accumulates for one sample (Torch-Pruning's op counter). ``example`` (one real
+    sample's inputs, batch 1: a tensor, tuple or dict) replaces a random input of ``input_shape``."""
     import torch_pruning as tp
 
     was_training = model.training
     model.eval()
-    example = torch.randn(1, *input_shape, device=device)
+    example = torch.randn(1, *input_shape, device=device) if example is None else to_device(example, device)
     macs, _ = tp.utils.count_ops_and_params(model, example)
     model.train(was_training)
     return int(macs)
 
 
-def model_stats(model: nn.Module, input_shape, device="cpu") -> dict[str, int]:
+def model_stats(model: nn.Module, input_shape, device="cpu", example=None) -> dict[str, int]:
     return {
         "params": count_params(model),
         "nonzero_params": count_nonzero_params(model),
-        "macs": count_macs(model, input_shape, device),
+        "macs": count_macs(model, input_shape, device, example),
     }

@@ -18,6 +18,7 @@ from .errors import EnvironmentFailure, InputError
 from .stages import STAGES
 from .stages.artifacts import HOW, ONNX, ONNX_INT8, SNAPSHOTS, TEACHER
 from .train.config import TrainLoopConfig
+from .tasks.config import TaskConfig
 
 
 class Gates(Strict):
@@ -28,7 +29,11 @@ class Gates(Strict):
     max_accuracy_drop: Optional[float] = Field(
         1.0, ge=0, allow_inf_nan=False,
         description="percentage points, dense - final on the test split (default on); also fails a final model "
-                    "at chance level")
+                    "at chance level. The alias of max_metric_drop: it judges the task's primary metric")
+    max_metric_drop: Optional[float] = Field(
+        None, ge=0, allow_inf_nan=False,
+        description="dense - final of the task's primary metric (classification: accuracy %, segmentation: mIoU "
+                    "points, custom: its metric); overrides max_accuracy_drop when set")
     min_accuracy: Optional[float] = Field(None, ge=0, le=100, allow_inf_nan=False,
                                           description="percent: an absolute floor for the final model's accuracy")
     min_speedup: Optional[float] = Field(None, gt=0, allow_inf_nan=False,
@@ -66,6 +71,8 @@ class Recipe(Strict):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     model: ModelConfig
     data: DataConfig = Field(default_factory=DataConfig)
+    task: TaskConfig = Field(default_factory=TaskConfig,
+                             description="classification (default), segmentation or custom; a name or a block")
     stages: list[StageUnion] = Field(default_factory=list,  # type: ignore[valid-type]
                                      description=f"one or more stages (at most {MAX_STAGES}), run in order")
     gates: Gates = Field(default_factory=Gates)

@@ -67,3 +67,11 @@ def one_thread(monkeypatch):
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+def xy(dataset):
+    """All ``(inputs, targets)`` of a small dataset stacked into two tensors (tests only)."""
+    import torch
+
+    xs, ys = zip(*(dataset[i] for i in range(len(dataset))))
+    return torch.stack(list(xs)), torch.stack([torch.as_tensor(y) for y in ys])

@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from compress.data import DATASETS, build_data
+from tests.conftest import xy
 from compress.errors import InputError
 from compress.data.config import DataConfig
 
@@ -60,26 +61,26 @@ def http_root(tmp_path):
 def test_digits_split_is_fixed_and_stratified():
     a = DATASETS.get("digits")(DataConfig(), seed=0)
     b = DATASETS.get("digits")(DataConfig(), seed=0)
-    assert a.train_x.shape == (1437, 1, 8, 8) and a.test_x.shape == (360, 1, 8, 8)
-    assert torch.equal(a.test_y, b.test_y)
-    assert set(torch.bincount(a.test_y).tolist()) <= {35, 36, 37}
+    assert xy(a.train)[0].shape == (1437, 1, 8, 8) and xy(a.test)[0].shape == (360, 1, 8, 8)
+    assert torch.equal(xy(a.test)[1], xy(b.test)[1])
+    assert set(torch.bincount(xy(a.test)[1]).tolist()) <= {35, 36, 37}
 
 
 def test_synthetic_is_learnable_and_sized():
     cfg = DataConfig(dataset="synthetic", num_classes=4, train_size=200, val_size=50)
     d = DATASETS.get("synthetic")(cfg, input_shape=(3, 4, 4), seed=1)
-    assert d.train_x.shape == (200, 3, 4, 4) and d.test_x.shape == (50, 3, 4, 4) and d.num_classes == 4
+    assert xy(d.train)[0].shape == (200, 3, 4, 4) and xy(d.test)[0].shape == (50, 3, 4, 4) and d.num_classes == 4
     # nearest class mean on train separates test far above chance: there is signal
-    means = torch.stack([d.train_x[d.train_y == k].mean(0) for k in range(4)])
-    pred = torch.cdist(d.test_x.flatten(1), means.flatten(1)).argmin(1)
-    assert (pred == d.test_y).float().mean() > 0.6
+    means = torch.stack([xy(d.train)[0][xy(d.train)[1] == k].mean(0) for k in range(4)])
+    pred = torch.cdist(xy(d.test)[0].flatten(1), means.flatten(1)).argmin(1)
+    assert (pred == xy(d.test)[1]).float().mean() > 0.6
 
 
 def test_mnist_reads_idx_files(tmp_path):
     _write_idx_set(tmp_path)
     d = build_data(DataConfig(dataset="mnist", root=str(tmp_path)), None, 0)
-    assert d.train_x.shape == (40, 1, 28, 28) and d.test_y.shape == (20,)
-    assert d.train_x.dtype == torch.float32 and d.train_y.dtype == torch.int64
+    assert xy(d.train)[0].shape == (40, 1, 28, 28) and xy(d.test)[1].shape == (20,)
+    assert xy(d.train)[0].dtype == torch.float32 and xy(d.train)[1].dtype == torch.int64
 
 
 def test_mnist_verify_md5_detects_corruption(tmp_path):
@@ -94,7 +95,7 @@ def test_mnist_download_over_loopback(http_root, tmp_path):
     dest = tmp_path / "mnist"
     cfg = DataConfig(dataset="fashion_mnist", root=str(dest), download=True, url=url, md5=sums)
     d = build_data(cfg, None, 0)
-    assert d.train_x.shape == (40, 1, 28, 28)
+    assert xy(d.train)[0].shape == (40, 1, 28, 28)
     assert sorted(p.name for p in dest.iterdir()) == sorted(IDX_NAMES)
 
 
@@ -133,7 +134,7 @@ def test_cifar10_python_batches_tarball(tmp_path):
             tar.addfile(info, io.BytesIO(blob))
     (tmp_path / "cifar-10-python.tar.gz").write_bytes(buf.getvalue())
     d = build_data(DataConfig(dataset="cifar10", root=str(tmp_path)), None, 0)
-    assert d.train_x.shape == (30, 3, 32, 32) and d.test_x.shape == (6, 3, 32, 32)
+    assert xy(d.train)[0].shape == (30, 3, 32, 32) and xy(d.test)[0].shape == (6, 3, 32, 32)
 
 
 def test_cifar10_refuses_pickled_code(tmp_path):
@@ -159,17 +160,17 @@ def test_imagefolder_reads_and_resizes(tmp_path):
             for i in range(n):
                 Image.fromarray(rng.integers(0, 256, (20, 20, 3), dtype=np.uint8)).save(tmp_path / split / cls / f"{i}.png")
     d = build_data(DataConfig(dataset="imagefolder", root=str(tmp_path)), (3, 16, 16), 0)
-    assert d.train_x.shape == (6, 3, 16, 16) and d.test_x.shape == (4, 3, 16, 16) and d.num_classes == 2
-    assert torch.equal(d.train_y, torch.tensor([0, 0, 0, 1, 1, 1]))
+    assert xy(d.train)[0].shape == (6, 3, 16, 16) and xy(d.test)[0].shape == (4, 3, 16, 16) and d.num_classes == 2
+    assert torch.equal(xy(d.train)[1], torch.tensor([0, 0, 0, 1, 1, 1]))
 
 
 def test_limits_take_fixed_subsets():
     a = build_data(DataConfig(limit_train=100, limit_test=50), None, 3)
     b = build_data(DataConfig(limit_train=100, limit_test=50), None, 3)
-    assert len(a.train_x) == 100 and len(a.test_x) == 50 and torch.equal(a.train_x, b.train_x)
+    assert len(a.train) == 100 and len(a.test) == 50 and torch.equal(xy(a.train)[0], xy(b.train)[0])
 
 
 def test_custom_dataset_callable():
     cfg = DataConfig(dataset="tests.custom_data:make")
     d = build_data(cfg, (2, 3), 0)
-    assert d.num_classes == 3 and d.train_x.shape[1:] == (2, 3)
+    assert d.num_classes == 3 and xy(d.train)[0].shape[1:] == (2, 3)

@@ -79,33 +79,45 @@ BADIMPORT = 'raise RuntimeError("module body exploded")\n'
 
 BADDATA = '''
 import torch
-from compress.data import DataBundle
+from torch.utils.data import TensorDataset
+
+SHAPE = (1, 8, 8)
 
 
-def three_classes(cfg, input_shape, seed):
+def three_classes(cfg, *, seed):
     g = torch.Generator().manual_seed(seed)
-    x = torch.randn(30, *input_shape, generator=g)
+    x = torch.randn(30, *SHAPE, generator=g)
     y = torch.arange(30) % 3
-    return DataBundle(x[:20], y[:20], x[20:], y[20:], 3)
+    return {"train": TensorDataset(x[:20], y[:20]), "test": TensorDataset(x[20:], y[20:]), "num_classes": 3}
 
 
-def wrong_type(cfg, input_shape, seed):
+def wrong_type(cfg, *, seed):
     return {"train": [1, 2, 3]}
 
 
-def short_labels(cfg, input_shape, seed):
-    x = torch.randn(30, *input_shape)
+def not_a_dict(cfg, *, seed):
+    return torch.randn(3)
+
+
+def short_labels(cfg, *, seed):
+    x = torch.randn(30, *SHAPE)
     y = torch.arange(30) % 3
-    return DataBundle(x[:20], y[:15], x[20:], y[20:], 3)
+    return {"train": TensorDataset(x[:20], y[:15]), "test": TensorDataset(x[20:], y[20:])}
 
 
-def labels_beyond(cfg, input_shape, seed):
-    x = torch.randn(30, *input_shape)
+def labels_beyond(cfg, *, seed):
+    x = torch.randn(30, *SHAPE)
     y = torch.arange(30) % 7
-    return DataBundle(x[:20], y[:20], x[20:], y[20:], 3)
+    return {"train": TensorDataset(x[:20], y[:20]), "test": TensorDataset(x[20:], y[20:]), "num_classes": 3}
 
 
-def raises(cfg, input_shape, seed):
+def labels_beyond_model(cfg, *, seed):
+    x = torch.randn(30, *SHAPE)
+    y = torch.arange(30) % 7
+    return {"train": TensorDataset(x[:20], y[:20]), "test": TensorDataset(x[20:], y[20:])}
+
+
+def raises(cfg, *, seed):
     raise KeyError("no such split")
 '''
 
@@ -392,9 +404,13 @@ DATA_CASES = [
     ("image-truncated-png", _image_setup({"cut.png": _png_bytes()[:300]}), IMAGE_MODEL, ["data.root", "cut.png"]),
     ("image-directory", _image_setup({"x.jpg": None}), IMAGE_MODEL, ["data.root", "x.jpg", "directory"]),
     ("cifar-tar-truncated", _cifar_truncated, CIFAR_MODEL, ["data.root", "cifar-10-python.tar.gz"]),
-    ("callable-wrong-type", lambda root: {"dataset": "baddata:wrong_type"}, {}, ["data.dataset", "DataBundle", "dict"]),
+    ("callable-wrong-type", lambda root: {"dataset": "baddata:wrong_type"}, {}, ["data.dataset", "Dataset", "list"]),
+    ("callable-not-a-dict", lambda root: {"dataset": "baddata:not_a_dict"}, {}, ["data.dataset", "dict", "Tensor"]),
     ("callable-short-labels", lambda root: {"dataset": "baddata:short_labels"},
-     {"kwargs": {"num_classes": 3, "in_channels": 1, "width": 4}}, ["data.dataset", "20 samples but 15 labels"]),
+     {"kwargs": {"num_classes": 3, "in_channels": 1, "width": 4}}, ["data.dataset", "Size mismatch"]),
+    ("callable-labels-beyond-model", lambda root: {"dataset": "baddata:labels_beyond_model"},
+     {"kwargs": {"num_classes": 3, "in_channels": 1, "width": 4}},
+     ["model.kwargs.num_classes", "3 outputs", "0..6"]),
     ("callable-labels-beyond-classes", lambda root: {"dataset": "baddata:labels_beyond"},
      {"kwargs": {"num_classes": 3, "in_channels": 1, "width": 4}}, ["data.dataset", "0..6", "num_classes is 3"]),
     ("callable-raises", lambda root: {"dataset": "baddata:raises"}, {}, ["data.dataset", "KeyError", "no such split"]),

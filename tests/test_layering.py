@@ -19,7 +19,7 @@ from pathlib import Path
 PACKAGE = "compress"
 ROOT = Path(__file__).resolve().parents[1] / PACKAGE
 
-WINGS = {"train", "structured", "sparsity", "lottery", "deploy", "search", "data", "zoo"}
+WINGS = {"train", "structured", "sparsity", "lottery", "deploy", "search", "data", "zoo", "tasks"}
 BASE = {"config", "errors", "io", "paths", "modules", "metrics", "progress", "model_io", "registry"}
 UPPER = {"stages", "pipeline", "cli", "api", "recipe"}
 

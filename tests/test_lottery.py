@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch.utils.data import TensorDataset
 from torch import nn
 
 from compress.train.config import OptimizerConfig, TrainLoopConfig
@@ -97,12 +98,12 @@ def test_train_resumed_from_captured_state_matches_uninterrupted_run():
 
     full = fresh()
     captured = []
-    train(full, lottery.ShuffledBatches(x, y, 32, seed=5), cfg,
+    train(full, lottery.ShuffledBatches(TensorDataset(x, y), 32, seed=5), cfg,
           on_step=lambda s, m, o: captured.append(lottery.RewindState.capture(s, m, o)) if s == 11 else None)
     state = captured[0]
     resumed = fresh()
     resumed.load_state_dict({**resumed.state_dict(), **state.weights})
-    res = train(resumed, lottery.ShuffledBatches(x, y, 32, seed=5), cfg, start_step=state.step,
+    res = train(resumed, lottery.ShuffledBatches(TensorDataset(x, y), 32, seed=5), cfg, start_step=state.step,
                 optimizer_state=state.optimizer)
     assert res.steps == 25
     for (k, a), b in zip(full.state_dict().items(), resumed.state_dict().values()):

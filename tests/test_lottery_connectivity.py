@@ -6,6 +6,8 @@ import json
 
 import pytest
 import torch
+from compress.data import make_loader
+from torch.utils.data import TensorDataset
 
 from compress.train.config import OptimizerConfig, TrainLoopConfig
 from compress.lottery import connectivity, experiment as lottery
@@ -36,13 +38,13 @@ def test_curve_endpoints_are_the_two_models_and_barrier_definition():
     a, b = _mlp(0), _mlp(1)
     names = lottery.prunable_tensors(b)
     masks.set_masks(b, lottery.magnitude_prune(b, masks.current_masks(b, names), 0.9))  # dense vs 90 % sparse
-    curve = connectivity.interpolation_curve(a, b, x, y, points=7)
+    curve = connectivity.interpolation_curve(a, b, TensorDataset(x, y), points=7)
     assert [c["alpha"] for c in curve] == pytest.approx([i / 6 for i in range(7)], abs=1e-6)
-    assert curve[0]["error"] == pytest.approx(100 - evaluate(a, x, y)["accuracy"])
-    assert curve[-1]["error"] == pytest.approx(100 - evaluate(b, x, y)["accuracy"])
+    assert curve[0]["error"] == pytest.approx(100 - evaluate(a, make_loader(TensorDataset(x, y), 256, shuffle=False))["accuracy"])
+    assert curve[-1]["error"] == pytest.approx(100 - evaluate(b, make_loader(TensorDataset(x, y), 256, shuffle=False))["accuracy"])
     assert connectivity.barrier(curve) == pytest.approx(
         max(c["error"] for c in curve) - (curve[0]["error"] + curve[-1]["error"]) / 2)
-    same = connectivity.interpolation_curve(a, a, x, y, points=5)
+    same = connectivity.interpolation_curve(a, a, TensorDataset(x, y), points=5)
     assert connectivity.barrier(same) == 0.0 and len({c["loss"] for c in same}) == 1
 
 
@@ -50,15 +52,15 @@ def test_two_copies_from_theta_k_differ_only_by_data_order():
     x, y = _data()
     net = _mlp(0)
     loop = TrainLoopConfig(epochs=0, max_steps=30, optimizer=OptimizerConfig(name="sgd", lr=0.05, schedule="cosine"))
-    start = connectivity.state_at(net, 10, loop, lottery.ShuffledBatches(x, y, 32, 0))
+    start = connectivity.state_at(net, 10, loop, lottery.ShuffledBatches(TensorDataset(x, y), 32, 0))
     assert start.step == 10 and start.optimizer["state"]  # momentum buffers at step 10
     assert not torch.equal(start.weights["fc.weight"], net.fc.weight.detach())  # net itself is untouched
-    a, b = connectivity.train_two_copies(net, start, loop, x, y, 32, seeds=(1, 2))
-    a2, _ = connectivity.train_two_copies(net, start, loop, x, y, 32, seeds=(1, 3))
+    a, b = connectivity.train_two_copies(net, start, loop, TensorDataset(x, y), 32, seeds=(1, 2))
+    a2, _ = connectivity.train_two_copies(net, start, loop, TensorDataset(x, y), 32, seeds=(1, 3))
     assert torch.equal(a.fc.weight, a2.fc.weight)          # same θ_k and data order: same network
     assert not torch.equal(a.fc.weight, b.fc.weight)       # different data order: different network
     with pytest.raises(ValueError):
-        connectivity.state_at(net, 31, loop, lottery.ShuffledBatches(x, y, 32, 0))
+        connectivity.state_at(net, 31, loop, lottery.ShuffledBatches(TensorDataset(x, y), 32, 0))
 
 
 def test_cli_instability_and_interpolate(tmp_path, write_recipe):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch.utils.data import TensorDataset
 
 from compress.train.config import OptimizerConfig, TrainLoopConfig
 from compress.lottery import experiment as lottery
@@ -31,8 +32,8 @@ def test_drop_grow_keeps_density_and_zeros(method):
     model, names = _sparse_model()
     start = masks.current_masks(model, names)
     x, y = torch.randn(256, 1, 8, 8), torch.randint(0, 10, (256,))
-    batches = lottery.ShuffledBatches(x, y, 32, 0)
-    it = iter(lottery.ShuffledBatches(x, y, 32, 1))
+    batches = lottery.ShuffledBatches(TensorDataset(x, y), 32, 0)
+    it = iter(lottery.ShuffledBatches(TensorDataset(x, y), 32, 1))
     dyn = DynamicSparsity(names, method, every=5, end_step=30, alpha=0.3, seed=0, grad_batch=lambda: next(it))
     cfg = TrainLoopConfig(epochs=0, max_steps=32, optimizer=OptimizerConfig(name="adam", lr=1e-3))
     train(model, batches, cfg, on_step=dyn)

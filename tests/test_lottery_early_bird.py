@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch.utils.data import TensorDataset
 from torch import nn
 
 from compress.train.config import OptimizerConfig, TrainLoopConfig
@@ -46,7 +47,7 @@ def test_ticket_emerges_when_masks_stop_changing():
 def test_training_stops_at_the_early_bird_epoch():
     x, y = torch.randn(128, 1, 8, 8), torch.randint(0, 10, (128,))
     cfg = TrainLoopConfig(epochs=30, optimizer=OptimizerConfig(name="sgd", lr=1e-4))  # γ barely move
-    eb = train_until_early_bird(_net(), ShuffledBatches(x, y, 32, 0), cfg, EarlyBird(ratio=0.5, window=3))
+    eb = train_until_early_bird(_net(), ShuffledBatches(TensorDataset(x, y), 32, 0), cfg, EarlyBird(ratio=0.5, window=3))
     assert eb.found_at == 3 and len(eb.distances) == 3
     with pytest.raises(ValueError):
         channel_mask(nn.Linear(2, 2), 0.5)

@@ -55,6 +55,10 @@ def test_summary_contract(tiny_run):
     assert set(g["skipped"]) == {"min_accuracy", "min_speedup", "max_int8_accuracy_drop"}
     # the dense model was really trained (digits is easy: well above chance)
     assert s["dense"]["accuracy"] > 80
+    # the task and the input contract are recorded (digits: pixels / 16, mean 0.5, std 0.5)
+    assert s["task"] == {"name": "classification", "primary_metric": "accuracy"} and "top5" in s["final"]
+    assert s["data"]["preprocess"]["mean"] == [0.5] and s["data"]["preprocess"]["pixel_scale"] == 16.0
+    assert json.loads((out / "preprocess.json").read_text()) == s["data"]["preprocess"]
 
 
 def test_run_directory_layout(tiny_run):
@@ -101,7 +105,8 @@ def test_onnx_runtime_agrees_with_torch(tiny_run):
 
     _, out = tiny_run
     model = compress.load(out).eval()
-    x = DATASETS.get("digits")(DataConfig(), seed=0).test_x[:64]
+    test = DATASETS.get("digits")(DataConfig(), seed=0).test
+    x = torch.stack([test[i][0] for i in range(64)])
     sess = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
     got = sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0]
     with torch.no_grad():

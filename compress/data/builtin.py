@@ -13,7 +13,8 @@ import torch
 
 from ..errors import InputError, first_line
 from ..memory import require_memory
-from .base import DataBundle
+from .base import DataBundle, TensorImages
+from .preprocess import resolve as resolve_preprocess
 from .registry import DATASETS
 from .download import fetch, md5_of
 
@@ -36,16 +37,11 @@ DEFAULT_URLS = {
     "fashion_mnist": "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/",
     "cifar10": "https://www.cs.toronto.edu/~kriz/",
 }
-STATS = {  # per-dataset normalisation (mean, std), per channel
-    "mnist": ((0.1307,), (0.3081,)),
-    "fashion_mnist": ((0.2860,), (0.3530,)),
-    "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
-}
 
 
 # Classes each built-in dataset has, known before any file is read (a model too narrow for them is
 # refused before the data loads); imagefolder counts its class folders, synthetic has data.num_classes.
-NUM_CLASSES = {"digits": 10, "mnist": 10, "fashion_mnist": 10, "cifar10": 10}
+NUM_CLASSES = {"digits": 10, "mnist": 10, "fashion_mnist": 10, "cifar10": 10, "digit_scenes": 11}
 
 
 def declared_num_classes(cfg) -> int | None:
@@ -55,10 +51,10 @@ def declared_num_classes(cfg) -> int | None:
     return NUM_CLASSES.get(cfg.dataset)
 
 
-def _normalise(x: torch.Tensor, mean, std) -> torch.Tensor:
-    m = torch.tensor(mean, dtype=x.dtype).view(1, -1, 1, 1)
-    s = torch.tensor(std, dtype=x.dtype).view(1, -1, 1, 1)
-    return (x - m) / s
+def in_memory(cfg, name: str, xtr, ytr, xte, yte, num_classes: int) -> DataBundle:
+    """A bundle of two :class:`TensorImages` sharing the dataset's :class:`Preprocess`."""
+    p = resolve_preprocess(cfg, name)
+    return DataBundle(TensorImages(xtr, ytr, p), TensorImages(xte, yte, p), num_classes, preprocess=p)
 
 
 class MissingData(InputError):
@@ -82,11 +78,11 @@ def digits(cfg, input_shape=None, seed: int = 0) -> DataBundle:
     from sklearn.model_selection import train_test_split
 
     d = load_digits()
-    x = (d.images.astype(np.float32) / 16.0 - 0.5) / 0.5
+    x = d.images.astype(np.float32)  # pixel values 0..16; the preprocess divides by 16 and normalises
     y = d.target.astype(np.int64)
     xtr, xte, ytr, yte = train_test_split(x, y, test_size=0.2, random_state=seed, stratify=y)
     t = lambda a: torch.from_numpy(np.ascontiguousarray(a))  # noqa: E731
-    return DataBundle(t(xtr).unsqueeze(1), t(ytr), t(xte).unsqueeze(1), t(yte), 10)
+    return in_memory(cfg, "digits", t(xtr).unsqueeze(1), t(ytr), t(xte).unsqueeze(1), t(yte), 10)
 
 
 @DATASETS.register("synthetic")
@@ -110,7 +106,7 @@ def synthetic(cfg, input_shape=None, seed: int = 0) -> DataBundle:
 
     xtr, ytr = draw(cfg.train_size)
     xte, yte = draw(cfg.val_size)
-    return DataBundle(xtr, ytr, xte, yte, k)
+    return in_memory(cfg, "synthetic", xtr, ytr, xte, yte, k)
 
 
 def _read_gz(path: Path) -> bytes:
@@ -178,10 +174,10 @@ def _idx_dataset(cfg, name: str, files: dict[str, str]) -> DataBundle:
             raise InputError(f"{str(root / labels)!r} holds label {int(y.max())}; {name} has classes "
                              f"0..{NUM_CLASSES[name] - 1}", field="data.root")
         splits.append((x, y))
-    to_x = lambda a: _normalise(torch.from_numpy(a.astype(np.float32) / 255.0).unsqueeze(1), *STATS[name])  # noqa: E731
+    to_x = lambda a: torch.from_numpy(np.array(a)).unsqueeze(1)  # noqa: E731  (a writable uint8 copy in memory)
     to_y = lambda a: torch.from_numpy(a.astype(np.int64))  # noqa: E731
     (xtr, ytr), (xte, yte) = splits
-    return DataBundle(to_x(xtr), to_y(ytr), to_x(xte), to_y(yte), NUM_CLASSES[name])
+    return in_memory(cfg, name, to_x(xtr), to_y(ytr), to_x(xte), to_y(yte), NUM_CLASSES[name])
 
 
 @DATASETS.register("mnist")
@@ -236,7 +232,7 @@ def cifar10(cfg, input_shape=None, seed: int = 0) -> DataBundle:
     md5_archive = _md5_overrides(cfg, "cifar10", [CIFAR10_ARCHIVE[0]]).get(CIFAR10_ARCHIVE[0], CIFAR10_ARCHIVE[1])
     root = _require_root(cfg, "cifar10")
     if (root / "train").is_dir() and (root / "test").is_dir():
-        return imagefolder(cfg, input_shape, seed, stats=STATS["cifar10"])
+        return imagefolder(cfg, input_shape, seed, name="cifar10")
     archive = root / CIFAR10_ARCHIVE[0]
     batch_dir = root / "cifar-10-batches-py"
     if not batch_dir.is_dir() and not archive.exists():
@@ -269,76 +265,14 @@ def cifar10(cfg, input_shape=None, seed: int = 0) -> DataBundle:
     xtr = np.concatenate([p[0] for p in parts[:5]])
     ytr = np.concatenate([p[1] for p in parts[:5]])
     xte, yte = parts[5]
-    to_x = lambda a: _normalise(torch.from_numpy(a.astype(np.float32) / 255.0), *STATS["cifar10"])  # noqa: E731
-    return DataBundle(to_x(xtr), torch.from_numpy(ytr), to_x(xte), torch.from_numpy(yte), 10)
-
-
-_IMAGE_EXT = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
-
-
-def _read_image(f: Path, size, mode: str) -> np.ndarray:
-    """One image file, decoded, converted and resized; a file that is not a readable image (empty,
-    text named .jpg, truncated, a directory) is an input error naming it."""
-    from PIL import Image, UnidentifiedImageError
-
-    if f.is_dir():
-        raise InputError(f"{str(f)!r} is a directory, not an image", field="data.root")
-    try:
-        with Image.open(f) as im:
-            im = im.convert(mode)  # decodes the pixels: a truncated file fails here
-            if size is not None and im.size != (size[1], size[0]):
-                im = im.resize((size[1], size[0]), Image.BILINEAR)
-            return np.asarray(im, dtype=np.uint8)
-    except UnidentifiedImageError:
-        what = "an empty file" if f.stat().st_size == 0 else "not an image Pillow can read"
-        raise InputError(f"cannot read image {str(f)!r}: {what}", field="data.root") from None
-    except MemoryError:
-        raise
-    except Exception as exc:  # OSError (truncated), SyntaxError/ValueError (broken headers), decompression bombs
-        raise InputError(f"cannot read image {str(f)!r}: {first_line(exc)}", field="data.root") from None
-
-
-def _read_split(split_dir: Path, classes: list[str], size, mode: str):
-    xs, ys = [], []
-    for label, cls in enumerate(classes):
-        cdir = split_dir / cls
-        if not cdir.is_dir():
-            continue
-        for f in sorted(cdir.iterdir()):
-            if f.suffix.lower() not in _IMAGE_EXT:
-                continue
-            xs.append(_read_image(f, size, mode))
-            ys.append(label)
-    if not xs:
-        raise InputError(f"no images under {str(split_dir)!r}", field="data.root")
-    x = np.stack(xs)
-    x = x[:, None] if x.ndim == 3 else x.transpose(0, 3, 1, 2)
-    return x, np.asarray(ys, dtype=np.int64)
+    to_x = lambda a: torch.from_numpy(np.ascontiguousarray(a))  # noqa: E731  (uint8 in memory)
+    return in_memory(cfg, "cifar10", to_x(xtr), torch.from_numpy(ytr), to_x(xte), torch.from_numpy(yte), 10)
 
 
 @DATASETS.register("imagefolder")
-def imagefolder(cfg, input_shape=None, seed: int = 0, stats=None) -> DataBundle:
-    """``root/train/<class>/*`` and ``root/test/<class>/*`` (JPEG/PNG via Pillow). Images are
-    resized to ``model.input_shape``'s H x W; channels (1 or 3) follow it too."""
-    root = _require_root(cfg, "imagefolder")
-    if input_shape is not None and (len(input_shape) != 3 or input_shape[0] not in (1, 3)):
-        raise InputError(f"image folders need [channels, height, width] with 1 or 3 channels, got "
-                         f"{list(input_shape)}", field="model.input_shape")
-    train_dir, test_dir = root / "train", root / "test"
-    for d in (train_dir, test_dir):
-        if not d.is_dir():
-            raise InputError(f"directory {str(d)!r} does not exist", field="data.root")
-    classes = sorted(p.name for p in train_dir.iterdir() if p.is_dir())
-    channels = input_shape[0] if input_shape else 3
-    size = tuple(input_shape[1:]) if input_shape else None
-    mode = "L" if channels == 1 else "RGB"
-    xtr, ytr = _read_split(train_dir, classes, size, mode)
-    xte, yte = _read_split(test_dir, classes, size, mode)
-    to_x = lambda a: torch.from_numpy(a.astype(np.float32) / 255.0)  # noqa: E731
-    xtr_t, xte_t = to_x(xtr), to_x(xte)
-    if stats is None:  # per-channel statistics of the training split
-        mean = tuple(xtr_t.mean(dim=(0, 2, 3)).tolist())
-        std = tuple(xtr_t.std(dim=(0, 2, 3)).clamp_min(1e-6).tolist())
-        stats = (mean, std)
-    return DataBundle(_normalise(xtr_t, *stats), torch.from_numpy(ytr), _normalise(xte_t, *stats),
-                      torch.from_numpy(yte), len(classes))
+def imagefolder(cfg, input_shape=None, seed: int = 0, name: str = "imagefolder") -> DataBundle:
+    """``root/train/<class>/*`` and ``root/test/<class>/*`` (optionally ``root/val/<class>/*``),
+    decoded per item by Pillow (see :mod:`compress.data.imagefolder`)."""
+    from .imagefolder import image_folder_bundle
+
+    return image_folder_bundle(cfg, input_shape, _require_root(cfg, name), name)

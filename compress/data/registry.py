@@ -1,4 +1,4 @@
-"""The dataset registry: name -> loader ``(cfg, input_shape=..., seed=...) -> DataBundle``."""
+"""The dataset registry: name -> loader ``(cfg, input_shape=..., seed=...) -> DataBundle`` (of torch Datasets)."""
 from __future__ import annotations
 
 from typing import Callable

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import os
 import tempfile
 import warnings
@@ -13,31 +14,76 @@ import torch
 from torch import nn
 
 from ..io import temp_name
-from ..metrics import logits_of
+from ..metrics import call_model, logits_of
 
 
 class _LogitsOnly(nn.Module):
-    """Export wrapper: HF models return output objects; ONNX wants a tensor."""
+    """Export wrapper: HF models return output objects; ONNX wants a tensor. ``names`` (dict
+    inputs) turns the positional ONNX inputs back into the model's keyword arguments."""
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: nn.Module, names: list[str] | None = None):
         super().__init__()
-        self.model = model
+        self.model, self.names = model, names
 
-    def forward(self, x):
-        return logits_of(self.model(x))
+    def forward(self, *args):
+        if self.names is not None:
+            return logits_of(self.model(**dict(zip(self.names, args))))
+        return logits_of(self.model(*args))
+
+
+def input_arrays(inputs) -> list[tuple[str | None, torch.Tensor]]:
+    """A batch's inputs as (name, tensor) pairs in ONNX input order: a tensor -> ``input``; a
+    tuple -> ``input_0``, ``input_1``...; a dict -> its keys."""
+    from collections.abc import Mapping
+
+    if isinstance(inputs, torch.Tensor):
+        return [("input", inputs)]
+    if isinstance(inputs, Mapping):
+        return [(str(k), v) for k, v in inputs.items()]
+    return [(f"input_{i}", v) for i, v in enumerate(inputs)]
+
+
+def _feed(sess, inputs) -> dict[str, np.ndarray]:
+    """ONNX Runtime feeds for ``inputs`` (by position: the file's input names are what export wrote)."""
+    arrays = [t.detach().cpu().numpy() for _, t in input_arrays(inputs)]
+    out = {}
+    for spec, a in zip(sess.get_inputs(), arrays):
+        out[spec.name] = a.astype(np.float32) if a.dtype == np.float64 or spec.type == "tensor(float)" else a
+    return out
+
+
+def add_metadata(proto, metadata: dict | None) -> None:
+    """``metadata_props`` entries (values as JSON unless already strings): whoever serves the file
+    reads e.g. ``compress.preprocess`` to know the input contract."""
+    for key, value in (metadata or {}).items():
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = key, value if isinstance(value, str) else json.dumps(value, sort_keys=True)
 
 
 def export_onnx(model: nn.Module, input_shape, path: str | Path, opset: int = 17, dynamic_batch: bool = True,
-                exporter: str = "torchscript", external_data: bool | None = None, batch: int = 1) -> Path:
+                exporter: str = "torchscript", external_data: bool | None = None, batch: int = 1,
+                example=None, metadata: dict | None = None) -> Path:
     """Export to ``path`` atomically (temp file + rename). ``external_data`` defaults to on for
-    models over 1.5 GB (the 2 GB protobuf limit)."""
+    models over 1.5 GB (the 2 GB protobuf limit). ``example`` (a real batch's inputs: a tensor, a
+    tuple or a dict of tensors) replaces a random input of ``input_shape``; ``metadata`` goes into
+    the file's ``metadata_props``."""
     import onnx
+    from collections.abc import Mapping
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     model = model.eval().cpu()
-    wrapped = _LogitsOnly(model).eval()
-    example = torch.randn(batch, *input_shape)
+    if example is None:
+        example = torch.randn(batch, *input_shape)
+    pairs = [(n, t.detach().cpu()) for n, t in input_arrays(example)]
+    names = [n for n, _ in pairs]
+    wrapped = _LogitsOnly(model, names if isinstance(example, Mapping) else None).eval()
+    if exporter == "dynamo" and len(pairs) != 1:
+        from ..errors import InputError
+
+        raise InputError("the dynamo exporter is used here for single-tensor inputs; use exporter: torchscript "
+                         "for models with several inputs", field="export.onnx.exporter")
+    example = pairs[0][1]
     tmpdir = tempfile.mkdtemp(dir=path.parent, prefix=".onnx-")
     tmp = Path(tmpdir) / path.name
     try:
@@ -45,14 +91,16 @@ def export_onnx(model: nn.Module, input_shape, path: str | Path, opset: int = 17
             warnings.simplefilter("ignore")
             if exporter == "dynamo":
                 dyn = {"x": {0: torch.export.Dim("batch", min=1, max=4096)}} if dynamic_batch else None
+                dyn = {"args": (dyn["x"],)} if dyn else None  # forward(*args): one dynamic tensor
                 torch.onnx.export(wrapped, (example,), str(tmp), opset_version=opset, dynamo=True,
                                   input_names=["input"], output_names=["logits"], dynamic_shapes=dyn)
             else:
-                axes = {"input": {0: "batch"}, "logits": {0: "batch"}} if dynamic_batch else None
-                torch.onnx.export(wrapped, (example,), str(tmp), opset_version=opset, dynamo=False,
-                                  input_names=["input"], output_names=["logits"], dynamic_axes=axes,
+                axes = {**{n: {0: "batch"} for n in names}, "logits": {0: "batch"}} if dynamic_batch else None
+                torch.onnx.export(wrapped, tuple(t for _, t in pairs), str(tmp), opset_version=opset, dynamo=False,
+                                  input_names=names, output_names=["logits"], dynamic_axes=axes,
                                   do_constant_folding=True)
         proto = onnx.load(str(tmp))
+        add_metadata(proto, metadata)
     finally:
         for f in Path(tmpdir).glob("*"):
             f.unlink()
@@ -167,9 +215,13 @@ def ort_session(path: str | Path, threads: int = 1, sequential: bool = True):
 
 
 @torch.no_grad()
-def torch_logits(model: nn.Module, x: torch.Tensor) -> np.ndarray:
-    """The model's logits on ``x`` (eval mode, CPU): the reference ONNX files are compared with."""
-    return logits_of(model.eval().cpu()(x)).numpy()
+def torch_logits(model: nn.Module, x) -> np.ndarray:
+    """The model's logits on ``x`` (a tensor, tuple or dict of inputs; eval mode, CPU): the
+    reference ONNX files are compared with."""
+    from ..metrics import to_device
+
+    with torch.no_grad():
+        return logits_of(call_model(model.eval().cpu(), to_device(x, "cpu"))).numpy()
 
 
 def parity(model: nn.Module, onnx_path: str | Path, x: torch.Tensor, threads: int = 1,
@@ -178,14 +230,23 @@ def parity(model: nn.Module, onnx_path: str | Path, x: torch.Tensor, threads: in
     ``reference`` (``torch_logits(model, x)``) saves the torch pass when several files are compared."""
     ref = torch_logits(model, x) if reference is None else reference
     sess = ort_session(onnx_path, threads)
-    got = sess.run(None, {sess.get_inputs()[0].name: x.numpy().astype(np.float32)})[0].astype(np.float32)
+    got = sess.run(None, _feed(sess, x))[0].astype(np.float32)
     err = np.abs(ref - got)
     return {
         "parity_max_abs_error": float(err.max()),
         "parity_mean_abs_error": float(err.mean()),
-        "parity_top1_agreement": float((ref.argmax(-1) == got.argmax(-1)).mean() * 100.0),
-        "parity_samples": int(len(x)),
+        "parity_top1_agreement": float((ref.argmax(1) == got.argmax(1)).mean() * 100.0),  # classes: axis 1
+        "parity_samples": int(len(ref)),
     }
+
+
+def onnx_metrics(onnx_path: str | Path, loader, meter, threads: int = 1) -> dict[str, float]:
+    """The task's metrics (``meter``: e.g. ``objective.meter()``) of an ONNX model over ``loader``'s
+    ``(inputs, targets)`` batches with ONNX Runtime's CPU provider: what the deployed file scores."""
+    sess = ort_session(onnx_path, threads)
+    for inputs, targets in loader:
+        meter.update(torch.from_numpy(sess.run(None, _feed(sess, inputs))[0].astype(np.float32)), targets)
+    return meter.result()
 
 
 def onnx_accuracy(onnx_path: str | Path, x: torch.Tensor, y: torch.Tensor, batch_size: int = 256,

@@ -12,7 +12,7 @@ from torch import nn
 
 from ..sparsity import masks as mask_core
 from .experiment import RewindState, ShuffledBatches, weights_of
-from ..data import DataConfig, build_data
+from ..data import DataConfig, build_data, make_loader
 from ..errors import InputError
 from ..io import atomic_write_json, save_figure
 from ..metrics import evaluate
@@ -30,8 +30,8 @@ def _plain(model: nn.Module) -> nn.Module:
     return net
 
 
-def interpolation_curve(model_a: nn.Module, model_b: nn.Module, x: torch.Tensor, y: torch.Tensor,
-                        points: int = 30, device: torch.device | str = "cpu") -> list[dict]:
+def interpolation_curve(model_a: nn.Module, model_b: nn.Module, dataset, points: int = 30,
+                        device: torch.device | str = "cpu") -> list[dict]:
     """Test error (%) and loss at ``points`` evenly spaced α in [0, 1] of (1 − α)·θ_a + α·θ_b.
     Both models must have the same architecture (pruned weights are zeros, so dense ↔ sparse works)."""
     wa, wb = weights_of(model_a), weights_of(model_b)
@@ -52,7 +52,7 @@ def interpolation_curve(model_a: nn.Module, model_b: nn.Module, x: torch.Tensor,
         mixed = {k: torch.lerp(wa[k].float(), wb[k].float(), alpha).to(wa[k].dtype)
                  if wa[k].is_floating_point() else wa[k] for k in wa}
         net.load_state_dict(mixed)
-        ev = evaluate(net, x, y, batch_size=1000, device=device)
+        ev = evaluate(net, make_loader(dataset, 1000, shuffle=False), device=device)
         curve.append({"alpha": round(alpha, 6), "error": round(100.0 - ev["accuracy"], 4), "loss": round(ev["loss"], 6)})
     return curve
 
@@ -85,7 +85,7 @@ def state_at(net: nn.Module, step: int, loop_cfg, batches, device: torch.device 
     return captured[0]
 
 
-def train_two_copies(net: nn.Module, start: RewindState | None, loop_cfg, x: torch.Tensor, y: torch.Tensor,
+def train_two_copies(net: nn.Module, start: RewindState | None, loop_cfg, dataset,
                      batch_size: int, seeds: tuple[int, int] = (1, 2),
                      device: torch.device | str = "cpu") -> tuple[nn.Module, nn.Module]:
     """Train two copies of ``net`` (weights and masks set) from ``start`` to ``loop_cfg.max_steps``
@@ -96,7 +96,7 @@ def train_two_copies(net: nn.Module, start: RewindState | None, loop_cfg, x: tor
         if start is not None:  # weights at θ_k (mask buffers stay those of ``net``)
             child.load_state_dict(start.weights, strict=False)
         child.to(device)
-        train(child, ShuffledBatches(x, y, batch_size, s), loop_cfg, device, description=f"copy {s}",
+        train(child, ShuffledBatches(dataset, batch_size, s), loop_cfg, device, description=f"copy {s}",
               start_step=start.step if start is not None else 0,
               optimizer_state=start.optimizer if start is not None else None)
         children.append(child.eval())
@@ -131,7 +131,7 @@ def interpolate(model_a: nn.Module, model_b: nn.Module, data: DataConfig, input_
     from), ``points``, ``barrier`` (percentage points) and ``curve``. ``label``: the plot's legend
     (default ``"<a> -> <b>"``)."""
     bundle = build_data(data, tuple(input_shape), seed)
-    curve = interpolation_curve(model_a, model_b, bundle.test_x, bundle.test_y, points)
+    curve = interpolation_curve(model_a, model_b, bundle.test, points)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     res = {"a": names[0], "b": names[1], "points": points, "barrier": barrier(curve), "curve": curve}

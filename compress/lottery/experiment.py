@@ -23,6 +23,7 @@ from ..modules import match_any, tensor_owner
 from ..sparsity import masks as mask_core
 from ..sparsity.masks import (Masks, current_masks, keep_largest, keep_largest_global, percent_remaining,
                               random_masks_like, set_masks)
+from ..data import LoaderOptions, make_loader
 from ..metrics import evaluate
 from ..io import atomic_write_bytes, atomic_write_json, save_figure
 from ..progress import log
@@ -76,26 +77,32 @@ def magnitude_prune(model: nn.Module, masks: Masks, rate: float, rates: dict[str
 
 
 class ShuffledBatches:
-    """Mini-batches over in-memory tensors whose order depends only on ``(seed, epoch)``: training
-    resumed at step k (rewinding, or a killed run) sees the batches an uninterrupted run sees.
-    Much cheaper per batch than a DataLoader over a TensorDataset (one gather per batch)."""
+    """Mini-batches of a dataset whose order depends only on ``(seed, epoch)``: training resumed at
+    step k (rewinding, or a killed run) sees the batches an uninterrupted run sees. Read through a
+    DataLoader (the data's worker settings) with this order as its batch sampler."""
 
-    def __init__(self, x: torch.Tensor, y: torch.Tensor, batch_size: int, seed: int):
-        self.x, self.y, self.batch_size, self.seed, self.epoch = x, y, batch_size, seed, 0
+    def __init__(self, dataset, batch_size: int, seed: int, options: LoaderOptions | None = None):
+        self.dataset, self.batch_size, self.seed, self.epoch = dataset, batch_size, seed, 0
+        self.options = options or LoaderOptions()
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
     def __len__(self) -> int:
-        return max(1, len(self.x) // self.batch_size)
+        return max(1, len(self.dataset) // self.batch_size)
+
+    def order(self) -> list[list[int]]:
+        g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        perm = torch.randperm(len(self.dataset), generator=g)
+        bs = min(self.batch_size, len(self.dataset))
+        return [perm[i * bs: (i + 1) * bs].tolist() for i in range(len(self))]
 
     def __iter__(self):
-        g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
-        perm = torch.randperm(len(self.x), generator=g)
-        bs = min(self.batch_size, len(self.x))
-        for i in range(len(self)):
-            idx = perm[i * bs: (i + 1) * bs]
-            yield self.x[idx], self.y[idx]
+        o = self.options
+        kw = {"num_workers": o.num_workers, "pin_memory": o.pin_memory}
+        if o.num_workers and o.prefetch_factor:
+            kw["prefetch_factor"] = o.prefetch_factor
+        yield from torch.utils.data.DataLoader(self.dataset, batch_sampler=self.order(), **kw)
 
 
 @dataclass
@@ -130,8 +137,15 @@ def load_tensors(path: Path):
 
 @dataclass
 class Evalsets:
-    val: tuple[torch.Tensor, torch.Tensor]
-    test: tuple[torch.Tensor, torch.Tensor]
+    """Validation and test Datasets (evaluated in order, 1,000 items a batch)."""
+
+    val: object
+    test: object
+    options: LoaderOptions | None = None
+
+    def score(self, model: nn.Module, split: str, device) -> dict[str, float]:
+        loader = make_loader(getattr(self, split), 1000, shuffle=False, options=self.options)
+        return evaluate(model, loader, device=device)
 
 
 @dataclass
@@ -163,7 +177,7 @@ def train_level(net: nn.Module, plan: TrainPlan, evalsets: Evalsets, start: Rewi
         if capture_at is not None and step == capture_at:
             captured.append(RewindState.capture(step, model, opt))
         if step % plan.eval_every == 0 or step == plan.total:
-            v = evaluate(model, *evalsets.val, batch_size=1000, device=plan.device)
+            v = evalsets.score(model, "val", plan.device)
             history.append({"iteration": step, "val_loss": round(v["loss"], 6), "val_accuracy": round(v["accuracy"], 4)})
             if not best or v["loss"] < best["val_loss"]:  # first minimum wins on ties
                 best.update(iteration=step, val_loss=v["loss"], weights=weights_of(model))
@@ -171,10 +185,10 @@ def train_level(net: nn.Module, plan: TrainPlan, evalsets: Evalsets, start: Rewi
 
     train(net, plan.batches, plan.loop, plan.device, description=description, on_step=on_step,
           start_step=start_step, optimizer_state=start.optimizer if start is not None else None)
-    final = evaluate(net, *evalsets.test, batch_size=1000, device=plan.device)["accuracy"]
+    final = evalsets.score(net, "test", plan.device)["accuracy"]
     trained = weights_of(net)
     net.load_state_dict(best["weights"], strict=False)
-    at_best = evaluate(net, *evalsets.test, batch_size=1000, device=plan.device)["accuracy"]
+    at_best = evalsets.score(net, "test", plan.device)["accuracy"]
     net.load_state_dict(trained, strict=False)  # the level's trained network is the final one
     record = {"early_stop_iteration": best["iteration"], "early_stop_test_accuracy": round(at_best, 4),
               "min_val_loss": round(best["val_loss"], 6), "final_test_accuracy": round(final, 4),
@@ -300,7 +314,8 @@ def run_lottery(model: nn.Module, spec: LotterySpec, plan: TrainPlan, evalsets: 
                 if spec.method in ("set", "rigl") and level > 0:
                     from ..sparsity.dynamic import DynamicSparsity
 
-                    it = iter(ShuffledBatches(plan.batches.x, plan.batches.y, plan.batches.batch_size, spec.seed + 1))
+                    it = iter(ShuffledBatches(plan.batches.dataset, plan.batches.batch_size, spec.seed + 1,
+                                              plan.batches.options))
                     dynamic = DynamicSparsity(list(level_masks), spec.method, spec.dst_every,
                                               int(0.75 * plan.total), spec.dst_alpha, spec.seed + level,
                                               grad_batch=lambda: next(it))

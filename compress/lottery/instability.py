@@ -60,15 +60,15 @@ def instability(model: ModelConfig, data: DataConfig, train: TrainSettings, run_
             raise InputError(f"{str(mask_file)!r} does not exist", field="--level")
         net.load_state_dict(load_tensors(init_path(work)))
         set_masks(net, load_tensors(mask_file))
-    batches = ShuffledBatches(train_data.train_x, train_data.train_y, train.batch_size, seed)
+    batches = ShuffledBatches(train_data.train_dataset(), train.batch_size, seed, bundle.loader)
     total = train.iterations if train.iterations is not None else int(round(train.epochs * len(batches)))
     if rewind >= total:
         raise InputError(f"must be below the training length ({total})", field="--rewind")
     loop = TrainLoopConfig(epochs=0, max_steps=total, optimizer=train.optimizer)
     start = connectivity.state_at(net, rewind, loop, batches) if rewind else None
-    a, b = connectivity.train_two_copies(net, start, loop, train_data.train_x, train_data.train_y,
+    a, b = connectivity.train_two_copies(net, start, loop, train_data.train_dataset(),
                                          train.batch_size, seeds=(seed + 1, seed + 2))
-    curve = connectivity.interpolation_curve(a, b, bundle.test_x, bundle.test_y, points)
+    curve = connectivity.interpolation_curve(a, b, bundle.test, points)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     res = {"rewind_iteration": rewind, "iterations": total, "level": level if run_dir else None,

@@ -81,20 +81,26 @@ def check_gates(recipe, dense: dict, final: dict, summary: dict, chance: float |
     warnings: list[str] = []
 
     d_acc, f_acc = dense.get("accuracy"), final.get("accuracy")
-    if g.max_accuracy_drop is None:
-        j.skipped["max_accuracy_drop"] = "off (null in the recipe)"
-    elif d_acc is None or f_acc is None:
-        j.skipped["max_accuracy_drop"] = "no accuracy measured"
+    task = getattr(recipe, "task", None)
+    primary = task.primary if task is not None else "accuracy"
+    # max_metric_drop judges the task's primary metric; max_accuracy_drop is its alias (and default)
+    gate = "max_metric_drop" if g.max_metric_drop is not None else "max_accuracy_drop"
+    limit = g.max_metric_drop if g.max_metric_drop is not None else g.max_accuracy_drop
+    d_m, f_m = dense.get(primary), final.get(primary)
+    if limit is None:
+        j.skipped[gate] = "off (null in the recipe)"
+    elif d_m is None or f_m is None:
+        j.skipped[gate] = f"no {primary} measured"
     else:
-        drop = as_number(d_acc) - as_number(f_acc)
-        j.check("max_accuracy_drop", "accuracy_drop", drop, g.max_accuracy_drop, "<=",
-                f"accuracy drop {_fmt(drop, '.2f')} pp > max_accuracy_drop {g.max_accuracy_drop}",
-                note="dense - final, percentage points")
-        if chance is not None:
+        drop = as_number(d_m) - as_number(f_m)
+        j.check(gate, f"{primary}_drop", drop, limit, "<=",
+                f"{primary} drop {_fmt(drop, '.2f')} points > {gate} {limit}",
+                note=f"dense - final {primary}, points")
+        if chance is not None and primary == "accuracy":
             floor = round(chance + CHANCE_MARGIN, 4)
-            j.check("max_accuracy_drop", "final_above_chance", f_acc, floor, ">",
+            j.check(gate, "final_above_chance", f_acc, floor, ">",
                     f"final accuracy {_fmt(f_acc, '.2f')}% is at chance level ({chance:.2f}% for a constant "
-                    f"prediction; needs > {floor:.2f}%): max_accuracy_drop needs a model that learned something "
+                    f"prediction; needs > {floor:.2f}%): {gate} needs a model that learned something "
                     "(set gates.max_accuracy_drop: null to judge no accuracy)",
                     note="final accuracy must be above chance + 2 pp")
     if chance is not None and d_acc is not None and at_chance(as_number(d_acc), chance):

@@ -27,7 +27,8 @@ def render(summary: dict) -> str:
     lines = [f"# compress report: {summary['name']}", "",
              f"Status: **{summary['status']}** (seed {summary['seed']}, device {summary['device']}, torch {summary['torch']})",
              "", "| | dense | compressed | ratio |", "|---|---|---|---|"]
-    for key, label in (("accuracy", "accuracy (%)"), ("params", "params"), ("nonzero_params", "non-zero params"),
+    for key, label in (("accuracy", "accuracy (%)"), ("top5", "top-5 accuracy (%)"), ("miou", "mean IoU (%)"),
+                       ("pixel_accuracy", "pixel accuracy (%)"), ("metric", "metric"), ("params", "params"), ("nonzero_params", "non-zero params"),
                        ("macs", "MACs / sample")):
         if key in d and key in f:
             ratio = f[key] / d[key] if d[key] else float("nan")
@@ -35,11 +36,13 @@ def render(summary: dict) -> str:
     lines += ["", "## Stages", "", "| # | kind | seconds | notes |", "|---|---|---|---|"]
     for s in summary["stages"]:
         notes = []
-        for k in ("skipped", "accuracy", "accuracy_after_prune", "accuracy_after_sparsify", "macs_kept",
+        for k in ("skipped", "accuracy", "accuracy_after_prune", "accuracy_after_sparsify", "miou",
+                  "miou_after_prune", "miou_after_sparsify", "metric", "macs_kept",
                   "parity_max_abs_error", "sparse_layers"):
             if k in s:
                 notes.append(f"{k}={_fmt(s[k], 4 if 'parity' in k else 2)}")
         lines.append(f"| {s['index']} | {s['kind']} | {s['seconds']:.1f} | {', '.join(notes)} |")
+    lines += _data_section(summary.get("data") or {}, summary.get("task") or {})
     exp = summary.get("export") or {}
     if exp:
         sp = exp.get("sparsity_2_4", {})
@@ -55,7 +58,9 @@ def render(summary: dict) -> str:
                 lines.append(f"- {label}: `{exp[key]}`")
         if "onnx_int8" in exp:
             q, sp8 = exp.get("int8_quantized_layers", {}), exp.get("int8_sparsity_2_4", {})
-            lines.append(f"- int8 Q/DQ ONNX: `{exp['onnx_int8']}`: accuracy {_fmt(exp.get('int8_accuracy'))}% "
+            score = next(((k[5:], exp[k]) for k in ("int8_accuracy", "int8_miou", "int8_metric") if k in exp),
+                         ("accuracy", None))
+            lines.append(f"- int8 Q/DQ ONNX: `{exp['onnx_int8']}`: {score[0]} {_fmt(score[1])} "
                          f"(ONNX Runtime, test split), top-1 agreement with torch fp32 "
                          f"{_fmt(exp.get('int8_parity_top1_agreement'))}%, {q.get('int8_layers', 0)} of "
                          f"{q.get('layers', 0)} Conv/Gemm/MatMul in int8, 2:4 kept in {sp8.get('sparse_layers', 0)}")
@@ -66,6 +71,29 @@ def render(summary: dict) -> str:
     lines += _tensorrt_section(summary.get("tensorrt") or {})
     lines += _gates_section(summary["gates"])
     return "\n".join(lines) + "\n"
+
+
+def _data_section(data: dict, task: dict) -> list[str]:
+    """The task, the splits, the input contract (preprocessing) and skipped files."""
+    if not data:
+        return []
+    lines = ["", "## Data and task", "",
+             f"- task: {task.get('name', 'classification')} (primary metric: {task.get('primary_metric', 'accuracy')})",
+             f"- dataset {data.get('dataset')}: {data.get('train_samples')} train / {data.get('test_samples')} test "
+             f"samples" + (f", {data['num_classes']} classes" if data.get("num_classes") else "")]
+    pre = data.get("preprocess")
+    if pre:
+        lines += [f"- input contract ({pre.get('source')}; also in model.onnx metadata `compress.preprocess`): "
+                  f"resize {pre.get('resize')}, crop {pre.get('crop')}, pixel scale {pre.get('pixel_scale')}, "
+                  f"mean {pre.get('mean')}, std {pre.get('std')}, {pre.get('interpolation')}"]
+    else:
+        lines.append("- input contract: defined by the dataset callable (compress applied no preprocessing)")
+    if data.get("augment_backend"):
+        lines.append(f"- training augmentation: {data['augment_backend']}")
+    if "skipped_files" in data:
+        lines.append(f"- unreadable files skipped (data.on_bad_file: skip): {data['skipped_files']}"
+                     + (f", e.g. {', '.join(data['skipped_examples'][:3])}" if data.get("skipped_examples") else ""))
+    return lines
 
 
 def _gates_section(g: dict) -> list[str]:

@@ -24,6 +24,7 @@ import torch
 from .. import distributed as dist
 from .. import paths
 from ..errors import DivergedError, GateError, InputError
+from ..data.base import LABEL_SCAN_LIMIT, targets_of
 from ..io import atomic_write_json, atomic_write_text, os_errors
 from ..model_io import build_model, load_portable, load_weights, save_portable
 from ..preflight import preflight
@@ -33,6 +34,7 @@ from ..recipe import Recipe
 from ..stages import STAGES, Artifacts, StageContext, StageOutput
 from ..stages.artifacts import TEACHER
 from ..stages.base import seed_everything
+from ..tasks import build_objective
 from .gates import chance_level, check_gates
 from .report import write_report
 from .run_dir import open_run_dir, read_stage_result
@@ -72,7 +74,7 @@ def run_recipe(recipe: Recipe, run_dir: str | Path, resume: bool = False,
         # reads) before the run directory is touched; they leave the global random state as it was.
         # Rank 0 first: it may download the data, which the others then find in place
         with dist.main_first():
-            data = preflight(recipe.model, recipe.data, recipe.seed).data
+            data = preflight(recipe.model, recipe.data, recipe.seed, task=recipe.task).data
         if not dist.is_main():
             return _run(recipe, run_dir, device, dist.broadcast_object(None), data, choice.to_dict())
         with os_errors(run_dir, action="access"), open_run_dir(run_dir, recipe, resume) as start:
@@ -112,7 +114,9 @@ def _run(recipe: Recipe, run_dir: Path, device: torch.device, start: int, data,
         dense.to(device)
     ctx = StageContext(run_dir=run_dir, device=device, data=data, model=model, run_name=recipe.name,
                        run_seed=recipe.seed, model_spec=recipe.model, batch_size=recipe.data.batch_size,
-                       dense=dense, artifacts=artifacts)
+                       dense=dense, artifacts=artifacts, objective=build_objective(recipe.task))
+    if data.preprocess is not None:  # the input contract, beside the run's other records from the start
+        atomic_write_json(run_dir / PREPROCESS_FILE, data.preprocess.contract())
 
     for i in range(start, len(recipe.stages)):
         cfg = recipe.stages[i]
@@ -217,16 +221,34 @@ def _record_teacher(ctx: StageContext, model, recipe: Recipe) -> None:
     atomic_write_text(d / paths.DONE, "")
 
 
+METRIC_KEYS = ("accuracy", "top5", "miou", "pixel_accuracy", "metric", "loss", "params", "nonzero_params", "macs")
+PREPROCESS_FILE = "preprocess.json"
+
+
+def _chance(ctx) -> float | None:
+    """Accuracy of a constant prediction on the test labels (classification only; labels listed by the
+    dataset, else read from at most a bounded sample of items)."""
+    if ctx.objective.name != "classification":
+        return None
+    labels = targets_of(ctx.data.test)
+    if labels is None:
+        n = min(len(ctx.data.test), LABEL_SCAN_LIMIT)
+        labels = torch.as_tensor([int(ctx.data.test[i][1]) for i in range(n)])
+    return chance_level(labels, ctx.data.num_classes or int(labels.max()) + 1)
+
+
 def _assemble(recipe: Recipe, dense: dict, final: dict, results: list[dict], extra: dict, ctx) -> dict:
-    gates = check_gates(recipe, dense, final, extra, chance=chance_level(ctx.data.test_y, ctx.data.num_classes))
+    gates = check_gates(recipe, dense, final, extra, chance=_chance(ctx))
     out = {
         "name": recipe.name,
         "status": "passed" if gates["passed"] else "gates_failed",
         "seed": recipe.seed,
         "device": str(ctx.device),
         "torch": torch.__version__,
-        "dense": {k: dense[k] for k in ("accuracy", "loss", "params", "nonzero_params", "macs") if k in dense},
-        "final": {k: final[k] for k in ("accuracy", "loss", "params", "nonzero_params", "macs") if k in final},
+        "task": {"name": recipe.task.name, "primary_metric": recipe.task.primary},
+        "data": ctx.data.describe(),
+        "dense": {k: dense[k] for k in METRIC_KEYS if k in dense},
+        "final": {k: final[k] for k in METRIC_KEYS if k in final},
         "stages": results,
         **extra,
         "gates": gates,

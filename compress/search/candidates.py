@@ -17,6 +17,7 @@ from ..structured.criteria import IMPORTANCES, calibrate as calibrate_criterion
 from ..deploy.backends import BACKENDS
 from ..deploy.timing import time_interleaved
 from .latency_table import LatencyPredictor
+from ..data import make_loader
 from ..metrics import count_macs, count_params, evaluate
 from ..deploy.onnx_io import export_onnx
 
@@ -194,4 +195,4 @@ def model_row(name: str, model: nn.Module, input_shape, predictor: LatencyPredic
 def evaluate_on(model, split, device) -> dict:
     if split is None:
         return {}
-    return evaluate(model, split[0], split[1], batch_size=256, device=device)
+    return evaluate(model, make_loader(split, 256, shuffle=False), device=device)

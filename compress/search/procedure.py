@@ -152,8 +152,8 @@ class Search:
         self.dense = copy.deepcopy(inputs.model).to(self.device).eval()
         self.teacher = inputs.teacher if inputs.teacher is not None else self.dense
         data = inputs.data
-        self.rest, self.val = data.split_validation(min(cfg.proxy.val_size, len(data.train_x) // 4), inputs.seed + 11)
-        self.test = (data.test_x, data.test_y)
+        self.rest, self.val = data.split_validation(min(cfg.proxy.val_size, len(data.train) // 4), inputs.seed + 11)
+        self.test = data.test
         self.pruner = Pruner(self.dense, self.shape, cfg.importance, cfg.round_to, cfg.ignore, cfg.max_ratio,
                              inputs.calibration, self.device)
         if not self.pruner.groups:
@@ -164,8 +164,8 @@ class Search:
 
     def _loader(self, batch_size: int | None, seed_offset: int):
         """Training batches without the held-out split."""
-        return make_loader(self.rest.train_x, self.rest.train_y, batch_size or self.inputs.batch_size, shuffle=True,
-                           seed=self.inputs.seed + seed_offset, drop_last=True)
+        return make_loader(self.rest.train_dataset(), batch_size or self.inputs.batch_size, shuffle=True,
+                           seed=self.inputs.seed + seed_offset, drop_last=True, options=self.rest.loader)
 
     def _proxy_fn(self) -> Callable[[nn.Module], dict]:
         cfg, device, teacher = self.cfg, self.device, self.teacher

@@ -18,10 +18,13 @@ from typing import Any, Callable, ClassVar
 import torch
 from torch import nn
 
+from torch.utils.data import Subset, default_collate
+
 from ..config import ModelConfig, Strict
 from ..data import DataBundle, make_loader
-from ..metrics import evaluate, model_stats
+from ..metrics import evaluate, model_stats, to_device
 from .. import paths
+from ..tasks import Objective, build_objective
 from ..paths import seed_everything as seed_everything, stage_seed  # re-exported for the runner
 from ..registry import Registry
 from .artifacts import Artifacts
@@ -132,6 +135,7 @@ class StageContext:
     artifacts: Artifacts = field(default_factory=Artifacts)
     index: int = 0
     stage_dir: Path | None = None
+    objective: Objective = field(default_factory=lambda: build_objective(None))  # the recipe's task
 
     @property
     def seed(self) -> int:
@@ -139,33 +143,58 @@ class StageContext:
         return stage_seed(self.run_seed, self.index)
 
     @property
-    def input_shape(self) -> tuple[int, ...]:
-        return tuple(self.model_spec.input_shape)
+    def input_shape(self) -> tuple[int, ...] | None:
+        """The recipe's ``model.input_shape``, else one sample's shape when inputs are one tensor;
+        None for dict / tuple inputs (use :meth:`example_inputs`)."""
+        if self.model_spec.input_shape is not None:
+            return tuple(self.model_spec.input_shape)
+        return self.data.input_shape
 
     def path(self, relative: str | None) -> Path | None:
         """An artifact path (relative to the run directory) as a path."""
         return None if relative is None else self.run_dir / relative
 
-    def train_loader(self, batch_size: int | None = None, seed_offset: int = 0, shuffle: bool = True):
-        bs = batch_size or self.batch_size
-        return make_loader(self.data.train_x, self.data.train_y, bs, shuffle=shuffle,
-                           seed=self.seed + seed_offset, drop_last=shuffle)
+    @property
+    def training_objective(self) -> Objective | None:
+        """What the training loop gets as ``objective``: None for classification, so the loop keeps
+        its own cross-entropy with the stage's ``label_smoothing``."""
+        return None if self.objective.name == "classification" else self.objective
 
-    def calibration_batches(self, n: int, batch_size: int | None = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """``n`` fixed batches from the training split (for data-aware criteria, SparseGPT)."""
+    def train_loader(self, batch_size: int | None = None, seed_offset: int = 0, shuffle: bool = True):
+        """Training batches (augmented when shuffled: augmentation is for training order only)."""
+        bs = batch_size or self.batch_size
+        return make_loader(self.data.train_dataset(augmented=shuffle), bs, shuffle=shuffle,
+                           seed=self.seed + seed_offset, drop_last=shuffle, options=self.data.loader)
+
+    def eval_loader(self, dataset=None, batch_size: int = 256):
+        """Batches of ``dataset`` (default: the test split) in order."""
+        return make_loader(self.data.test if dataset is None else dataset, batch_size, shuffle=False,
+                           options=self.data.loader)
+
+    def calibration_batches(self, n: int, batch_size: int | None = None) -> list[tuple]:
+        """``n`` fixed batches from the training split, not augmented (data-aware criteria, SparseGPT,
+        int8 calibration, SNIP/GraSP)."""
         bs = batch_size or self.batch_size
         g = torch.Generator().manual_seed(self.seed + 7)
-        idx = torch.randperm(len(self.data.train_x), generator=g)[: n * bs]
-        return [(self.data.train_x[idx[i: i + bs]], self.data.train_y[idx[i: i + bs]])
-                for i in range(0, len(idx), bs)]
+        idx = torch.randperm(len(self.data.train), generator=g)[: n * bs].tolist()
+        return list(make_loader(Subset(self.data.train, idx), bs, shuffle=False, options=self.data.loader))
 
-    def evaluate(self, model: nn.Module | None = None) -> dict[str, float]:
+    def evaluate(self, model: nn.Module | None = None, dataset=None) -> dict[str, float]:
+        """The task's metrics (classification: accuracy, top5, loss; segmentation: miou, ...)."""
         m = model if model is not None else self.model
-        return evaluate(m, self.data.test_x, self.data.test_y, batch_size=256, device=self.device)
+        return evaluate(m, self.eval_loader(dataset), device=self.device, objective=self.objective)
+
+    def headline(self, metrics: dict[str, float] | None = None) -> dict[str, float]:
+        """``{primary metric name: value}`` for a stage's metrics table."""
+        metrics = self.evaluate() if metrics is None else metrics
+        return {self.objective.primary: metrics[self.objective.primary]}
 
     def stats(self, model: nn.Module | None = None) -> dict[str, int]:
         m = model if model is not None else self.model
-        return model_stats(m, self.input_shape, self.device)
+        return model_stats(m, self.input_shape, self.device, example=self.example_inputs(1))
 
-    def example_inputs(self, batch: int = 1) -> torch.Tensor:
-        return self.data.test_x[:batch].to(self.device)
+    def example_inputs(self, batch: int = 1):
+        """The inputs of the first ``batch`` test items (a real batch: tensor, tuple or dict), on the device."""
+        n = min(batch, len(self.data.test))
+        inputs = default_collate([self.data.test[i] for i in range(n)])[0]
+        return to_device(inputs, self.device)

@@ -11,7 +11,9 @@ from pydantic import Field, field_validator, model_validator
 
 from ..config import Strict
 from .base import StageConfig
-from ..deploy.onnx_io import (check_sparsity, export_fp16_onnx, export_onnx, export_pt2, onnx_accuracy, parity, torch_logits)
+from ..deploy.onnx_io import (check_sparsity, export_fp16_onnx, export_onnx, export_pt2, onnx_metrics, parity,
+                               torch_logits)
+from ..metrics import to_device
 from ..deploy.quantize import export_int8_onnx, quantized_nodes
 from ..progress import log
 from ..deploy.files import COMPRESSED_ONNX, DENSE_ONNX, EXTERNAL_DATA_SUFFIX, onnx_sibling
@@ -75,11 +77,22 @@ SUMMARY_KEYS = {"fp32": "onnx", "external_data": "onnx_external_data", "dense_fp
                 "dense_int8": "dense_onnx_int8", "pt2": "pt2"}
 
 
+def onnx_metadata(ctx) -> dict:
+    """``metadata_props`` of every exported file: the input contract whoever serves it needs."""
+    pre = ctx.data.preprocess
+    return {"compress.task": ctx.objective.name,
+            "compress.preprocess": pre.contract() if pre is not None else
+            "defined by the dataset callable (data.dataset); compress applied none",
+            "compress.dataset": ctx.data.name}
+
+
 def export_files(cfg: Config, ctx, out_dir) -> OnnxFiles:
     """Export the compressed model (run dir) and the dense one (``out_dir``), plus the precision
     variants and the ``.pt2`` program the config asks for; paths relative to the run directory."""
     o = cfg.onnx
-    kw = dict(opset=o.opset, dynamic_batch=o.dynamic_batch, exporter=o.exporter, external_data=o.external_data)
+    example = to_device(ctx.example_inputs(1), "cpu")  # a real test item: the model's true input types
+    kw = dict(opset=o.opset, dynamic_batch=o.dynamic_batch, exporter=o.exporter, external_data=o.external_data,
+              example=example, metadata=onnx_metadata(ctx))
     rel = (lambda p: str(Path(p).relative_to(ctx.run_dir)))
     files = OnnxFiles()
     compressed = export_onnx(ctx.model, ctx.input_shape, ctx.run_dir / COMPRESSED_ONNX, **kw)
@@ -123,8 +136,10 @@ def _int8_report(ctx, path, x, ref) -> dict:
     (ONNX Runtime CPU), how many layers run in int8 and whether 2:4 survived quantization."""
     p = parity(ctx.model, path, x, reference=ref)
     sp = check_sparsity(path)
+    primary = ctx.objective.primary
+    score = onnx_metrics(path, ctx.eval_loader(), ctx.objective.meter())[primary]
     return {"int8_" + k: v for k, v in p.items() if k != "parity_samples"} | {
-        "int8_accuracy": onnx_accuracy(path, ctx.data.test_x, ctx.data.test_y),
+        f"int8_{primary}": score,
         "int8_quantized_layers": quantized_nodes(path),
         "int8_sparsity_2_4": {"sparse_layers": sp["sparse_layers"], "total_layers": sp["total_layers"]}}
 
@@ -135,7 +150,7 @@ def run(cfg: Config, ctx) -> StageOutput:
     files = export_files(cfg, ctx, ctx.stage_dir)
     ctx.artifacts.onnx = files
     paths = {key: getattr(files, attr) for attr, key in SUMMARY_KEYS.items() if getattr(files, attr) is not None}
-    x = ctx.data.test_x[: cfg.parity_samples].cpu()
+    x = to_device(ctx.example_inputs(cfg.parity_samples), "cpu")  # real test inputs
     ref = torch_logits(ctx.model, x)  # one torch pass for every file compared
     par = parity(ctx.model, ctx.path(files.fp32), x, reference=ref)
     extra = _fp16_parity(ctx, ctx.path(files.fp16), x, ref) if files.fp16 else {}

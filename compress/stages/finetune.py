@@ -25,7 +25,8 @@ def finetune(block: FinetuneBlock, ctx, description: str = "finetune",
              checkpointing: StepCheckpointing | None = None) -> dict:
     teacher = ctx.dense if block.distill is not None else None
     res = train_loop(ctx.model, ctx.train_loader(block.batch_size), block, ctx.device, teacher=teacher,
-                     distill=block.distill, description=description, checkpointing=checkpointing)
+                     distill=block.distill, description=description, checkpointing=checkpointing,
+                     objective=ctx.training_objective)
     return {**training_metrics(res), "distilled": teacher is not None}
 
 
@@ -35,5 +36,5 @@ def run(cfg: Config, ctx) -> StageOutput:
     if cfg.distill is not None and ctx.dense is None:  # the recipe loader refuses such an order
         raise RuntimeError("bug: distillation without a dense teacher passed recipe validation")
     metrics = finetune(cfg, ctx, checkpointing=step_checkpointing(ctx, cfg))
-    metrics["accuracy"] = ctx.evaluate()["accuracy"]
+    metrics.update(ctx.headline())
     return StageOutput(metrics=metrics)

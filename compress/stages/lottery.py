@@ -97,11 +97,11 @@ def _steps(value: float, steps_per_epoch: int) -> int:
 def run(cfg: Config, ctx) -> StageOutput:
     """Lottery tickets: IMP with rewinding, random-reinit / random-prune controls, per-level table."""
     t = cfg.train
-    if t.validation >= len(ctx.data.train_x):
+    if t.validation >= len(ctx.data.train):
         raise InputError(f"validation ({t.validation}) must be smaller than the training split "
-                         f"({len(ctx.data.train_x)})", field="train.validation")
+                         f"({len(ctx.data.train)})", field="train.validation")
     train_data, val = ctx.data.split_validation(t.validation, ctx.seed)
-    batches = lottery.ShuffledBatches(train_data.train_x, train_data.train_y, t.batch_size, ctx.seed)
+    batches = lottery.ShuffledBatches(train_data.train_dataset(), t.batch_size, ctx.seed, ctx.data.loader)
     spe = len(batches)
     total = t.iterations if t.iterations is not None else _steps(t.epochs, spe)
     rewind = cfg.rewind if isinstance(cfg.rewind, int) else (
@@ -126,7 +126,7 @@ def run(cfg: Config, ctx) -> StageOutput:
     if not names:
         raise InputError("no prunable tensors left after `ignore`", field="ignore")
     work = lottery_dir(ctx.run_dir, ctx.index)
-    result = lottery.run_lottery(ctx.model, spec, plan, lottery.Evalsets(val, (ctx.data.test_x, ctx.data.test_y)),
+    result = lottery.run_lottery(ctx.model, spec, plan, lottery.Evalsets(val, ctx.data.test, ctx.data.loader),
                                  work, fresh_init, init_batches=ctx.calibration_batches(cfg.init_batches, t.batch_size)
                                  if cfg.method in ("snip", "grasp") else None, input_shape=ctx.input_shape)
     ctx.model = result.ticket.to(ctx.device)

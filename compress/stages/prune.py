@@ -242,7 +242,7 @@ def run(cfg: Config, ctx) -> StageOutput:
     if cfg.target is not None:
         key, goal = cfg.target.key, cfg.target.value
         base = before[key]
-        measure = ((lambda m: count_macs(m, ctx.input_shape, ctx.device) / base) if key == "macs"
+        measure = ((lambda m: count_macs(m, ctx.input_shape, ctx.device, example) / base) if key == "macs"
                    else (lambda m: count_params(m) / base))
 
     gp, step_metrics, guard_hits = None, [], []
@@ -273,13 +273,13 @@ def run(cfg: Config, ctx) -> StageOutput:
     noop = None
     if after["params"] == before["params"] and after["macs"] == before["macs"]:
         noop = _nothing_pruned(cfg, ctx, model, example, kw, ratio)
-    acc = ctx.evaluate()["accuracy"]
+    primary, acc = next(iter(ctx.headline().items()))
     metrics = {
         "importance": cfg.importance, "scope": cfg.scope, "ratio": ratio, "steps": cfg.steps,
         "params_before": before["params"], "params_after": after["params"],
         "macs_before": before["macs"], "macs_after": after["macs"],
         "macs_kept": after["macs"] / max(1, before["macs"]), "params_kept": after["params"] / max(1, before["params"]),
-        "accuracy_after_prune": acc,
+        f"{primary}_after_prune": acc,
         "guards": {**vars(kw["guards"]), "bound": guard_hits},
     }
     if gp.sites:

@@ -23,6 +23,5 @@ def run(cfg: Config, ctx) -> StageOutput:
     if ctx.model_spec.checkpoint:
         return StageOutput(skipped="model.checkpoint given")
     res = train_loop(ctx.model, ctx.train_loader(cfg.batch_size), cfg, ctx.device, description="train",
-                     checkpointing=step_checkpointing(ctx, cfg))
-    ev = ctx.evaluate()
-    return StageOutput(metrics={**training_metrics(res), "accuracy": ev["accuracy"]})
+                     checkpointing=step_checkpointing(ctx, cfg), objective=ctx.training_objective)
+    return StageOutput(metrics={**training_metrics(res), **ctx.headline()})

@@ -312,6 +312,12 @@ def train(model: nn.Module, loader, cfg, device: torch.device | str = "cpu", tea
     Masks (``*_mask`` buffers) are honoured: gradients are masked before and weights after every
     step, and optimizer state at masked positions is zeroed, so pruned weights stay exactly zero.
 
+    Batches are ``(inputs, targets)``: ``inputs`` a tensor (``model(x)``), a tuple/list of tensors
+    (``model(*x)``) or a dict of tensors (``model(**x)``). ``objective`` (see
+    :class:`compress.tasks.Objective`: ``loss(out, targets)`` and ``distill_loss(student_out,
+    teacher_out, targets, distill)`` on raw model outputs) replaces classification's cross-entropy
+    and Hinton distillation.
+
     A NaN or infinite loss raises :class:`compress.errors.DivergedError` (exit 5) naming the step;
     the runner adds the stage. A step the fp16 gradient scaler skips (overflowing gradients) is not
     divergence.

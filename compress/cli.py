@@ -165,6 +165,9 @@ def inspect(recipe: Path = typer.Argument(...),
         probe = probe_model(r.model)  # the model checks of validate/run: the same one-line errors
         check_declared_classes(probe, r.model, r.data)
         model = probe.model
+        if r.model.input_shape is None:
+            raise InputError("inspect builds its dependency graph from a random input of this shape; give it "
+                             "(models with dict inputs: inspect is not available yet)", field="model.input_shape")
         shape = tuple(r.model.input_shape)
         prune_cfg = next((s for s in r.stages if s.kind == "prune"), None)
         if prune_cfg is None:  # the defaults of a prune stage

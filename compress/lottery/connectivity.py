@@ -130,7 +130,7 @@ def interpolate(model_a: nn.Module, model_b: nn.Module, data: DataConfig, input_
     under ``out`` and return the JSON's content: ``a``, ``b`` (``names``: where the models came
     from), ``points``, ``barrier`` (percentage points) and ``curve``. ``label``: the plot's legend
     (default ``"<a> -> <b>"``)."""
-    bundle = build_data(data, tuple(input_shape), seed)
+    bundle = build_data(data, tuple(input_shape) if input_shape else None, seed)
     curve = interpolation_curve(model_a, model_b, bundle.test, points)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)

@@ -50,7 +50,7 @@ def instability(model: ModelConfig, data: DataConfig, train: TrainSettings, run_
     With ``run_dir``, the network is that run's θ0 with the masks of level ``level``."""
     seed = stage_seed(run_seed, index)  # the lottery stage's seed: same validation split and data order
     seed_everything(run_seed)
-    bundle = build_data(data, tuple(model.input_shape), run_seed)
+    bundle = build_data(data, tuple(model.input_shape) if model.input_shape else None, run_seed)
     train_data, _ = bundle.split_validation(train.validation, seed)
     net = build_model(model.factory, model.kwargs)
     if run_dir is not None:

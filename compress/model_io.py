@@ -19,8 +19,12 @@ from .errors import EnvironmentFailure, InputError, first_line, is_out_of_memory
 from .extras import install_hint
 from .io import atomic_write_bytes, atomic_write_json
 from .registry import import_callable
+from .sparsity.masks import install_mask_hooks
 
 ARCH_FORMAT = 1
+# attribute set on every model compress builds: {"factory", "kwargs", "input_shape"}, so
+# ``compress.save(model, dir)`` can write arch.json without being told the factory again
+ORIGIN_ATTR = "_compress_origin"
 _SIMPLE = (int, float, bool, str)
 
 
@@ -80,7 +84,20 @@ def build_model(spec: str, kwargs: dict[str, Any] | None = None, field: str = "m
         raise factory_failure(exc, spec, field) from None
     if not isinstance(model, nn.Module):
         raise InputError(f"factory {spec!r} did not return an nn.Module (got {type(model).__name__})", field=field)
+    set_origin(model, spec, kwargs)
     return model
+
+
+def set_origin(model: nn.Module, factory: str, kwargs: dict[str, Any], input_shape=None) -> None:
+    """Record how ``model`` was built (see :data:`ORIGIN_ATTR`); a factory may have recorded a
+    more portable recipe of itself already (Hugging Face: its config), which is kept."""
+    old = getattr(model, ORIGIN_ATTR, None) or {}
+    new = {"factory": factory_path(factory), "kwargs": dict(kwargs), "input_shape": input_shape}
+    if old.get("portable"):
+        new.update(factory=old["factory"], kwargs=old["kwargs"], portable=True)
+    if input_shape is None:
+        new["input_shape"] = old.get("input_shape")
+    model.__dict__[ORIGIN_ATTR] = new
 
 
 def read_state_dict(path: str | Path, field: str = "model.checkpoint") -> dict[str, torch.Tensor]:
@@ -225,6 +242,12 @@ def factory_allowed(spec: str, allow=(), trust_code: bool = False) -> bool:
     return False
 
 
+def _parents(module: str) -> list[str]:
+    """``a.b.c`` -> ``a``, ``a.b``, ``a.b.c``."""
+    parts = module.split(".")
+    return [".".join(parts[: i + 1]) for i in range(len(parts))]
+
+
 def read_json_file(path: str | Path, what: str = "JSON") -> Any:
     """A JSON file of a run directory or checkpoint; an InputError naming the file when it is
     missing, unreadable or damaged."""
@@ -313,7 +336,17 @@ def load_portable(directory: str | Path, allow=(), trust_code: bool = False) -> 
     weights = directory / "model.safetensors"
     arch = read_arch(directory, allow, trust_code)
     check_safetensors(weights)
-    model = build_model(arch["factory"], arch.get("kwargs") or {}, field=str(directory / "arch.json"))
+    try:
+        model = build_model(arch["factory"], arch.get("kwargs") or {}, field=str(directory / "arch.json"))
+    except InputError as exc:
+        module = arch["factory"].partition(":")[0]
+        if not any(f"No module named {m!r}" in str(exc) for m in _parents(module)):
+            raise
+        raise InputError(f"the model's factory {arch['factory']!r} needs module {module!r}, which is not importable "
+                         f"here: put it on PYTHONPATH (or in the working directory), or deploy the portable "
+                         f"export instead, model.pt2 from an export stage with pt2: true "
+                         f"(torch.export.load, no model code needed)", field=str(directory / "arch.json")) from None
+    set_origin(model, arch["factory"], arch.get("kwargs") or {}, arch.get("input_shape"))
     _restore_attrs(model, arch.get("modules", {}))
     try:
         sd = load_file(str(weights))
@@ -327,5 +360,6 @@ def load_portable(directory: str | Path, allow=(), trust_code: bool = False) -> 
         msg = " ".join(line.strip() for line in str(exc).strip().splitlines()[:2])
         raise InputError(f"the weights do not fit the model arch.json describes: {msg[:300]}",
                          field=str(weights)) from None
+    install_mask_hooks(model)  # masks hold in the caller's own training loop too
     model.eval()
     return model

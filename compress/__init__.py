@@ -2,13 +2,15 @@
 
 The Python API (:mod:`compress.api`) is reachable from here: ``compress.prune``,
 ``compress.sparsify``, ``compress.finetune``, ``compress.export_onnx``, ``compress.check_sparsity``,
-``compress.run``, ``compress.search``, ``compress.save``, ``compress.load``, ``compress.strip``.
+``compress.run``, ``compress.search``, ``compress.save``, ``compress.load``, ``compress.save_pretrained``,
+``compress.strip``.
 """
 from __future__ import annotations
 
 from .version import __version__
 
-_API = ("prune", "sparsify", "finetune", "export_onnx", "check_sparsity", "run", "search", "save", "load", "strip")
+_API = ("prune", "sparsify", "finetune", "export_onnx", "check_sparsity", "run", "search", "save", "load", "save_pretrained",
+        "strip")
 __all__ = ["__version__", *_API]
 
 

@@ -5,6 +5,7 @@
     compress.sparsify(model, pattern="2:4")                                      # masks that hold in any loop
     compress.finetune(model, teacher, train_loader, epochs=1)                    # the stages' training loop
     compress.save(model, "ckpt/"); model = compress.load("ckpt/")                # arch.json + safetensors
+    compress.save_pretrained(hf_model, "out/")                                    # Hugging Face directory
     compress.export_onnx(model, "model.onnx", example_inputs)                     # masks baked in
     report = compress.check_sparsity("model.onnx")
     summary = compress.run("recipe.yaml", out="runs/x")                           # a whole recipe
@@ -41,7 +42,7 @@ from .recipe import Recipe, apply_overrides, load_recipe, validate_data
 from .sparsity import masks as _masks
 
 __all__ = ["prune", "sparsify", "finetune", "export_onnx", "check_sparsity", "run", "search", "save", "load",
-           "strip", "PruneResult", "SparsifyResult", "FinetuneResult", "ExportResult", "SparsityReport",
+           "save_pretrained", "strip", "PruneResult", "SparsifyResult", "FinetuneResult", "ExportResult", "SparsityReport",
            "RunResult"]
 
 
@@ -432,6 +433,26 @@ def save(model: nn.Module, directory: str | Path, *, factory: str | None = None,
     return directory
 
 
+def save_pretrained(model: nn.Module, directory: str | Path):
+    """A Hugging Face model (pruned or not) as a ``save_pretrained`` directory: safetensors with
+    masks baked in and a config describing the pruned widths and head counts, so transformers'
+    ``from_pretrained(directory)`` rebuilds it. Where the config cannot describe them (widths that
+    differ between layers one config field covers) the result says so (``from_pretrained`` False,
+    ``reason``) and the widths are stored in the config as ``compress_pruned_widths``. Either way
+    ``directory/compress/`` holds compress's checkpoint, and :func:`load` of the directory is the
+    documented way back. Returns :class:`compress.zoo.hf.PretrainedSave`."""
+    from .zoo.hf import COMPRESS_FOLDER, config_dict
+    from .zoo.hf import save_pretrained as write_pretrained
+
+    result = write_pretrained(model, directory)
+    if getattr(model, ORIGIN_ATTR, None):
+        save(model, Path(directory) / COMPRESS_FOLDER)
+    else:  # built outside compress: its config rebuilds the architecture, arch.json restores the widths
+        save(model, Path(directory) / COMPRESS_FOLDER, factory="hf_pretrained",
+             kwargs={"config": config_dict(model), "task": None})
+    return result
+
+
 def final_checkpoint(run_dir: str | Path) -> Path:
     """The checkpoint of the last completed stage of a run."""
     run_dir = Path(run_dir)
@@ -468,6 +489,14 @@ def load(path: str | Path, which: str = "final", *, allow: Iterable[str] = (),
     allow = tuple(allow)
     if (path / "arch.json").is_file() and not (path / paths.RECIPE).is_file():
         return load_portable(path, allow=allow, trust_code=trust_code)
+    if (path / "config.json").is_file() and not (path / paths.RECIPE).is_file():  # a save_pretrained directory
+        from .zoo.hf import COMPRESS_FOLDER
+
+        if (path / COMPRESS_FOLDER / "arch.json").is_file():  # written by compress.save_pretrained: every width
+            return load_portable(path / COMPRESS_FOLDER, allow=allow, trust_code=trust_code)
+        from .model_io import build_model
+
+        return build_model("hf_pretrained", {"path": str(path)}, field=str(path)).eval()
     if which == "final":
         folder = final_checkpoint(path)
         _check_stage(folder)

@@ -18,13 +18,11 @@ from . import zoo
 from .errors import EnvironmentFailure, InputError, first_line, is_out_of_memory
 from .extras import install_hint
 from .io import atomic_write_bytes, atomic_write_json
+from .modules import ORIGIN_ATTR
 from .registry import import_callable
 from .sparsity.masks import install_mask_hooks
 
 ARCH_FORMAT = 1
-# attribute set on every model compress builds: {"factory", "kwargs", "input_shape"}, so
-# ``compress.save(model, dir)`` can write arch.json without being told the factory again
-ORIGIN_ATTR = "_compress_origin"
 _SIMPLE = (int, float, bool, str)
 
 
@@ -199,6 +197,9 @@ def save_portable(model: nn.Module, directory: str | Path, factory: str, kwargs:
     from safetensors.torch import save
 
     directory = Path(directory)
+    origin = getattr(model, ORIGIN_ATTR, None) or {}
+    if origin.get("portable") and factory_path(origin["factory"]) == factory_path(factory):
+        kwargs = origin["kwargs"]  # e.g. a Hugging Face config instead of the directory it came from
     sd = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     atomic_write_bytes(directory / "model.safetensors", save(sd))
     arch = {

@@ -62,7 +62,9 @@ HF_FACTORY = "hf_pretrained"
 class ModelConfig(Strict):
     factory: str = Field(..., description="'module:callable', or a bare name from compress.zoo")
     kwargs: dict[str, Any] = Field(default_factory=dict)
-    checkpoint: Optional[str] = Field(None, description="trained weights: .safetensors, or .pt loaded weights_only")
+    checkpoint: Optional[str] = Field(None, description="trained weights: .safetensors, or .pt loaded weights_only; "
+                                                        "or a folder from compress.save / a run's stages/NN-kind "
+                                                        "(pruned widths and masks kept)")
     input_shape: list[int] = Field(..., description="one sample, no batch dim, e.g. [3, 32, 32]; with hf, "
                                                     "image models default to [num_channels, image_size, image_size]")
     hf: Optional[str] = Field(None, description="a local Hugging Face save_pretrained directory (safetensors, "

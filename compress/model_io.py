@@ -141,6 +141,27 @@ def load_weights(model: nn.Module, path: str | Path, field: str = "model.checkpo
         raise InputError(f"weights in {str(path)!r} do not fit the model: {msg[:300]}", field=field) from None
 
 
+def build_with_checkpoint(factory: str, kwargs: dict[str, Any] | None, checkpoint: str | None) -> nn.Module:
+    """The recipe's model: ``factory(**kwargs)``, then ``checkpoint`` — a weights file
+    (safetensors / ``.pt`` weights only) loaded into it, or a folder written by ``compress.save``
+    or a run's ``stages/NN-kind/`` (arch.json + safetensors), whose pruned widths and masks are kept.
+    A folder must name the recipe's own factory: it is rebuilt with that factory and nothing else."""
+    if checkpoint is not None and Path(checkpoint).expanduser().is_dir():
+        folder = Path(checkpoint).expanduser()
+        if not (folder / "arch.json").is_file():
+            raise InputError(f"folder {checkpoint!r} holds no arch.json (give a weights file, or a folder written by "
+                             "compress.save)", field="model.checkpoint")
+        arch = read_arch(folder, trust_code=True)  # read, not called: compared with the recipe's factory
+        if factory_path(arch["factory"]) != factory_path(factory):
+            raise InputError(f"{str(folder / 'arch.json')!r} names factory {arch['factory']!r}, not the recipe's "
+                             f"{factory_path(factory)!r}", field="model.checkpoint")
+        return load_portable(folder, allow=[factory_path(factory)])
+    model = build_model(factory, kwargs)
+    if checkpoint:
+        load_weights(model, checkpoint)
+    return model
+
+
 def structural_attrs(model: nn.Module) -> dict[str, dict[str, Any]]:
     """Simple attributes of every module (channel counts, head counts, shapes): what pruning edits."""
     out: dict[str, dict[str, Any]] = {}

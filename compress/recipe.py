@@ -101,7 +101,7 @@ class Recipe(Strict):
     def _checks(self):
         if not self.stages:  # here, not on the field: a missing ``stages:`` is refused too
             raise InputError("a recipe needs at least one stage", field="stages")
-        if self.model.checkpoint is not None and not Path(self.model.checkpoint).expanduser().is_file():
+        if self.model.checkpoint is not None and not Path(self.model.checkpoint).expanduser().exists():
             raise InputError(f"file {self.model.checkpoint!r} does not exist", field="model.checkpoint")
         self._check_stage_order()
         for i, st in enumerate(self.stages):

@@ -127,16 +127,25 @@ def test_check_sparsity_require_raises_gate_with_report(tmp_path, one_thread):
     assert ei.value.report.sparse_layers == 0 and ei.value.report.require["met"] is False
 
 
-def test_run_returns_summary_and_loads(tmp_path, write_recipe, one_thread):
+def test_run_returns_summary_and_takes_a_pruned_checkpoint(tmp_path, write_recipe, one_thread):
+    """A model pruned with the API, saved, and fed back into a recipe as model.checkpoint: DIR."""
+    model = _net()
+    compress.prune(model, torch.randn(1, 1, 8, 8), ratio=0.5)
+    ckpt = compress.save(model, tmp_path / "pruned")
     r = tiny_recipe(stages=[{"kind": "train", "epochs": 1, "optimizer": {"name": "sgd", "lr": 0.1}},
                             {"kind": "sparsify", "pattern": "2:4"}])
-    res = compress.run(write_recipe(r), out=tmp_path / "run", overrides=["stages.0.epochs=1"])
+    r["model"]["checkpoint"] = str(ckpt)
+    res = compress.run(write_recipe(r), out=tmp_path / "run")
     assert res.status == "passed" and res.run_dir == tmp_path / "run"
-    assert res.summary["stages"][1]["kind"] == "sparsify"
-    model = res.model()
-    assert masks.has_masks(model)
-    again = compress.run(write_recipe(r), out=tmp_path / "run", resume=True)  # every stage done: reused
-    assert again.summary["stages"] == res.summary["stages"] or again.status == "passed"
+    assert res.summary["stages"][0].get("skipped") == "model.checkpoint given"
+    assert res.summary["dense"]["params"] == sum(p.numel() for p in model.parameters())  # the pruned widths
+    final = res.model()
+    assert masks.has_masks(final)
+    other = tiny_recipe(model={"factory": "resnet20", "kwargs": {"num_classes": 10}, "input_shape": [1, 8, 8],
+                               "checkpoint": str(ckpt)})
+    with pytest.raises(InputError) as ei:  # a folder built by another factory is refused, not called
+        compress.run(write_recipe(other, "other.yaml"), out=tmp_path / "run2")
+    assert ei.value.field == "model.checkpoint"
 
 
 LOOP = textwrap.dedent("""

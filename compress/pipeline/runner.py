@@ -14,7 +14,7 @@ import torch
 from .. import paths
 from ..errors import DivergedError, GateError, InputError
 from ..io import atomic_write_json, atomic_write_text, os_errors
-from ..model_io import build_model, load_portable, load_weights, save_portable
+from ..model_io import build_with_checkpoint, load_portable, save_portable
 from ..preflight import preflight
 from ..progress import log
 from ..recipe import Recipe
@@ -53,9 +53,8 @@ def run_recipe(recipe: Recipe, run_dir: str | Path, resume: bool = False) -> dic
 
 
 def _run(recipe: Recipe, run_dir: Path, device: torch.device, start: int, data) -> dict[str, Any]:
-    model = build_model(recipe.model.factory, recipe.model.kwargs)
+    model = build_with_checkpoint(recipe.model.factory, recipe.model.kwargs, recipe.model.checkpoint)
     if recipe.model.checkpoint:
-        load_weights(model, recipe.model.checkpoint)
         _refuse_non_finite(model)
     dense = None
     artifacts = Artifacts()

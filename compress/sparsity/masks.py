@@ -15,8 +15,8 @@ not. Why hooks and not ``torch.nn.utils.parametrize``: a parametrization renames
 ``state_dict`` (``parametrizations.weight.original``) and swaps the module's class, which would break
 every run directory already written, Torch-Pruning's graph tracing and the ONNX exporters; the
 hooks leave the module, its class and its ``state_dict`` keys as they were. Cost per training step:
-one multiply per masked weight in forward and one per gradient in backward
-(``benchmarks/mask_overhead.py``). :func:`strip` bakes the masks into plain weights and removes both.
+one multiply per masked weight in forward and one per gradient in backward, none under
+``torch.no_grad()`` (``benchmarks/mask_overhead.py``). :func:`strip` bakes the masks into plain weights and removes both.
 """
 from __future__ import annotations
 
@@ -102,8 +102,9 @@ def _exporting() -> bool:
 
 def enforce_masks(module: nn.Module, args=None) -> None:
     """The forward pre-hook of a masked module: zero its masked weights and give each masked
-    parameter (a new one too, after ``load_state_dict``, ``deepcopy`` or pruning) its gradient hook."""
-    if _exporting():
+    parameter (a new one too, after ``load_state_dict``, ``deepcopy`` or pruning) its gradient hook.
+    Nothing to do without autograd (inference): no gradient can move a weight there."""
+    if not torch.is_grad_enabled() or _exporting():
         return
     for pname, mask in _module_masks(module):
         param = getattr(module, pname)

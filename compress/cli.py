@@ -62,11 +62,51 @@ def _guard(fn):
         raise typer.Exit(EXIT_BUG)
 
 
+def _show_version(value: bool) -> None:
+    if value:
+        from .version import __version__
+
+        typer.echo(f"compress {__version__}")
+        raise typer.Exit(0)
+
+
 @app.callback()
-def _main(quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bars or stage logs (CI)")):
+def _main(quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bars or stage logs (CI)"),
+          version: bool = typer.Option(False, "--version", callback=_show_version, is_eager=True,
+                                       help="print the version and exit")):
     from .progress import set_quiet
 
     set_quiet(quiet)
+
+
+@app.command("recipes")
+def recipes_cmd():
+    """List the recipes installed with the package (copy one with `compress init NAME`)."""
+
+    def go():
+        from .recipes import packaged
+
+        rows = packaged()
+        width = max(len(r.name) for r in rows)
+        for r in rows:
+            typer.echo(f"{r.name:{width}s}  {r.summary}")
+
+    _guard(go)
+
+
+@app.command("init")
+def init_cmd(name: str = typer.Argument(..., help="a packaged recipe (see `compress recipes`)"),
+             directory: Optional[Path] = typer.Argument(None, metavar="[DIR]",
+                                                        help="folder (or file name) to copy it to; default: here")):
+    """Copy a packaged recipe to start from; never overwrites a file."""
+
+    def go():
+        from .recipes import copy_to
+
+        dest = copy_to(name, directory)
+        typer.echo(f"wrote {dest}; run it with: compress run {dest}")
+
+    _guard(go)
 
 
 @app.command()
@@ -88,15 +128,11 @@ def run(
         set_quiet(True)
 
     def go():
-        from .recipe import load_recipe
-        from .pipeline.runner import run_recipe
+        from .api import run as run_recipe
 
-        overrides = list(set_) + ([f"device={device}"] if device else [])
-        r = load_recipe(recipe, overrides)
-        run_dir = out or Path("runs") / r.name
-        summary = run_recipe(r, run_dir, resume=resume, threads=threads)
-        if summary is not None:  # None on torchrun ranks other than 0
-            _print_summary(summary, run_dir)
+        ran = run_recipe(recipe, out, overrides=list(set_), resume=resume, device=device, threads=threads)
+        if ran.summary is not None:  # None on torchrun ranks other than 0
+            _print_summary(ran.summary, ran.run_dir)
 
     _guard(go)
 
@@ -276,26 +312,6 @@ def search(
     _guard(go)
 
 
-def _parse_require(text: str) -> tuple[str, float]:
-    """``--require``: ``all`` | a layer count (``3``) | a fraction of the eligible layers (``0.8``)."""
-    t = text.strip().lower()
-    if t == "all":
-        return "all", 1.0
-    try:
-        if "." in t:
-            f = float(t)
-            if 0 < f <= 1:
-                return "fraction", f
-        else:
-            k = int(t)
-            if k >= 1:
-                return "count", k
-    except ValueError:
-        pass
-    raise InputError(f"must be 'all', a layer count >= 1 or a fraction in (0, 1] such as 0.8; got {text!r}",
-                     field="--require")
-
-
 @app.command("check-sparsity")
 def check_sparsity_cmd(onnx_file: Path = typer.Argument(..., help="model.onnx"),
                        pattern: str = typer.Option("2:4", "--pattern",
@@ -308,37 +324,18 @@ def check_sparsity_cmd(onnx_file: Path = typer.Argument(..., help="model.onnx"),
     (at most N non-zeros in every M consecutive weights); with --require, exit 3 when too few do."""
 
     def go():
-        import math
-
-        from .deploy.onnx_io import check_sparsity
-        from .sparsity.n_m import parse_pattern
+        from .api import check_sparsity
 
         if format not in ("text", "json"):
             raise InputError("must be text or json", field="--format")
-        try:
-            n, m = parse_pattern(pattern)
-        except ValueError as exc:
-            raise InputError(str(exc), field="--pattern") from None
-        rule = _parse_require(require) if require is not None else None
-        if not onnx_file.is_file():
-            raise InputError(f"file {str(onnx_file)!r} does not exist", field="onnx_file")
-        try:
-            rep = check_sparsity(onnx_file, n, m)
-        except Exception as exc:  # not an ONNX file
-            raise InputError(f"cannot read {str(onnx_file)!r} as ONNX: {str(exc).splitlines()[0][:200]}",
-                             field="onnx_file") from None
-        held, eligible = rep["sparse_layers"], rep["eligible_layers"]
         failure = None
-        if rule is not None:
-            kind, value = rule
-            needed = (eligible if kind == "all" else int(value) if kind == "count"
-                      else math.ceil(value * eligible - 1e-9))
-            if eligible == 0:
-                failure = (f"--require {require}: no eligible layer (no Conv/Gemm/MatMul with a constant weight whose "
-                           f"reduction dim is a multiple of {m}) in {str(onnx_file)!r}")
-            elif held < needed:
-                failure = f"--require {require}: {held} of {eligible} eligible layers hold {rep['pattern']}, needs {needed}"
-            rep["require"] = {"rule": require, "needed": needed if eligible else None, "met": failure is None}
+        try:
+            report = check_sparsity(onnx_file, pattern, require)
+        except GateError as exc:  # print the report first, then exit 3
+            report, failure = exc.report, exc
+        rep = report.as_dict()
+        n, m = (int(v) for v in rep["pattern"].split(":"))
+        held, eligible = rep["sparse_layers"], rep["eligible_layers"]
         if format == "json":
             typer.echo(json.dumps(rep, indent=2))
         else:
@@ -349,7 +346,7 @@ def check_sparsity_cmd(onnx_file: Path = typer.Argument(..., help="model.onnx"),
             typer.echo(f"{held} of {eligible} eligible layers hold {rep['pattern']} (at most {n} non-zeros in every "
                        f"{m} weights; {rep['total_layers']} Conv/Gemm/MatMul with a constant weight)")
         if failure is not None:
-            raise GateError([failure])
+            raise failure
         if eligible == 0:
             typer.echo(f"warning: no eligible layer in {str(onnx_file)!r}: nothing was checked "
                        "(--require makes this exit 3)", err=True)

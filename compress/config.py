@@ -9,9 +9,11 @@ cannot succeed), so a value the schema accepts is one the code can use.
 """
 from __future__ import annotations
 
-from typing import Any, Optional, Union, get_args
+import json
+from pathlib import Path
+from typing import Any, Literal, Optional, Union, get_args
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 from . import zoo
 
@@ -54,14 +56,48 @@ def require_exactly_one(model, *names: str):
     return model
 
 
+HF_FACTORY = "hf_pretrained"
+
+
 class ModelConfig(Strict):
     factory: str = Field(..., description="'module:callable', or a bare name from compress.zoo")
     kwargs: dict[str, Any] = Field(default_factory=dict)
-    checkpoint: Optional[str] = Field(None, description="trained weights: .safetensors, or .pt loaded weights_only")
+    checkpoint: Optional[str] = Field(None, description="trained weights: .safetensors, or .pt loaded weights_only; "
+                                                        "or a folder from compress.save / a run's stages/NN-kind "
+                                                        "(pruned widths and masks kept)")
     input_shape: Optional[list[int]] = Field(
         None, description="one sample, no batch dim, e.g. [3, 32, 32]; may be left out when the data's inputs are "
                           "not one tensor (a dict such as input_ids + attention_mask, or a tuple): checks, MAC counts "
-                          "and exports then use a real batch")
+                          "and exports then use a real batch; with hf, image models default to "
+                          "[num_channels, image_size, image_size]")
+    hf: Optional[str] = Field(None, description="a local Hugging Face save_pretrained directory (safetensors, "
+                                                "transformers' key names) instead of factory; never downloads")
+    task: Optional[Literal["image-classification", "semantic-segmentation", "sequence-classification"]] = Field(
+        None, description="with hf: the head, when config.json names no architecture")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _hf_directory(cls, data: Any) -> Any:
+        """``hf: DIR`` is ``factory: hf_pretrained, kwargs: {path: DIR, task: ...}`` (what the
+        resolved recipe.yaml records, beside ``hf``)."""
+        if not isinstance(data, dict) or data.get("hf") is None:
+            return data
+        data = dict(data)
+        if data.get("factory", HF_FACTORY) != HF_FACTORY:
+            raise ValueError("give factory or hf, not both")
+        if not isinstance(data["hf"], str):
+            raise ValueError("hf must be a directory path")
+        data["factory"] = HF_FACTORY
+        data["kwargs"] = {**(data.get("kwargs") or {}), "path": data["hf"], "task": data.get("task")}
+        if data.get("input_shape") is None:
+            config = Path(data["hf"]).expanduser() / "config.json"
+            try:
+                c = json.loads(config.read_text())
+                size = c["image_size"]
+                data["input_shape"] = [int(c.get("num_channels", 3)), int(size), int(size)]
+            except (OSError, ValueError, KeyError, TypeError):
+                raise ValueError(f"input_shape is required (no image_size in {str(config)!r})") from None
+        return data
 
     @field_validator("factory")
     @classmethod

@@ -6,13 +6,14 @@ from __future__ import annotations
 
 import importlib.util
 
+DISTRIBUTION = "compress-models"  # the name on PyPI (the import package and the command are `compress`)
+
 # top-level module -> extra that installs it
 EXTRA_OF_MODULE = {
     "transformers": "hf",
     "datasets": "hf-datasets",
     "optuna": "search",
     "tensorrt": "tensorrt",
-    "modelopt": "modelopt",
 }
 
 
@@ -25,11 +26,11 @@ def missing_extra(exc: BaseException) -> str | None:
 
 
 def install_hint(exc: BaseException) -> str | None:
-    """``module 'transformers' is not installed: pip install 'compress[hf]'`` for a missing extra."""
+    """``module 'transformers' is not installed: pip install 'compress-models[hf]'`` for a missing extra."""
     extra = missing_extra(exc)
     if extra is None:
         return None
-    return f"module {exc.name.split('.')[0]!r} is not installed: pip install 'compress[{extra}]'"
+    return f"module {exc.name.split('.')[0]!r} is not installed: pip install '{DISTRIBUTION}[{extra}]'"
 
 
 def installed(module: str) -> bool:

@@ -18,7 +18,9 @@ from . import zoo
 from .errors import EnvironmentFailure, InputError, first_line, is_out_of_memory
 from .extras import install_hint
 from .io import atomic_write_bytes, atomic_write_json
+from .modules import ORIGIN_ATTR
 from .registry import import_callable
+from .sparsity.masks import install_mask_hooks
 
 ARCH_FORMAT = 1
 _SIMPLE = (int, float, bool, str)
@@ -80,7 +82,20 @@ def build_model(spec: str, kwargs: dict[str, Any] | None = None, field: str = "m
         raise factory_failure(exc, spec, field) from None
     if not isinstance(model, nn.Module):
         raise InputError(f"factory {spec!r} did not return an nn.Module (got {type(model).__name__})", field=field)
+    set_origin(model, spec, kwargs)
     return model
+
+
+def set_origin(model: nn.Module, factory: str, kwargs: dict[str, Any], input_shape=None) -> None:
+    """Record how ``model`` was built (see :data:`ORIGIN_ATTR`); a factory may have recorded a
+    more portable recipe of itself already (Hugging Face: its config), which is kept."""
+    old = getattr(model, ORIGIN_ATTR, None) or {}
+    new = {"factory": factory_path(factory), "kwargs": dict(kwargs), "input_shape": input_shape}
+    if old.get("portable"):
+        new.update(factory=old["factory"], kwargs=old["kwargs"], portable=True)
+    if input_shape is None:
+        new["input_shape"] = old.get("input_shape")
+    model.__dict__[ORIGIN_ATTR] = new
 
 
 def read_state_dict(path: str | Path, field: str = "model.checkpoint") -> dict[str, torch.Tensor]:
@@ -124,6 +139,27 @@ def load_weights(model: nn.Module, path: str | Path, field: str = "model.checkpo
         first = str(exc).strip().splitlines()
         msg = " ".join(line.strip() for line in first[:2])
         raise InputError(f"weights in {str(path)!r} do not fit the model: {msg[:300]}", field=field) from None
+
+
+def build_with_checkpoint(factory: str, kwargs: dict[str, Any] | None, checkpoint: str | None) -> nn.Module:
+    """The recipe's model: ``factory(**kwargs)``, then ``checkpoint`` — a weights file
+    (safetensors / ``.pt`` weights only) loaded into it, or a folder written by ``compress.save``
+    or a run's ``stages/NN-kind/`` (arch.json + safetensors), whose pruned widths and masks are kept.
+    A folder must name the recipe's own factory: it is rebuilt with that factory and nothing else."""
+    if checkpoint is not None and Path(checkpoint).expanduser().is_dir():
+        folder = Path(checkpoint).expanduser()
+        if not (folder / "arch.json").is_file():
+            raise InputError(f"folder {checkpoint!r} holds no arch.json (give a weights file, or a folder written by "
+                             "compress.save)", field="model.checkpoint")
+        arch = read_arch(folder, trust_code=True)  # read, not called: compared with the recipe's factory
+        if factory_path(arch["factory"]) != factory_path(factory):
+            raise InputError(f"{str(folder / 'arch.json')!r} names factory {arch['factory']!r}, not the recipe's "
+                             f"{factory_path(factory)!r}", field="model.checkpoint")
+        return load_portable(folder, allow=[factory_path(factory)])
+    model = build_model(factory, kwargs)
+    if checkpoint:
+        load_weights(model, checkpoint)
+    return model
 
 
 def structural_attrs(model: nn.Module) -> dict[str, dict[str, Any]]:
@@ -182,6 +218,9 @@ def save_portable(model: nn.Module, directory: str | Path, factory: str, kwargs:
     from safetensors.torch import save
 
     directory = Path(directory)
+    origin = getattr(model, ORIGIN_ATTR, None) or {}
+    if origin.get("portable") and factory_path(origin["factory"]) == factory_path(factory):
+        kwargs = origin["kwargs"]  # e.g. a Hugging Face config instead of the directory it came from
     sd = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     atomic_write_bytes(directory / "model.safetensors", save(sd))
     arch = {
@@ -223,6 +262,12 @@ def factory_allowed(spec: str, allow=(), trust_code: bool = False) -> bool:
         elif module == entry or module.startswith(entry + "."):
             return True
     return False
+
+
+def _parents(module: str) -> list[str]:
+    """``a.b.c`` -> ``a``, ``a.b``, ``a.b.c``."""
+    parts = module.split(".")
+    return [".".join(parts[: i + 1]) for i in range(len(parts))]
 
 
 def read_json_file(path: str | Path, what: str = "JSON") -> Any:
@@ -313,7 +358,17 @@ def load_portable(directory: str | Path, allow=(), trust_code: bool = False) -> 
     weights = directory / "model.safetensors"
     arch = read_arch(directory, allow, trust_code)
     check_safetensors(weights)
-    model = build_model(arch["factory"], arch.get("kwargs") or {}, field=str(directory / "arch.json"))
+    try:
+        model = build_model(arch["factory"], arch.get("kwargs") or {}, field=str(directory / "arch.json"))
+    except InputError as exc:
+        module = arch["factory"].partition(":")[0]
+        if not any(f"No module named {m!r}" in str(exc) for m in _parents(module)):
+            raise
+        raise InputError(f"the model's factory {arch['factory']!r} needs module {module!r}, which is not importable "
+                         f"here: put it on PYTHONPATH (or in the working directory), or deploy the portable "
+                         f"export instead, model.pt2 from an export stage with pt2: true "
+                         f"(torch.export.load, no model code needed)", field=str(directory / "arch.json")) from None
+    set_origin(model, arch["factory"], arch.get("kwargs") or {}, arch.get("input_shape"))
     _restore_attrs(model, arch.get("modules", {}))
     try:
         sd = load_file(str(weights))
@@ -327,5 +382,6 @@ def load_portable(directory: str | Path, allow=(), trust_code: bool = False) -> 
         msg = " ".join(line.strip() for line in str(exc).strip().splitlines()[:2])
         raise InputError(f"the weights do not fit the model arch.json describes: {msg[:300]}",
                          field=str(weights)) from None
+    install_mask_hooks(model)  # masks hold in the caller's own training loop too
     model.eval()
     return model

@@ -14,6 +14,12 @@ from typing import Iterable
 import torch
 from torch import nn
 
+# attribute set on every model compress builds: {"factory", "kwargs", "input_shape"} (and
+# "portable": True when the factory recorded a more portable way to rebuild it, e.g. a Hugging
+# Face model's config instead of its directory), so ``compress.save(model, dir)`` and the run
+# directory's arch.json can name the factory without being told again
+ORIGIN_ATTR = "_compress_origin"
+
 
 def matches(name: str, pattern: str) -> bool:
     """``pattern`` matches ``name`` (see the module docstring for the rule)."""

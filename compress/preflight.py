@@ -37,7 +37,7 @@ from .errors import InputError, first_line
 from .memory import require_memory
 from .metrics import call_model, count_params, logits_of, to_device
 from .tasks import build_objective
-from .model_io import build_model, factory_failure, load_weights
+from .model_io import build_with_checkpoint, factory_failure
 
 
 @contextlib.contextmanager
@@ -107,9 +107,8 @@ def probe_model(model_cfg: ModelConfig, checkpoint: bool = True) -> ModelProbe:
         require_memory(4 * int(np.prod(shape, dtype=np.float64)), f"one input of shape {_shape(shape)}",
                        "model.input_shape")
     with isolated_rng():
-        model = build_model(model_cfg.factory, model_cfg.kwargs)
-        if checkpoint and model_cfg.checkpoint:
-            load_weights(model, model_cfg.checkpoint)
+        model = build_with_checkpoint(model_cfg.factory, model_cfg.kwargs,
+                                      model_cfg.checkpoint if checkpoint else None)
         if shape is None:  # dict / tuple inputs: check_fit runs a real batch instead
             return ModelProbe(model.eval(), None, None)
         g = torch.Generator().manual_seed(0)

@@ -15,6 +15,7 @@ from pydantic import Field, TypeAdapter, ValidationError, field_validator, model
 from .config import ModelConfig, Strict
 from .data.config import DataConfig
 from .errors import EnvironmentFailure, InputError
+from .registry import add_import_root
 from .stages import STAGES
 from .stages.artifacts import HOW, ONNX, ONNX_INT8, SNAPSHOTS, TEACHER
 from .train.config import TrainLoopConfig
@@ -113,7 +114,7 @@ class Recipe(Strict):
     def _checks(self):
         if not self.stages:  # here, not on the field: a missing ``stages:`` is refused too
             raise InputError("a recipe needs at least one stage", field="stages")
-        if self.model.checkpoint is not None and not Path(self.model.checkpoint).expanduser().is_file():
+        if self.model.checkpoint is not None and not Path(self.model.checkpoint).expanduser().exists():
             raise InputError(f"file {self.model.checkpoint!r} does not exist", field="model.checkpoint")
         self._check_stage_order()
         self._check_precision()
@@ -428,6 +429,7 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
     """Read, override and validate a recipe file; any problem is an :class:`InputError`."""
     path = Path(path)
     data, node = parse_yaml(read_recipe_text(path), str(path))
+    add_import_root(path.parent)  # "module:callable" finds modules beside the recipe
     if data is None:
         raise InputError("the recipe file is empty (it needs name, model and stages)", field=str(path))
     if not isinstance(data, dict):

@@ -230,7 +230,7 @@ def test_tensorrt_here_names_the_extra(onnx_files, tmp_path):
     line = _refused(cli("benchmark", str(onnx_files[0]), "--backend", "onnxruntime,tensorrt",
                         "--out", str(tmp_path / "out"), *FAST), "'tensorrt'")
     if importlib.util.find_spec("tensorrt") is None:
-        assert "pip install 'compress[tensorrt]'" in line
+        assert "pip install 'compress-models[tensorrt]'" in line
     else:
         assert "CUDA" in line
     assert not (tmp_path / "out").exists()  # refused before anything was timed

@@ -244,7 +244,7 @@ def test_hf_model_without_the_hf_extra_names_the_extra(work, command):
 
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     res = subprocess.run([sys.executable, "-c", code], cwd=work, env=env, capture_output=True, text=True, timeout=300)
-    _assert_one_line(res, 2, "model.factory", "pip install 'compress[hf]'", "transformers")
+    _assert_one_line(res, 2, "model.factory", "pip install 'compress-models[hf]'", "transformers")
 
 
 def test_extras_table_matches_pyproject():

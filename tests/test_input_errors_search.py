@@ -42,7 +42,7 @@ def test_search_without_optuna_names_the_extra(monkeypatch):
     monkeypatch.setitem(sys.modules, "optuna", None)  # what an uninstalled package looks like to find_spec
     with pytest.raises(InputError) as ei:
         validate_data(_search_recipe())
-    assert ei.value.field == "stages[1]" and "pip install 'compress[search]'" in str(ei.value)
+    assert ei.value.field == "stages[1]" and "pip install 'compress-models[search]'" in str(ei.value)
 
 
 def test_search_without_optuna_through_the_cli(write_recipe, tmp_path, monkeypatch):
@@ -52,7 +52,7 @@ def test_search_without_optuna_through_the_cli(write_recipe, tmp_path, monkeypat
     monkeypatch.setenv("PYTHONPATH", str(blocker) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     res = cli("validate", str(write_recipe(_search_recipe())))
     assert res.returncode == 2 and "Traceback" not in res.stderr
-    assert "stages[1]" in res.stderr and "compress[search]" in res.stderr
+    assert "stages[1]" in res.stderr and "compress-models[search]" in res.stderr
 
 
 def test_interpolating_networks_of_different_shapes_is_an_input_error(tmp_path, write_recipe):

@@ -126,6 +126,6 @@ def test_a_required_backend_missing_here_is_refused_before_training(write_recipe
     res = cli("validate", str(write_recipe(_recipe([TRAIN, EXPORT, stage], {}))))
     assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr
     line = res.stderr.strip().splitlines()[-1]
-    assert line.startswith(f"error: {field}: ") and "compress[tensorrt]" in line and "optional: true" in line
+    assert line.startswith(f"error: {field}: ") and "compress-models[tensorrt]" in line and "optional: true" in line
     res = cli("validate", str(write_recipe(_recipe([TRAIN, EXPORT, {**stage, "optional": True}], {}))))
     assert res.returncode == 0, res.stderr

@@ -1,4 +1,4 @@
-"""TensorRT engines from ONNX (extra ``compress[tensorrt]``): build, inspect, benchmark.
+"""TensorRT engines from ONNX (extra ``compress-models[tensorrt]``): build, inspect, benchmark.
 
 Everything that touches TensorRT or CUDA imports it lazily and raises
 :class:`~compress.deploy.timing.BackendUnavailable` when it is missing, so this module imports (and
@@ -107,7 +107,7 @@ def require_tensorrt():
     try:
         import tensorrt as trt
     except ImportError:
-        raise BackendUnavailable("TensorRT is not installed (pip install 'compress[tensorrt]')") from None
+        raise BackendUnavailable("TensorRT is not installed (pip install 'compress-models[tensorrt]')") from None
     import torch
 
     if not torch.cuda.is_available():

@@ -26,7 +26,7 @@ from .. import paths
 from ..errors import DivergedError, GateError, InputError
 from ..data.base import LABEL_SCAN_LIMIT, targets_of
 from ..io import atomic_write_json, atomic_write_text, os_errors
-from ..model_io import build_model, load_portable, load_weights, save_portable
+from ..model_io import build_with_checkpoint, load_portable, save_portable
 from ..preflight import preflight
 from ..progress import log, set_quiet
 from ..threads import apply as apply_threads, choose_threads
@@ -88,9 +88,8 @@ def run_recipe(recipe: Recipe, run_dir: str | Path, resume: bool = False,
 def _run(recipe: Recipe, run_dir: Path, device: torch.device, start: int, data,
          threads: dict) -> dict[str, Any] | None:
     main = dist.is_main()
-    model = build_model(recipe.model.factory, recipe.model.kwargs)
+    model = build_with_checkpoint(recipe.model.factory, recipe.model.kwargs, recipe.model.checkpoint)
     if recipe.model.checkpoint:
-        load_weights(model, recipe.model.checkpoint)
         _refuse_non_finite(model)
     dense = None
     artifacts = Artifacts()
@@ -115,7 +114,7 @@ def _run(recipe: Recipe, run_dir: Path, device: torch.device, start: int, data,
     ctx = StageContext(run_dir=run_dir, device=device, data=data, model=model, run_name=recipe.name,
                        run_seed=recipe.seed, model_spec=recipe.model, batch_size=recipe.data.batch_size,
                        dense=dense, artifacts=artifacts, objective=build_objective(recipe.task))
-    if data.preprocess is not None:  # the input contract, beside the run's other records from the start
+    if main and data.preprocess is not None:  # the input contract, beside the run's other records from the start
         atomic_write_json(run_dir / PREPROCESS_FILE, data.preprocess.contract())
 
     for i in range(start, len(recipe.stages)):

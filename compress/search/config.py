@@ -95,7 +95,7 @@ class SearchConfig(Strict):
     def _optuna_installed(self):
         # checked when the recipe is loaded, not after the stages before the search have trained
         if not installed("optuna"):
-            raise ValueError("the search stage needs Optuna: pip install 'compress[search]'")
+            raise ValueError("the search stage needs Optuna: pip install 'compress-models[search]'")
         return self
 
     @model_validator(mode="after")

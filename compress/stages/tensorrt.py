@@ -3,7 +3,7 @@
 Three engines, built and timed in one run: the dense model, the compressed model without sparse
 math, and the compressed model with ``SPARSE_WEIGHTS`` — so the report separates what pruning
 bought from what 2:4 bought, and says which layers TensorRT found eligible for sparse math and
-which actually picked sparse tactics. Needs ``compress[tensorrt]`` and a CUDA GPU; elsewhere the
+which actually picked sparse tactics. Needs ``compress-models[tensorrt]`` and a CUDA GPU; elsewhere the
 stage says so once and ``optional: true`` makes it a skip.
 """
 from __future__ import annotations

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from .blocks import (convnext_small_blocks, densenet_small, hf_segformer, hf_vit, resnet_bottleneck_small,
                      resnext_small, senet_small)
+from .hf import hf_pretrained
 from .cnn import conv2, conv4, conv6, lenet_300_100, small_cnn
 from .mobilenet import mobilenet_v2
 from .registry import MODELS
@@ -16,6 +17,6 @@ from .resnet import resnet20, resnet32, resnet56
 from .vgg import vgg11, vgg16, vgg19
 from .vit import vit_tiny
 
-__all__ = ["MODELS", "conv2", "conv4", "conv6", "convnext_small_blocks", "densenet_small", "hf_segformer", "hf_vit",
+__all__ = ["MODELS", "conv2", "conv4", "conv6", "convnext_small_blocks", "densenet_small", "hf_pretrained", "hf_segformer", "hf_vit",
            "lenet_300_100", "mobilenet_v2", "resnet20", "resnet32", "resnet56", "resnet_bottleneck_small",
            "resnext_small", "senet_small", "small_cnn", "vgg11", "vgg16", "vgg19", "vit_tiny"]

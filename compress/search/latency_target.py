@@ -57,6 +57,8 @@ class LatencyFit:
                          for a in r.attempts],
             "table": {"key": self.table.key, "entries": len(self.table.layers), "measured_now": self.table.measured},
             "per_layer": self.per_layer,
+            # groups cut to the narrowest width the guards allow (min_channels, first conv, max_ratio, round_to)
+            "at_guard_floor": [g.name for g, w in zip(self.groups, last.widths) if w == g.widths[-1] < g.dense],
         }
 
 
@@ -124,3 +126,48 @@ def fit_latency(model: nn.Module, input_shape, example: torch.Tensor, build_impo
     table.save()
     block = per_layer_block(model, groups, ratios_for(groups, result.last.widths))
     return LatencyFit(result, groups, latency, predictor, table, block)
+
+
+@dataclass
+class SearchSeed:
+    """The allocator's solution inside a search: the measured fit and its per-group ratios in the
+    search pruner's group order (ready to enqueue as a trial and to paste as a ``per_layer`` block)."""
+
+    fit: FitResult
+    group_ratios: list[float]
+    widths: dict[str, int]
+
+
+def allocate_for_search(search_pruner, predictor: LatencyPredictor, budget: float,
+                        measure: Callable[[nn.Module], tuple[float, float]], tolerance: float,
+                        refits: int = 3) -> SearchSeed:
+    """Run the allocator with the search's own pruner (:class:`compress.search.candidates.Pruner`: its
+    importance, guards, round_to and max_ratio) on the search's calibrated latency table."""
+    from ..structured.criteria import IMPORTANCES, calibrate as calibrate_criterion
+
+    dense = copy.deepcopy(search_pruner.dense)
+    example = search_pruner.example
+    crit = IMPORTANCES.get(search_pruner.importance, field="importance")
+    imp = crit.build()
+    calibrate_criterion(crit, imp, dense, search_pruner.calibration if (crit.needs or crit.calibrate) else [],
+                        search_pruner.device)
+    first, output = structured.io_layers(dense, example)
+    guards = structured.Guards(round_to=search_pruner.round_to)
+    patterns = list(search_pruner.ignore or []) + ([output] if output else [])
+    groups = channel_groups(dense, example, imp, patterns, round_to=guards.round_to, min_floor=guards.floor,
+                            first_conv=first, first_conv_max_ratio=guards.first_conv_max_ratio,
+                            max_ratio=search_pruner.max_ratio)
+    index = {g["root"]: i for i, g in enumerate(search_pruner.groups)}
+
+    def to_search_order(widths: list[int]) -> list[float]:
+        out = [0.0] * len(search_pruner.groups)
+        for g, r in zip(groups, ratios_for(groups, widths)):
+            if g.name in index:
+                out[index[g.name]] = r
+        return out
+
+    latency = layer_latency(groups, predictor)
+    result = fit_to_budget(groups, latency, budget, lambda w: search_pruner.prune("per_layer", group_ratios=to_search_order(w)),
+                           measure, tolerance, refits)
+    return SearchSeed(result, to_search_order(result.last.widths),
+                      {g.name: w for g, w in zip(groups, result.last.widths)})

@@ -18,6 +18,8 @@ of the neighbouring groups, so the interaction is exact at every step.
 * The move with the smallest (importance removed) / (ms saved) wins; ties go to the lower group
   index, then the larger width, so the result is deterministic.
 * Moves that save nothing are never taken: removing channels that cost no time only loses accuracy.
+* Once within the limit, channels are given back (most importance per ms added first) while the
+  limit holds: a multi-width move can overshoot, and the unused slack is accuracy left on the table.
 
 Latency comes from :class:`LayerLatency`: a sum over Conv/Linear layers of a per-layer cost at the
 layer's (input, output) width, the widths read from the groups. In production the cost is the
@@ -149,6 +151,30 @@ def allocate(groups: Sequence[ChannelGroup], latency: LayerLatency, limit_ms: fl
         current -= saved
         cost += c
         moves += 1
+    if current <= limit_ms:
+        # fill the knapsack back up: a move of several widths at once can overshoot the limit; give
+        # back the channels worth the most importance per ms they add while the limit still holds
+        while True:
+            best = None
+            for gi, g in enumerate(groups):
+                higher = [w for w in reversed(g.widths) if w > widths[gi]][:lookahead]
+                for w in higher:
+                    added = latency.delta(widths, gi, w)
+                    if current + added > limit_ms + 1e-12:
+                        continue
+                    gain = g.removal_cost(w, widths[gi])
+                    if gain <= 0:
+                        continue
+                    key = (-gain / max(added, 1e-12), gi, w)
+                    if best is None or key < best[0]:
+                        best = (key, gi, w, added, gain)
+            if best is None:
+                break
+            _, gi, w, added, gain = best
+            widths[gi] = w
+            current += added
+            cost -= gain
+            moves += 1
     current = latency.total(widths)  # re-summed, no drift from the increments
     return Allocation(widths, current, current <= limit_ms + 1e-12, cost, moves)
 

@@ -15,8 +15,9 @@ grid points; a layer's width is read from the *pruned* model, so whatever Torch-
 (round_to, coupled groups) is what gets predicted.
 
 The table is measured once and cached as JSON in the run directory, keyed by backend, batch
-size, threads and machine (platform, CPU model, ONNX Runtime version): a different machine or
-batch size gets its own entry, never stale numbers.
+size, threads and machine (platform, CPU model, ONNX Runtime version; for ``tensorrt`` also the GPU
+and the TensorRT version, the table then being built from one engine per layer signature through
+the backend's own factory): a different machine or batch size gets its own entry, never stale numbers.
 """
 from __future__ import annotations
 
@@ -47,8 +48,25 @@ def cpu_model() -> str:
     return platform.processor() or "unknown"
 
 
-def machine_key(backend: str, batch_size: int, threads: int) -> dict:
-    """What a measured number depends on besides the layer itself."""
+def accelerator(backend: str) -> dict:
+    """The accelerator a backend's numbers depend on: for TensorRT (tables built from engines) the GPU
+    and the TensorRT version; nothing for CPU backends. Empty when TensorRT or CUDA is missing (the
+    measurement then says why)."""
+    if backend != "tensorrt":
+        return {}
+    try:
+        import tensorrt as trt
+
+        if not torch.cuda.is_available():
+            return {}
+        return {"gpu": torch.cuda.get_device_name(0), "tensorrt": trt.__version__}
+    except ImportError:
+        return {}
+
+
+def machine_key(backend: str, batch_size: int, threads: int, device: dict | None = None) -> dict:
+    """What a measured number depends on besides the layer itself (``device``: the accelerator,
+    default :func:`accelerator`)."""
     try:
         import onnxruntime as ort
 
@@ -57,7 +75,7 @@ def machine_key(backend: str, batch_size: int, threads: int) -> dict:
         ort_version = "none"
     return {"backend": backend, "batch_size": int(batch_size), "threads": int(threads),
             "platform": f"{platform.system()}-{platform.machine()}", "cpu": cpu_model(),
-            "onnxruntime": ort_version}
+            "onnxruntime": ort_version, **(accelerator(backend) if device is None else device)}
 
 
 def key_string(key: dict) -> str:
@@ -152,13 +170,13 @@ class LatencyTable:
     in ``path`` (a JSON file that may hold several keys). Thread-safe; misses are measured."""
 
     def __init__(self, path: str | Path, backend: str = "onnxruntime", batch_size: int = 1, threads: int = 1,
-                 target_s: float = 0.05):
+                 target_s: float = 0.05, device: dict | None = None):
         self.path = Path(path)
         self.backend = backend
         self.batch_size = batch_size
         self.threads = threads
         self.target_s = target_s
-        self.key = machine_key(backend, batch_size, threads)
+        self.key = machine_key(backend, batch_size, threads, device)
         self.key_id = key_string(self.key)
         self._lock = threading.RLock()
         self.measured = 0   # how many layers this object measured (the rest came from the cache)

@@ -38,7 +38,8 @@ from .artifacts import MASKS, TEACHER
 from .base import StageOutput, register_stage
 from ..structured.early_bird import EarlyBird, train_until_early_bird
 from .finetune import FinetuneBlock, finetune
-from ..errors import GateError, InputError
+from ..deploy.timing import BackendUnavailable
+from ..errors import EnvironmentFailure, GateError, InputError
 from ..io import atomic_write_json
 from ..progress import log
 from .. import paths
@@ -334,10 +335,13 @@ def _prune_to_latency(cfg: Config, ctx, model, example, before: dict, out_shape,
     t = cfg.target
     setup = LatencySetup(backend=t.backend or "onnxruntime", batch_size=t.batch_size or 1, threads=t.threads or 1,
                          tolerance=t.tolerance, refits=t.refits, grid_points=t.grid_points)
-    fit = fit_latency(model, ctx.input_shape, example, build_importance, calibrate, budget=t.latency, setup=setup,
-                      guards=kw["guards"], ignore=cfg.ignore, max_ratio=cfg.max_ratio,
-                      table_path=paths.latency_table(ctx.run_dir), work_dir=Path(ctx.stage_dir) / "latency",
-                      reference=kw["reference"], log=log)
+    try:
+        fit = fit_latency(model, ctx.input_shape, example, build_importance, calibrate, budget=t.latency,
+                          setup=setup, guards=kw["guards"], ignore=cfg.ignore, max_ratio=cfg.max_ratio,
+                          table_path=paths.latency_table(ctx.run_dir), work_dir=Path(ctx.stage_dir) / "latency",
+                          reference=kw["reference"], log=log)
+    except BackendUnavailable as exc:  # e.g. backend tensorrt on a machine without a GPU
+        raise EnvironmentFailure(f"stages[{ctx.index}].target.backend: {setup.backend} cannot measure here: {exc}") from None
     block = fit.summary()
     atomic_write_json(Path(ctx.stage_dir) / "latency_fit.json", block)
     if not fit.result.within:

@@ -147,3 +147,17 @@ def test_prune_latency_target_it_cannot_meet_exits_3(write_recipe, tmp_path, one
     assert "target latency 0.02 x dense" in res.stderr and "over the budget" in res.stderr and "by " in res.stderr
     assert "Traceback" not in res.stderr
     assert not (out / "stages" / "01-prune" / "DONE").exists()
+
+
+def test_allocator_gives_back_what_an_overshooting_move_left_unused():
+    # g1's channels are cheap per ms and go first (32 -> 8: 2.0 -> 1.7 ms); still over 1.2 ms, g0 jumps
+    # its cliff (32 -> 8: -0.9 ms) and lands at 0.8 ms. g1's cut is no longer needed: given back (+0.3 ms)
+    groups = [ChannelGroup("g0", 32, [32, 24, 16, 8], [0.1] * 32, ["x.out"]),
+              ChannelGroup("g1", 32, [32, 24, 16, 8], [0.01] * 32, ["y.out"])]
+    t0 = {32: 1.0, 24: 1.0, 16: 1.0, 8: 0.1}   # g0 only gets faster at 8 (a cliff)
+    t1 = {32: 1.0, 24: 0.9, 16: 0.8, 8: 0.7}
+    lat = LayerLatency({"x": (None, 0, 3, 32), "y": (None, 1, 3, 32)},
+                       lambda n, ci, co: (t0 if n == "x" else t1)[co])
+    alloc = allocate(groups, lat, 1.2)
+    assert alloc.widths == [8, 32] and alloc.predicted_ms == pytest.approx(1.1)
+    assert alloc.cost == pytest.approx(0.1 * 24)

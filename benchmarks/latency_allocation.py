@@ -137,6 +137,8 @@ def part_accuracy(args) -> dict:
     cache: dict = {}
     for name in args.models.split(","):
         factory, kwargs, ds, epochs, lr = ACCURACY_MODELS[name]
+        if name == "fashion_cnn":
+            kwargs, epochs = {**kwargs, "width": args.fashion_width}, args.fashion_epochs
         if ds not in cache:
             t0 = time.perf_counter()
             cache[ds] = (fashion(root, args.fashion_train, 2000) if ds == "fashion"
@@ -152,8 +154,9 @@ def part_accuracy(args) -> dict:
                  "epochs": epochs, "dense_test_accuracy": dense_acc, "runs": []}
         shape = tuple(data.train_x.shape[1:])
         work = Path(tempfile.mkdtemp(prefix=f"latalloc-{name}-"))
-        for batch in (1, 32):
-            for budget in (0.5, 0.33):
+        for batch, budget in [tuple(float(v) for v in pair.split("@")) for pair in args.settings.split(",")]:
+            batch = int(batch)
+            if True:
                 cfg = SearchConfig(
                     budget=budget, budget_metric="latency", trials=args.trials, top_k=1, batch_size=batch,
                     threads=1, max_ratio=0.9, grid=[0.25, 0.5, 0.75, 1.0], latency_tolerance=0.05,
@@ -182,7 +185,7 @@ def part_accuracy(args) -> dict:
                 atomic_write_json(Path(args.out_dir) / "latency_allocation_accuracy.json", {**out, "models": {
                     **out["models"], name: entry}})
         out["models"][name] = entry
-    out["conditions"] = {"trials": args.trials, "finetune_steps": args.finetune_steps, "finetune_batch": 64,
+    out["conditions"] = {"settings": args.settings, "trials": args.trials, "finetune_steps": args.finetune_steps, "finetune_batch": 64,
                          "measure_iters": args.iters, "threads": 1, "backend": "onnxruntime (CPU)"}
     return out
 
@@ -246,20 +249,64 @@ def part_efficiency(args) -> dict:
     return out
 
 
+def render(results_dir: Path) -> str:
+    """Markdown tables from the two JSON files (whichever exist)."""
+    lines = []
+    acc = results_dir / "latency_allocation_accuracy.json"
+    if acc.exists():
+        data = json.loads(acc.read_text())
+        for name, e in data["models"].items():
+            lines += [f"#### {name}: {e['data']}, {e['train_samples']} train / {e['test_samples']} test, "
+                      f"{e['epochs']} epochs; dense test accuracy {e['dense_test_accuracy']:.2f} %", ""]
+            for run in e["runs"]:
+                d = run["rows"][0]
+                lines += [f"batch {run['batch_size']}, budget {run['budget']} x dense (dense {d['measured_ms']:.3f} ms "
+                          f"measured with the candidates); chosen by the search: {run['chosen']} "
+                          f"({'within' if run['within_budget'] else 'OVER'} budget)", "",
+                          "| candidate | measured ms (p50) | x dense | MACs | test acc % | widths / ratio |",
+                          "|---|---:|---:|---:|---:|---|"]
+                for r in run["rows"][1:]:
+                    widths = r.get("widths") or (f"ratio {r['ratio']:.3f}" if r.get("ratio") is not None
+                                                 else ", ".join(f"{x:.2f}" for x in r.get("group_ratios") or []))
+                    if isinstance(widths, dict):
+                        widths = " ".join(str(v) for v in widths.values())
+                    lines.append(f"| {r['name']} | {r['measured_ms']:.3f} | {r['measured_ms'] / d['measured_ms']:.3f} | "
+                                 f"{r['macs']:,} | {r.get('test_accuracy') or 0:.2f} | {widths} |")
+                lines.append("")
+    eff = results_dir / "latency_allocation_efficiency.json"
+    if eff.exists():
+        data = json.loads(eff.read_text())
+        lines += ["| model | candidate | MAC reduction | measured ms (p50) | speedup | speedup / MAC reduction |",
+                  "|---|---|---:|---:|---:|---:|"]
+        for name, e in data["models"].items():
+            lines.append(f"| {name} | dense | 1.00x | {e['dense_ms']:.1f} | 1.00x | - |")
+            for r in e["rows"]:
+                lines.append(f"| {name} | {r['name']} | {r['mac_reduction']:.2f}x | {r['ms']:.1f} | {r['speedup']:.2f}x | "
+                             f"{r['efficiency']:.2f} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--data-root", default="/work/shared/datasets")
-    ap.add_argument("--part", choices=["accuracy", "efficiency"], required=True)
+    ap.add_argument("--part", choices=["accuracy", "efficiency", "render"], required=True)
     ap.add_argument("--models", default="fashion_cnn,resnet20,mobilenet_v2_cifar")
     ap.add_argument("--large", default="resnet50,mobilenet_v2")
     ap.add_argument("--fashion-train", type=int, default=12000)
     ap.add_argument("--cifar-per-class", type=int, default=1000)
     ap.add_argument("--trials", type=int, default=12)
+    ap.add_argument("--settings", default="1@0.5,1@0.33,32@0.5,32@0.33", help="batch@budget pairs")
+    ap.add_argument("--fashion-width", type=int, default=32)
+    ap.add_argument("--fashion-epochs", type=int, default=3)
     ap.add_argument("--finetune-steps", type=int, default=60)
     ap.add_argument("--iters", type=int, default=60)
     ap.add_argument("--large-iters", type=int, default=30)
     ap.add_argument("--out-dir", default=str(Path(__file__).parent / "results"))
     args = ap.parse_args()
+    if args.part == "render":
+        print(render(Path(args.out_dir)))
+        return
     torch.set_num_threads(1)
     t0 = time.perf_counter()
     res = part_accuracy(args) if args.part == "accuracy" else part_efficiency(args)

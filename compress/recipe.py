@@ -118,6 +118,7 @@ class Recipe(Strict):
             raise InputError(f"file {self.model.checkpoint!r} does not exist", field="model.checkpoint")
         self._check_stage_order()
         self._check_precision()
+        self._latency_targets_default_to_benchmark()
         for i, st in enumerate(self.stages):
             missing = st.unavailable_here()
             if missing is not None:
@@ -146,6 +147,20 @@ class Recipe(Strict):
                 if loop.precision == "fp16":
                     raise InputError("fp16 autocast needs a CUDA device and this recipe trains on the CPU; use "
                                      "precision: bf16 (or fp32)", field=f"{path}.precision")
+
+    def _latency_targets_default_to_benchmark(self) -> None:
+        """A prune stage's latency target is measured where the recipe benchmarks: unless it names them,
+        the first benchmark stage's first backend and batch size, and its threads."""
+        bench = next((st for st in self.stages if st.kind == "benchmark"), None)
+        for st in self.stages:
+            target = getattr(st, "target", None) if st.kind == "prune" else None
+            if target is None or getattr(target, "latency", None) is None:
+                continue
+            defaults = {"backend": bench.backends[0], "batch_size": bench.batch_sizes[0],
+                        "threads": bench.threads} if bench is not None else {}
+            for key, value in defaults.items():
+                if getattr(target, key) is None:
+                    target.__dict__[key] = value
 
     def _check_stage_order(self) -> None:
         """Check the stages against what each declares it needs, provides and conflicts with (see

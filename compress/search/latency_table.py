@@ -15,8 +15,9 @@ grid points; a layer's width is read from the *pruned* model, so whatever Torch-
 (round_to, coupled groups) is what gets predicted.
 
 The table is measured once and cached as JSON in the run directory, keyed by backend, batch
-size, threads and machine (platform, CPU model, ONNX Runtime version): a different machine or
-batch size gets its own entry, never stale numbers.
+size, threads and machine (platform, CPU model, ONNX Runtime version; for ``tensorrt`` also the GPU
+and the TensorRT version, the table then being built from one engine per layer signature through
+the backend's own factory): a different machine or batch size gets its own entry, never stale numbers.
 """
 from __future__ import annotations
 
@@ -47,8 +48,25 @@ def cpu_model() -> str:
     return platform.processor() or "unknown"
 
 
-def machine_key(backend: str, batch_size: int, threads: int) -> dict:
-    """What a measured number depends on besides the layer itself."""
+def accelerator(backend: str) -> dict:
+    """The accelerator a backend's numbers depend on: for TensorRT (tables built from engines) the GPU
+    and the TensorRT version; nothing for CPU backends. Empty when TensorRT or CUDA is missing (the
+    measurement then says why)."""
+    if backend != "tensorrt":
+        return {}
+    try:
+        import tensorrt as trt
+
+        if not torch.cuda.is_available():
+            return {}
+        return {"gpu": torch.cuda.get_device_name(0), "tensorrt": trt.__version__}
+    except ImportError:
+        return {}
+
+
+def machine_key(backend: str, batch_size: int, threads: int, device: dict | None = None) -> dict:
+    """What a measured number depends on besides the layer itself (``device``: the accelerator,
+    default :func:`accelerator`)."""
     try:
         import onnxruntime as ort
 
@@ -57,7 +75,7 @@ def machine_key(backend: str, batch_size: int, threads: int) -> dict:
         ort_version = "none"
     return {"backend": backend, "batch_size": int(batch_size), "threads": int(threads),
             "platform": f"{platform.system()}-{platform.machine()}", "cpu": cpu_model(),
-            "onnxruntime": ort_version}
+            "onnxruntime": ort_version, **(accelerator(backend) if device is None else device)}
 
 
 def key_string(key: dict) -> str:
@@ -152,13 +170,13 @@ class LatencyTable:
     in ``path`` (a JSON file that may hold several keys). Thread-safe; misses are measured."""
 
     def __init__(self, path: str | Path, backend: str = "onnxruntime", batch_size: int = 1, threads: int = 1,
-                 target_s: float = 0.05):
+                 target_s: float = 0.05, device: dict | None = None):
         self.path = Path(path)
         self.backend = backend
         self.batch_size = batch_size
         self.threads = threads
         self.target_s = target_s
-        self.key = machine_key(backend, batch_size, threads)
+        self.key = machine_key(backend, batch_size, threads, device)
         self.key_id = key_string(self.key)
         self._lock = threading.RLock()
         self.measured = 0   # how many layers this object measured (the rest came from the cache)
@@ -211,9 +229,19 @@ def _interp(x: float, xs: list[int], ys: list[float]) -> float:
     return max(0.0, y0 + (y1 - y0) * (x - x0) / (x1 - x0))
 
 
-def _grid(dense: int, fractions: Iterable[float], prunable: bool) -> list[int]:
+def _grid(dense: int, fractions: Iterable[float], prunable: bool, round_to: int | None = None,
+          max_points: int = 0) -> list[int]:
+    """The widths measured for one layer side. With ``round_to`` and ``max_points``: every width
+    ``round_to`` allows when there are at most ``max_points`` of them (the pruner can only produce
+    those, so the table is exact there, cliffs included), otherwise the fractions snapped to
+    multiples of ``round_to``."""
     if not prunable:
         return [dense]
+    if round_to and max_points:
+        allowed = list(range(round_to, dense, round_to)) + [dense]
+        if len(allowed) <= max_points:
+            return allowed
+        return sorted({max(round_to, int(round(dense * f / round_to)) * round_to) for f in fractions} | {dense})
     return sorted({max(1, int(round(dense * f))) for f in fractions} | {dense})
 
 
@@ -224,7 +252,8 @@ class LatencyPredictor:
     (the members of the dependency-graph groups); other sides get a single grid point."""
 
     def __init__(self, dense: nn.Module, input_shape, table: LatencyTable, prunable: set[str],
-                 fractions: Iterable[float] = (0.25, 0.5, 0.75, 1.0)):
+                 fractions: Iterable[float] = (0.25, 0.5, 0.75, 1.0), round_to: int | None = None,
+                 max_points: int = 0):
         self.table = table
         self.fractions = tuple(fractions)
         self.in_shapes: dict[str, tuple[int, ...]] = {}
@@ -238,15 +267,18 @@ class LatencyPredictor:
             dense(torch.zeros(1, *input_shape, device=next(dense.parameters()).device))
         for h in hooks:
             h.remove()
+        self.modules: dict[str, nn.Module] = {}
         for name, mod in dense.named_modules():
             if name not in self.in_shapes:
                 continue
+            self.modules[name] = mod
             cin, cout = _io(mod)
             dw = isinstance(mod, nn.Conv2d) and mod.groups > 1 and mod.groups == mod.in_channels
             self.layers[name] = {
                 "dense": (cin, cout), "depthwise": dw,
-                "cin_grid": _grid(cin, self.fractions, f"{name}.in" in prunable or (dw and f"{name}.out" in prunable)),
-                "cout_grid": _grid(cout, self.fractions, f"{name}.out" in prunable),
+                "cin_grid": _grid(cin, self.fractions, f"{name}.in" in prunable or (dw and f"{name}.out" in prunable),
+                                  round_to, max_points),
+                "cout_grid": _grid(cout, self.fractions, f"{name}.out" in prunable, round_to, max_points),
             }
         self.scale = 1.0
 
@@ -277,8 +309,12 @@ class LatencyPredictor:
         return self.table.measured - before
 
     def layer_ms(self, name: str, mod: nn.Module) -> float:
+        return self.layer_ms_at(name, *_io(mod))
+
+    def layer_ms_at(self, name: str, ci: int, co: int) -> float:
+        """The table's time for layer ``name`` at ``ci`` inputs and ``co`` outputs (unscaled)."""
         info = self.layers[name]
-        ci, co = _io(mod)
+        mod = self.modules[name]
         base = self.in_shapes[name]
 
         def at(c_in: int, c_out: int) -> float:

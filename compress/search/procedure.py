@@ -52,6 +52,7 @@ from .candidates import (Pruner, bisect_ratio, evaluate_on, feasible, kept_impor
                          model_row, recalibrate_batchnorm)
 from .config import SearchConfig
 from .latency_table import LatencyPredictor, LatencyTable
+from .latency_target import SearchSeed, allocate_for_search
 from .report import comparison_markdown, plot_pareto
 
 
@@ -231,7 +232,23 @@ class Search:
         log(f"  baselines: uniform ratio {u_ratio:.3f}, global ratio {g_ratio:.3f}")
         return Baselines(u_ratio, g_ratio, uniform, global_)
 
-    def study(self, b: Budget, base: Baselines) -> StudyRun:
+    def allocation(self, b: Budget) -> SearchSeed | None:
+        """2b. The latency allocator's solution, measured end to end and re-fit (latency budgets only):
+        the study's first trial and a candidate of its own."""
+        if self.cfg.budget_metric != "latency":
+            return None
+
+        def measure(m: nn.Module) -> tuple[float, float]:
+            t = self._measure({"dense": self.dense, "allocated": m})
+            return t["dense"]["p50"], t["allocated"]["p50"]
+
+        seed = allocate_for_search(self.pruner, b.predictor, self.cfg.budget, measure, self.cfg.latency_tolerance)
+        a = seed.fit.last
+        log(f"  allocator: {a.measured_ratio:.3f} x dense measured ({a.predicted_ratio:.3f} predicted) after "
+            f"{len(seed.fit.attempts)} measurement(s)")
+        return seed
+
+    def study(self, b: Budget, base: Baselines, seed: SearchSeed | None = None) -> StudyRun:
         """3. The Optuna study: ``trials`` more trials, continuing whatever the storage holds."""
         import optuna
 
@@ -247,8 +264,10 @@ class Search:
             return min(hi, max(0.0, round(r / step) * step))
 
         before = len(study.trials)
-        if before == 0:  # a fresh study starts from the lecture's two solutions
-            for rs in ([base.uniform_ratio] * n_groups, pruner.group_ratios_of(base.global_)):
+        if before == 0:  # a fresh study starts from the allocator's solution and the lecture's two
+            starts = ([seed.group_ratios] if seed is not None else []) + [[base.uniform_ratio] * n_groups,
+                                                                         pruner.group_ratios_of(base.global_)]
+            for rs in starts:
                 study.enqueue_trial({f"g{i}": snap(r) for i, r in enumerate(rs)})
 
         def objective(trial):
@@ -279,7 +298,7 @@ class Search:
         log(f"  study {name}: {len(done)} trials ({added} added, {seconds:.1f} s)")
         return StudyRun(study, name, storage, done, added, seconds)
 
-    def select(self, b: Budget, base: Baselines, st: StudyRun) -> Selection:
+    def select(self, b: Budget, base: Baselines, st: StudyRun, seed: SearchSeed | None = None) -> Selection:
         """4. Top-k feasible candidates by proxy -> measured end to end, fine-tuned, one chosen."""
         cfg = self.cfg
         limit_key = b.feasibility_limit(cfg)
@@ -293,7 +312,15 @@ class Search:
                 top.append((t, self._ratios(t)))
             if len(top) >= cfg.top_k:
                 break
-        if not top:
+        if not top and seed is not None:
+            # nothing fits by the table: measure the closest trials anyway (the table may be wrong), beside
+            # the allocator's model; the measured budget decides (and the run's gate fails if none fits)
+            for t in sorted(st.done, key=lambda t: t.user_attrs["predicted_rel"]):
+                key = tuple(t.user_attrs.get("widths", []))
+                if key not in seen and len(top) < cfg.top_k:
+                    seen.add(key)
+                    top.append((t, self._ratios(t)))
+        if not top and seed is None:
             raise InputError(f"no trial met the budget ({b.desc}); raise budget or max_ratio",
                              field="stages.search.budget")
         # plus the fastest trial whose proxy is at least the better baseline's: "as accurate, how much faster?"
@@ -304,6 +331,8 @@ class Search:
         if fast and tuple(fast[0].user_attrs.get("widths", [])) not in seen:
             top.append((fast[0], self._ratios(fast[0])))
         models = {"uniform": base.uniform, "global": base.global_}
+        if seed is not None:  # the allocator's model, measured and re-fit: a candidate even when no trial fits
+            models["allocated"] = seed.fit.model
         for j, (t, ratios) in enumerate(top):
             models[f"searched-{j + 1}"] = self.pruner.prune("per_layer", group_ratios=ratios)
         fastest_name = next((f"searched-{j + 1}" for j, (t, _) in enumerate(top)
@@ -334,6 +363,10 @@ class Search:
                 t, ratios = top[int(name.split("-")[1]) - 1]
                 row["trial"] = t.number
                 row["group_ratios"] = ratios
+            elif name == "allocated":
+                row["group_ratios"] = seed.group_ratios
+                row["widths"] = seed.widths
+                row["allocator_attempts"] = [vars(a) for a in seed.fit.attempts]
             elif name == "uniform":
                 row["ratio"] = base.uniform_ratio
             else:
@@ -345,7 +378,7 @@ class Search:
             rows[0]["test_accuracy"] = evaluate_on(dense, self.test, self.device)["accuracy"]
 
         limit = budget * (1 + cfg.latency_tolerance)
-        searched = [r for r in rows if r["name"].startswith("searched")]
+        searched = [r for r in rows if r["name"].startswith("searched") or r["name"] == "allocated"]
         within = [r for r in searched if (r["measured_ms"] if cfg.budget_metric == "latency" else r["macs"]) <= limit]
         score = "val_accuracy" if not cfg.data_free else "proxy"
         chosen = max(within or searched, key=lambda r: (r[score], -r["measured_ms"]))
@@ -383,14 +416,27 @@ class Search:
         latency table in the run directory. Returns the summary block."""
         cfg, sdir, run_name = self.cfg, self.sdir, self.inputs.run_name
         limit_key = b.feasibility_limit(cfg)
-        trial_pts = [{"number": t.number, "predicted_ms": t.user_attrs["predicted_rel"] * sel.dense_measured_ms,
+        # one x scale for every point: cost / dense. Latency: the per-layer table's sum for the model over
+        # its sum for the dense model (what the trials were judged by; the calibration scale cancels),
+        # and, for the measured candidates, measured / dense measured in the same interleaved run.
+        latency = cfg.budget_metric == "latency"
+        dense_row = sel.rows[0]
+        trial_pts = [{"number": t.number, "predicted_rel": t.user_attrs["predicted_rel"],
+                      "predicted_ms": t.user_attrs["predicted_rel"] * sel.dense_measured_ms,
                       "macs": t.user_attrs["macs"], "proxy": t.user_attrs.get("proxy", 0.0),
-                      "feasible": feasible(t, cfg.budget_metric, limit_key)}
+                      "feasible": feasible(t, cfg.budget_metric, limit_key),
+                      "x": t.user_attrs["predicted_rel"] if latency else t.user_attrs["macs"] / b.dense_macs}
                      for t in st.done if "proxy" in t.user_attrs]
         plotted = [p for p in trial_pts if cfg.objective == "pareto" or p["feasible"]] or trial_pts
-        base_pts = {r["name"]: r for r in sel.rows if r["name"] in ("uniform", "global")}
-        plot_pareto(plotted, base_pts, sel.budget if cfg.budget_metric == "latency" else None, sdir / "pareto.png",
-                    f"{run_name}: {cfg.objective} search ({len(st.done)} trials)")
+        cands = {r["name"]: {"predicted": (r["predicted_ms"] / dense_row["predicted_ms"] if latency
+                                           else r["macs"] / b.dense_macs),
+                             "measured": r["measured_ms"] / dense_row["measured_ms"] if latency else None,
+                             "proxy": r.get("proxy", 0.0)}
+                 for r in sel.rows[1:]}
+        x_label = (f"latency / dense on {cfg.backend}, batch {cfg.batch_size} (predicted: per-layer latency table "
+                   "sum; measured: end to end, interleaved)" if latency else "MACs / dense")
+        plot = plot_pareto(plotted, cands, cfg.budget, sdir / "pareto.png",
+                           f"{run_name}: {cfg.objective} search ({len(st.done)} trials)", x_label)
         atomic_write_text(sdir / "prune_block.yaml", "# searched per-layer ratios: paste under stages:\n"
                           + yaml.safe_dump([sel.block], sort_keys=False))
         md = comparison_markdown(sel.rows, sel.budget_desc)
@@ -411,15 +457,16 @@ class Search:
             "fastest_at_baseline_proxy": sel.fastest_name, "prune_block": sel.block,
             "seconds": time.perf_counter() - self.t_start,
         }
-        atomic_write_json(sdir / "search.json", {**result, "trials": trial_pts})
+        atomic_write_json(sdir / "search.json", {**result, "trials": trial_pts, "plot": plot})
         b.table.save()
         return result
 
     def run(self) -> SearchOutcome:
         b = self.budget()
         base = self.baselines(b)
-        st = self.study(b, base)
-        sel = self.select(b, base, st)
+        seed = self.allocation(b)
+        st = self.study(b, base, seed)
+        sel = self.select(b, base, st, seed)
         result = self.write_artifacts(b, base, st, sel)
         return SearchOutcome(result, sel.models[sel.chosen["name"]])
 

@@ -15,29 +15,38 @@ def pareto_front(points: list[tuple[float, float]]) -> list[int]:
     return front
 
 
-def plot_pareto(trials: list[dict], baselines: dict[str, dict], budget_ms: float | None, path: Path,
-                title: str) -> None:
-    """Trials (predicted latency vs proxy), their Pareto front, the baselines and the budget, as PNG."""
+def plot_pareto(trials: list[dict], candidates: dict[str, dict], budget: float | None, path: Path, title: str,
+                x_label: str) -> dict:
+    """Trials, their Pareto front, the measured candidates and the budget on ONE x scale: each point's
+    cost as a fraction of the dense model's (``trials[i]["x"]``; a candidate's ``predicted`` -- the
+    same proxy as the trials -- and ``measured``). Returns the plotted data (what search.json keeps)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6.4, 4.4))
-    xs = [t["predicted_ms"] for t in trials]
+    fig, ax = plt.subplots(figsize=(6.8, 4.6))
+    xs = [t["x"] for t in trials]
     ys = [t["proxy"] for t in trials]
-    ax.scatter(xs, ys, s=12, c="#9bb", label="trials (predicted latency)")
+    ax.scatter(xs, ys, s=12, c="#9bb", label="trials (predicted)")
     front = sorted(pareto_front(list(zip(ys, xs))), key=lambda i: xs[i])
     ax.plot([xs[i] for i in front], [ys[i] for i in front], "-o", c="#157", ms=4, label="Pareto front")
-    for name, b in baselines.items():
-        ax.scatter([b["predicted_ms"]], [b["proxy"]], marker="*", s=140, label=name, zorder=5)
-    if budget_ms:
-        ax.axvline(budget_ms, ls="--", c="grey", lw=1, label="budget")
-    ax.set_xlabel("predicted latency (ms)")
+    markers = {"uniform": "s", "global": "^", "allocated": "*"}
+    for name, c in candidates.items():
+        m = markers.get(name, "D")
+        ax.scatter([c["predicted"]], [c["proxy"]], marker=m, s=90, zorder=5, label=f"{name} (predicted)")
+        if c.get("measured") is not None:
+            ax.scatter([c["measured"]], [c["proxy"]], marker=m, s=90, zorder=5, facecolors="none",
+                       edgecolors="k", label=f"{name} (measured)")
+    if budget:
+        ax.axvline(budget, ls="--", c="grey", lw=1, label="budget")
+    ax.set_xlabel(x_label, fontsize=8)
     ax.set_ylabel("accuracy proxy")
     ax.set_title(title)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=6, ncol=2)
     save_figure(fig, path)
+    return {"x_label": x_label, "budget": budget, "trials": [[x, y] for x, y in zip(xs, ys)],
+            "front": [[xs[i], ys[i]] for i in front], "candidates": candidates}
 
 
 def comparison_markdown(rows: list[dict], budget_desc: str) -> str:

@@ -22,6 +22,7 @@ head count and loses the same channels in every head.
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 from typing import ClassVar, Literal, Optional, Union
 
 import torch
@@ -37,8 +38,12 @@ from .artifacts import MASKS, TEACHER
 from .base import StageOutput, register_stage
 from ..structured.early_bird import EarlyBird, train_until_early_bird
 from .finetune import FinetuneBlock, finetune
-from ..errors import InputError
+from ..deploy.timing import BackendUnavailable
+from ..errors import EnvironmentFailure, GateError, InputError
+from ..io import atomic_write_json
 from ..progress import log
+from .. import paths
+from ..search.latency_target import LatencySetup, fit_latency
 
 
 class GuardsConfig(Strict):
@@ -64,22 +69,43 @@ class HeadsConfig(Strict):
 
 
 class TargetConfig(Strict):
-    """Fraction KEPT, reached by bisection on the ratio (exactly one of the two)."""
+    """Fraction KEPT (exactly one of the three). ``macs``/``params``: reached by bisection on the
+    ratio. ``latency``: fraction of the dense model's measured latency, reached by the latency
+    allocator (:mod:`compress.search.allocator`) and enforced end to end; the backend, batch size and
+    threads default to the recipe's first benchmark stage (else onnxruntime, batch 1, 1 thread)."""
 
     macs: Optional[float] = Field(None, gt=0, lt=1)
     params: Optional[float] = Field(None, gt=0, lt=1)
+    latency: Optional[float] = Field(None, gt=0, lt=1, description="fraction of dense latency (measured)")
+    backend: Optional[str] = Field(None, description="latency: backend measured (default: the benchmark stage's first)")
+    batch_size: Optional[int] = Field(None, ge=1, description="latency: batch size (default: the benchmark stage's first)")
+    threads: Optional[int] = Field(None, ge=1, description="latency: intra-op threads (default: the benchmark stage's)")
+    tolerance: float = Field(0.05, ge=0, lt=1, description="latency: measured may exceed the target by this fraction")
+    refits: int = Field(3, ge=0, le=20, description="latency: re-measure and re-fit this often before failing (exit 3)")
+    grid_points: int = Field(8, ge=0, description="latency: table widths per layer side (every round_to width up to this many)")
 
     @model_validator(mode="after")
     def _one(self):
-        return require_exactly_one(self, "macs", "params")
+        require_exactly_one(self, "macs", "params", "latency")
+        if self.latency is None:
+            extra = [f for f in ("backend", "batch_size", "threads") if getattr(self, f) is not None]
+            if extra:
+                raise ValueError(f"{', '.join(extra)} only apply to a latency target")
+        elif self.backend is not None:
+            from ..deploy.backends import BACKENDS
+            try:
+                BACKENDS.get(self.backend)
+            except InputError as exc:
+                raise ValueError(str(exc)) from None
+        return self
 
     @property
     def key(self) -> str:
-        return "macs" if self.macs is not None else "params"
+        return "macs" if self.macs is not None else "params" if self.params is not None else "latency"
 
     @property
     def value(self) -> float:
-        return self.macs if self.macs is not None else self.params
+        return getattr(self, self.key)
 
 
 class EarlyBirdConfig(FinetuneBlock):
@@ -169,6 +195,8 @@ class Config(StageConfig):
             raise ValueError("scope per_layer needs a 'ratios' map")
         if self.target is not None and self.scope == "per_layer":
             raise ValueError("target needs scope uniform or global (per_layer fixes every ratio)")
+        if self.target is not None and self.target.latency is not None and (self.steps > 1 or self.heads):
+            raise ValueError("a latency target prunes in one step and no attention heads (steps: 1, no heads)")
         return self
 
     def resolved_guards(self) -> pruner.Guards:
@@ -238,6 +266,8 @@ def run(cfg: Config, ctx) -> StageOutput:
 
     # guards and max_ratio stay relative to the unpruned model across steps and pruner instances
     kw["reference"] = pruner.channel_counts(model, example)
+    if cfg.target is not None and cfg.target.latency is not None:
+        return _prune_to_latency(cfg, ctx, model, example, before, out_shape, build_importance, calibrate, kw)
     measure, goal, searches, ratios = None, None, [], []
     if cfg.target is not None:
         key, goal = cfg.target.key, cfg.target.value
@@ -296,4 +326,44 @@ def run(cfg: Config, ctx) -> StageOutput:
     if noop is not None:
         metrics["noop"] = noop
     summary = {"prune": {"target": search["target"], "achieved": search["achieved"], "ratio": ratio}} if search else {}
+    return StageOutput(metrics=metrics, summary=summary)
+
+
+def _prune_to_latency(cfg: Config, ctx, model, example, before: dict, out_shape, build_importance, calibrate,
+                      kw: dict) -> StageOutput:
+    """``target: {latency: f}``: the latency allocator on the target backend, measured end to end
+    interleaved with the dense model; a model that still misses after the re-fits fails the stage (exit 3)."""
+    t = cfg.target
+    setup = LatencySetup(backend=t.backend or "onnxruntime", batch_size=t.batch_size or 1, threads=t.threads or 1,
+                         tolerance=t.tolerance, refits=t.refits, grid_points=t.grid_points)
+    try:
+        fit = fit_latency(model, ctx.input_shape, example, build_importance, calibrate, budget=t.latency,
+                          setup=setup, guards=kw["guards"], ignore=cfg.ignore, max_ratio=cfg.max_ratio,
+                          table_path=paths.latency_table(ctx.run_dir), work_dir=Path(ctx.stage_dir) / "latency",
+                          reference=kw["reference"], log=log)
+    except BackendUnavailable as exc:  # e.g. backend tensorrt on a machine without a GPU
+        raise EnvironmentFailure(f"stages[{ctx.index}].target.backend: {setup.backend} cannot measure here: {exc}") from None
+    block = fit.summary()
+    atomic_write_json(Path(ctx.stage_dir) / "latency_fit.json", block)
+    if not fit.result.within:
+        raise GateError([f"stages[{ctx.index}] (prune): target latency {t.latency:g} x dense on {setup.backend} "
+                         f"(batch {setup.batch_size}, {setup.threads} thread(s)) not met: {fit.result.shortfall()}; "
+                         f"details in {Path(ctx.stage_dir) / 'latency_fit.json'}"])
+    pruned = fit.result.model
+    pruner.check_model_runs(pruned, example, out_shape, None, when="after the latency allocation")
+    ctx.model = pruned
+    after = ctx.stats()
+    achieved = {"latency": block["measured_ratio"]}
+    metrics = {
+        "importance": cfg.importance, "scope": "latency_allocator", "ratio": 0.0, "steps": 1,
+        "params_before": before["params"], "params_after": after["params"],
+        "macs_before": before["macs"], "macs_after": after["macs"],
+        "macs_kept": after["macs"] / max(1, before["macs"]), "params_kept": after["params"] / max(1, before["params"]),
+        "accuracy_after_prune": ctx.evaluate()["accuracy"],
+        "guards": {**vars(kw["guards"]), "bound": [{"guard": "floor", "group": g, "detail": "narrowest width the "
+                                                   "guards allow"} for g in block["at_guard_floor"]]},
+        "target": {"target": {"latency": t.latency}, "achieved": achieved, "latency": block},
+    }
+    summary = {"prune": {"target": {"latency": t.latency}, "achieved": achieved, "ratio": 0.0,
+                         "widths": block["widths"], "per_layer": block["per_layer"]}}
     return StageOutput(metrics=metrics, summary=summary)

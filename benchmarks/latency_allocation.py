@@ -1,0 +1,321 @@
+"""Latency-budgeted allocation vs uniform and global ranking, with real accuracy and measured latency.
+
+Part ``accuracy``: models trained here on real data (a Fashion-MNIST CNN; ResNet-20 and
+MobileNetV2-for-CIFAR on CIFAR-10), each pruned to 0.5x and 0.33x dense latency (ONNX Runtime CPU,
+1 thread, batch 1 and 32) by the ``search`` procedure (:func:`compress.search.procedure.run_search`),
+which builds all four candidates in one run: ``uniform`` and ``global`` (Torch-Pruning's ranking; the
+ratio bisected on the calibrated latency table), ``allocated`` (the latency allocator, measured end to
+end and re-fit) and ``searched`` (Optuna TPE seeded from the allocator, uniform and global). Every
+candidate is timed interleaved with the dense model in one run (medians) and gets the same distilled
+fine-tune; test accuracy on the held-out test split.
+
+Part ``efficiency``: torchvision ResNet-50 and MobileNetV2 at 224 (random weights), batch 1: global
+(Torch-Pruning) and uniform at 2x MAC reduction, and the allocator at the latency global reaches;
+measured speedup / MAC reduction for each (interleaved medians).
+
+    python benchmarks/latency_allocation.py --data-root /work/shared/datasets [--part accuracy|efficiency]
+
+Writes benchmarks/results/latency_allocation_<part>.json and prints markdown tables; the results
+file benchmarks/results/latency_allocation.md quotes them with the conditions of the run.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import gzip
+import io
+import json
+import sys
+import tarfile
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+FASHION_DIRS = ["fashion-mnist", "/usr/share/datasets/fashion-mnist"]
+
+
+def atomic_write_json(path, data):
+    from compress.io import atomic_write_json as write
+
+    write(path, data)
+
+
+def _idx(path: Path) -> np.ndarray:
+    with gzip.open(path, "rb") as f:
+        raw = f.read()
+    ndim = raw[3]
+    dims = [int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim)]
+    return np.frombuffer(raw, np.uint8, offset=4 + 4 * ndim).reshape(dims)
+
+
+def fashion(root: Path, n_train: int, n_test: int) -> tuple:
+    for d in FASHION_DIRS:
+        p = root / d if not d.startswith("/") else Path(d)
+        if (p / "train-images-idx3-ubyte.gz").exists():
+            src = f"Fashion-MNIST ({p})"
+            break
+    else:
+        p, src = root / "mnist", "MNIST (Fashion-MNIST not found)"
+
+    def load(prefix):
+        x = torch.tensor(_idx(p / f"{prefix}-images-idx3-ubyte.gz").copy()).float().div(255).unsqueeze(1)
+        y = torch.tensor(_idx(p / f"{prefix}-labels-idx1-ubyte.gz").copy()).long()
+        return (x - 0.2860) / 0.3530, y
+    (xt, yt), (xs, ys) = load("train"), load("t10k")
+    from compress.data import DataBundle
+
+    return DataBundle(xt[:n_train], yt[:n_train], xs[:n_test], ys[:n_test], 10), src
+
+
+def cifar10(root: Path, per_class_train: int, per_class_test: int) -> tuple:
+    """A class-balanced subset of the CIFAR-10 JPEG image-folder tarball, decoded in memory."""
+    from PIL import Image
+
+    want = {"train": per_class_train, "test": per_class_test}
+    got: dict[str, dict[str, list]] = {"train": {}, "test": {}}
+    with tarfile.open(root / "cifar10-jpeg.tar.gz", "r:gz") as tar:
+        for m in tar:
+            parts = m.name.split("/")
+            if not m.isfile() or len(parts) != 3 or parts[0] not in want:
+                continue
+            lst = got[parts[0]].setdefault(parts[1], [])
+            if len(lst) < want[parts[0]]:
+                lst.append(np.asarray(Image.open(io.BytesIO(tar.extractfile(m).read())).convert("RGB")))
+    classes = sorted(got["train"])
+    mean = torch.tensor([0.4914, 0.4822, 0.4465]).view(1, 3, 1, 1)
+    std = torch.tensor([0.2470, 0.2435, 0.2616]).view(1, 3, 1, 1)
+
+    def tensors(split):
+        xs, ys = [], []
+        for ci, c in enumerate(classes):
+            xs += got[split][c]
+            ys += [ci] * len(got[split][c])
+        x = torch.tensor(np.stack(xs)).permute(0, 3, 1, 2).float().div(255)
+        g = torch.Generator().manual_seed(0)
+        perm = torch.randperm(len(ys), generator=g)
+        return ((x - mean) / std)[perm], torch.tensor(ys)[perm]
+    (xt, yt), (xs, ys) = tensors("train"), tensors("test")
+    from compress.data import DataBundle
+
+    return DataBundle(xt, yt, xs, ys, 10), f"CIFAR-10 JPEG ({per_class_train}/class train, {per_class_test}/class test)"
+
+
+def train_dense(model, data, epochs: int, lr: float, batch: int = 128) -> float:
+    from compress.data import make_loader
+    from compress.metrics import evaluate
+    from compress.train.config import OptimizerConfig, TrainLoopConfig
+    from compress.train.loop import train
+
+    cfg = TrainLoopConfig(epochs=epochs, optimizer=OptimizerConfig(name="sgd", lr=lr, momentum=0.9, weight_decay=5e-4))
+    train(model, make_loader(data.train_x, data.train_y, batch, shuffle=True, seed=0, drop_last=True), cfg, "cpu",
+          description="dense")
+    return evaluate(model.eval(), data.test_x, data.test_y, batch_size=256, device="cpu")["accuracy"]
+
+
+ACCURACY_MODELS = {
+    # name: (factory kwargs, dataset, epochs, lr)
+    "fashion_cnn": ("small_cnn", {"num_classes": 10, "in_channels": 1, "width": 32}, "fashion", 3, 0.05),
+    "resnet20": ("resnet20", {"num_classes": 10}, "cifar10", 8, 0.1),
+    "mobilenet_v2_cifar": ("mobilenet_v2", {"num_classes": 10, "width_mult": 0.5, "small_input": True}, "cifar10", 8,
+                           0.05),
+}
+
+
+def part_accuracy(args) -> dict:
+    from compress.search.config import SearchConfig
+    from compress.search.procedure import SearchInputs, run_search
+    from compress.zoo import MODELS
+
+    root = Path(args.data_root)
+    out: dict = {"models": {}, "conditions": {}}
+    cache: dict = {}
+    for name in args.models.split(","):
+        factory, kwargs, ds, epochs, lr = ACCURACY_MODELS[name]
+        if name == "fashion_cnn":
+            kwargs, epochs = {**kwargs, "width": args.fashion_width}, args.fashion_epochs
+        if ds not in cache:
+            t0 = time.perf_counter()
+            cache[ds] = (fashion(root, args.fashion_train, 2000) if ds == "fashion"
+                         else cifar10(root, args.cifar_per_class, 200))
+            print(f"[data] {cache[ds][1]}: {time.perf_counter() - t0:.0f} s", flush=True)
+        data, src = cache[ds]
+        torch.manual_seed(0)
+        model = MODELS.get(factory)(**kwargs)
+        t0 = time.perf_counter()
+        dense_acc = train_dense(model, data, epochs, lr)
+        print(f"[{name}] dense {dense_acc:.2f} % ({time.perf_counter() - t0:.0f} s training)", flush=True)
+        entry = {"data": src, "train_samples": len(data.train_x), "test_samples": len(data.test_x),
+                 "epochs": epochs, "dense_test_accuracy": dense_acc, "runs": []}
+        shape = tuple(data.train_x.shape[1:])
+        work = Path(tempfile.mkdtemp(prefix=f"latalloc-{name}-"))
+        for batch, budget in [tuple(float(v) for v in pair.split("@")) for pair in args.settings.split(",")]:
+            batch = int(batch)
+            if True:
+                cfg = SearchConfig(
+                    budget=budget, budget_metric="latency", trials=args.trials, top_k=1, batch_size=batch,
+                    threads=1, max_ratio=0.9, grid=[0.25, 0.5, 0.75, 1.0], latency_tolerance=0.05,
+                    proxy={"bn_batches": 5, "val_size": 500},
+                    measure={"warmup": 3, "iters": args.iters, "rounds": 6},
+                    finetune={"epochs": 1, "max_steps": args.finetune_steps, "batch_size": 64,
+                              "optimizer": {"name": "sgd", "lr": 0.01, "momentum": 0.9},
+                              "distill": {"alpha": 0.7, "temperature": 4.0}})
+                sdir = work / f"b{batch}-{budget}"
+                sdir.mkdir(parents=True)
+                t0 = time.perf_counter()
+                res = run_search(cfg, SearchInputs(
+                    model=model, teacher=model, data=data, input_shape=shape, batch_size=64, seed=0, run_dir=work,
+                    stage_dir=sdir, run_name=f"{name}-b{batch}-{budget}", device="cpu",
+                    calibration=[]))
+                r = res.result
+                rows = [{k: row.get(k) for k in ("name", "macs", "params", "predicted_ms", "measured_ms",
+                                                 "test_accuracy", "val_accuracy", "widths", "group_ratios", "ratio")}
+                        for row in r["rows"]]
+                entry["runs"].append({"batch_size": batch, "budget": budget, "chosen": r["chosen"],
+                                      "within_budget": r["within_budget"], "seconds": time.perf_counter() - t0,
+                                      "rows": rows})
+                print(f"[{name}] batch {batch} budget {budget}: " + ", ".join(
+                    f"{x['name']} {x['measured_ms'] / rows[0]['measured_ms']:.3f}x {x.get('test_accuracy') or 0:.2f}%"
+                    for x in rows), flush=True)
+                atomic_write_json(Path(args.out_dir) / "latency_allocation_accuracy.json", {**out, "models": {
+                    **out["models"], name: entry}})
+        out["models"][name] = entry
+    out["conditions"] = {"settings": args.settings, "trials": args.trials, "finetune_steps": args.finetune_steps, "finetune_batch": 64,
+                         "measure_iters": args.iters, "threads": 1, "backend": "onnxruntime (CPU)"}
+    return out
+
+
+def part_efficiency(args) -> dict:
+    import torchvision
+
+    from compress.metrics import count_macs
+    from compress.search.candidates import measure_models
+    from compress.search.latency_target import LatencySetup, fit_latency
+    from compress.structured import pruner
+    from compress.structured.criteria import IMPORTANCES
+
+    out: dict = {"models": {}}
+    crit = IMPORTANCES.get("l2")
+    for name in args.large.split(","):
+        torch.manual_seed(0)
+        model = getattr(torchvision.models, name)(weights=None).eval()
+        shape = (3, 224, 224)
+        ex = torch.randn(1, *shape)
+        dense_macs = count_macs(model, shape)
+        work = Path(tempfile.mkdtemp(prefix=f"latalloc-{name}-"))
+        guards = pruner.Guards()
+        ref = pruner.channel_counts(model, ex)
+        kw = {"ignore": None, "guards": guards, "max_ratio": 0.9, "reference": ref}
+        models = {}
+        t0 = time.perf_counter()
+        for scope in ("global", "uniform"):
+            r, _ = pruner.ratio_for_target(model, ex, crit.build, lambda m: count_macs(m, shape) / dense_macs, 0.5,
+                                           hi=0.9, iters=7, scope=scope, **kw)
+            m = copy.deepcopy(model)
+            pruner.GuardedPruner(m, ex, crit.build(), ratio=r, scope=scope, **kw).step()
+            models[scope] = m.eval()
+        print(f"[{name}] baselines at 2x MACs ({time.perf_counter() - t0:.0f} s)", flush=True)
+        t = measure_models({"dense": model, "global": models["global"]}, shape, work / "g", "onnxruntime", 1, 1,
+                           3, args.large_iters, 6)
+        global_ratio = t["global"]["p50"] / t["dense"]["p50"]
+        t0 = time.perf_counter()
+        setup = LatencySetup(batch_size=1, threads=1, tolerance=0.03, refits=3, grid_points=4,
+                             grid=(0.25, 0.5, 1.0) if "resnet" in name else (0.25, 0.5, 0.75, 1.0),
+                             iters=args.large_iters, rounds=6)
+        fit = fit_latency(model, shape, ex, crit.build, lambda m, imp: None, budget=global_ratio, setup=setup,
+                          guards=guards, ignore=None, max_ratio=0.9, table_path=work / "table.json",
+                          work_dir=work / "alloc", reference=ref, log=lambda s: print(f"[{name}] {s}", flush=True))
+        models["allocated"] = fit.result.model
+        print(f"[{name}] allocator ({time.perf_counter() - t0:.0f} s incl. the latency table)", flush=True)
+        timing = measure_models({"dense": model, **models}, shape, work / "final", "onnxruntime", 1, 1, 3,
+                                args.large_iters * 2, 10)
+        rows = []
+        for k, m in models.items():
+            macs = count_macs(m, shape)
+            speed = timing["dense"]["p50"] / timing[k]["p50"]
+            rows.append({"name": k, "macs": macs, "mac_reduction": dense_macs / macs, "ms": timing[k]["p50"],
+                         "speedup": speed, "efficiency": speed / (dense_macs / macs)})
+        out["models"][name] = {"dense_ms": timing["dense"]["p50"], "dense_macs": dense_macs, "rows": rows,
+                               "allocator": fit.summary(), "global_measured_ratio_first": global_ratio}
+        for row in rows:
+            print(f"[{name}] {row['name']}: {row['mac_reduction']:.2f}x MACs, {row['speedup']:.2f}x speed, "
+                  f"efficiency {row['efficiency']:.2f}", flush=True)
+        atomic_write_json(Path(args.out_dir) / "latency_allocation_efficiency.json", out)
+    return out
+
+
+def render(results_dir: Path) -> str:
+    """Markdown tables from the two JSON files (whichever exist)."""
+    lines = []
+    acc = results_dir / "latency_allocation_accuracy.json"
+    if acc.exists():
+        data = json.loads(acc.read_text())
+        for name, e in data["models"].items():
+            lines += [f"#### {name}: {e['data']}, {e['train_samples']} train / {e['test_samples']} test, "
+                      f"{e['epochs']} epochs; dense test accuracy {e['dense_test_accuracy']:.2f} %", ""]
+            for run in e["runs"]:
+                d = run["rows"][0]
+                lines += [f"batch {run['batch_size']}, budget {run['budget']} x dense (dense {d['measured_ms']:.3f} ms "
+                          f"measured with the candidates); chosen by the search: {run['chosen']} "
+                          f"({'within' if run['within_budget'] else 'OVER'} budget)", "",
+                          "| candidate | measured ms (p50) | x dense | MACs | test acc % | widths / ratio |",
+                          "|---|---:|---:|---:|---:|---|"]
+                for r in run["rows"][1:]:
+                    widths = r.get("widths") or (f"ratio {r['ratio']:.3f}" if r.get("ratio") is not None
+                                                 else ", ".join(f"{x:.2f}" for x in r.get("group_ratios") or []))
+                    if isinstance(widths, dict):
+                        widths = " ".join(str(v) for v in widths.values())
+                    lines.append(f"| {r['name']} | {r['measured_ms']:.3f} | {r['measured_ms'] / d['measured_ms']:.3f} | "
+                                 f"{r['macs']:,} | {r.get('test_accuracy') or 0:.2f} | {widths} |")
+                lines.append("")
+    eff = results_dir / "latency_allocation_efficiency.json"
+    if eff.exists():
+        data = json.loads(eff.read_text())
+        lines += ["| model | candidate | MAC reduction | measured ms (p50) | speedup | speedup / MAC reduction |",
+                  "|---|---|---:|---:|---:|---:|"]
+        for name, e in data["models"].items():
+            lines.append(f"| {name} | dense | 1.00x | {e['dense_ms']:.1f} | 1.00x | - |")
+            for r in e["rows"]:
+                lines.append(f"| {name} | {r['name']} | {r['mac_reduction']:.2f}x | {r['ms']:.1f} | {r['speedup']:.2f}x | "
+                             f"{r['efficiency']:.2f} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--data-root", default="/work/shared/datasets")
+    ap.add_argument("--part", choices=["accuracy", "efficiency", "render"], required=True)
+    ap.add_argument("--models", default="fashion_cnn,resnet20,mobilenet_v2_cifar")
+    ap.add_argument("--large", default="resnet50,mobilenet_v2")
+    ap.add_argument("--fashion-train", type=int, default=12000)
+    ap.add_argument("--cifar-per-class", type=int, default=1000)
+    ap.add_argument("--trials", type=int, default=12)
+    ap.add_argument("--settings", default="1@0.5,1@0.33,32@0.5,32@0.33", help="batch@budget pairs")
+    ap.add_argument("--fashion-width", type=int, default=32)
+    ap.add_argument("--fashion-epochs", type=int, default=3)
+    ap.add_argument("--finetune-steps", type=int, default=60)
+    ap.add_argument("--iters", type=int, default=60)
+    ap.add_argument("--large-iters", type=int, default=30)
+    ap.add_argument("--out-dir", default=str(Path(__file__).parent / "results"))
+    args = ap.parse_args()
+    if args.part == "render":
+        print(render(Path(args.out_dir)))
+        return
+    torch.set_num_threads(1)
+    t0 = time.perf_counter()
+    res = part_accuracy(args) if args.part == "accuracy" else part_efficiency(args)
+    from benchmarks.common import machine
+
+    res.update({"machine": machine(), "command": " ".join(sys.argv), "seconds": time.perf_counter() - t0})
+    atomic_write_json(Path(args.out_dir) / f"latency_allocation_{args.part}.json", res)
+    print(f"done in {time.perf_counter() - t0:.0f} s", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,329 @@
+"""Spend the pruning where the latency is: a latency-budgeted channel allocator.
+
+The problem, per prunable channel group ``g`` (the dependency-graph groups Torch-Pruning cuts
+together): choose a kept width ``w_g`` among the widths the guards allow (multiples of
+``round_to``, not below ``min_channels``, the first conv's and ``max_ratio``'s floors) so that
+the model's latency fits a budget while the accuracy cost -- the chosen importance criterion's
+scores of the removed channels, summed (Torch-Pruning's per-group normalised scores, so groups
+compare on one footing) -- is smallest. This is a knapsack (HALP, Shen et al., NeurIPS 2022:
+"Structural Pruning via Latency-Saliency Knapsack"); we solve it greedily by cost per
+millisecond saved, the classic knapsack approximation, because the latency of a layer depends on
+*two* groups (its input and output widths), which a per-group knapsack table cannot express
+exactly: each greedy step re-evaluates the saving of every candidate move at the current widths
+of the neighbouring groups, so the interaction is exact at every step.
+
+* A move takes one group from its current width to one of the next ``lookahead`` allowed widths
+  below it (not only the next one: a latency table can be flat across one step and drop at the
+  next, e.g. where a kernel switches to a vectorised path at a multiple of 16).
+* The move with the smallest (importance removed) / (ms saved) wins; ties go to the lower group
+  index, then the larger width, so the result is deterministic.
+* Moves that save nothing are never taken: removing channels that cost no time only loses accuracy.
+* Once within the limit, channels are given back (most importance per ms added first) while the
+  limit holds: a multi-width move can overshoot, and the unused slack is accuracy left on the table.
+
+Latency comes from :class:`LayerLatency`: a sum over Conv/Linear layers of a per-layer cost at the
+layer's (input, output) width, the widths read from the groups. In production the cost is the
+measured per-layer table (:class:`compress.search.latency_table.LatencyPredictor`); tests inject a
+known table so the allocator's choice can be checked exactly.
+
+What an isolated-layer table misses (layout reorders at odd widths, fusions, memory traffic between
+layers) is caught by measuring end to end: :func:`fit_to_budget` prunes the allocation, times it
+interleaved with the dense model (:func:`compress.deploy.timing.time_interleaved`), and when the
+measured ratio misses the budget beyond the tolerance it re-fits -- the table's prediction at this
+allocation is corrected by the measured/predicted factor, the target tightened by it -- and
+continues the greedy from where it stopped. When the refits are spent and the model still misses,
+the result says by how much; the caller fails the stage (exit 3).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Callable, Iterable, Sequence
+
+import torch
+from torch import nn
+
+
+@dataclass
+class ChannelGroup:
+    """One prunable channel group: its allowed kept widths and the cost of removing channels."""
+
+    name: str                      # the group's root module
+    dense: int                     # channels in the dense model
+    widths: list[int]              # allowed kept widths, descending, the first is ``dense``
+    scores: list[float]            # per-channel importance, ascending (the cheapest channels first)
+    members: list[str] = field(default_factory=list)   # "layer.in" / "layer.out" sides it cuts
+    _cum: list[float] = field(default_factory=list, repr=False)
+
+    def __post_init__(self):
+        self.scores = sorted(float(s) for s in self.scores)
+        self._cum = [0.0]
+        for s in self.scores:
+            self._cum.append(self._cum[-1] + s)
+
+    def removal_cost(self, from_width: int, to_width: int) -> float:
+        """Importance of the channels removed going from ``from_width`` to ``to_width`` kept
+        (always the least important ones first, as the pruner removes them)."""
+        return self._cum[self.dense - to_width] - self._cum[self.dense - from_width]
+
+
+class LayerLatency:
+    """Latency of a model as a function of its groups' widths.
+
+    ``layers`` maps a layer name to ``(in_group, out_group, dense_in, dense_out)`` (a group index or
+    None when that side is not pruned); ``cost(name, cin, cout)`` is the layer's time (ms) at those
+    widths. A depthwise layer (``depthwise`` names) has in = out, read from whichever side is
+    pruned. ``scale`` multiplies every total (the anchor to a measured dense time)."""
+
+    def __init__(self, layers: dict[str, tuple[int | None, int | None, int, int]],
+                 cost: Callable[[str, int, int], float], depthwise: Iterable[str] = (), scale: float = 1.0):
+        self.layers = dict(layers)
+        self.cost = cost
+        self.depthwise = set(depthwise)
+        self.scale = scale
+        self._cache: dict[tuple[str, int, int], float] = {}
+        self.touching: dict[int, list[str]] = {}
+        for name, (gi, go, _, _) in self.layers.items():
+            for g in {gi, go} - {None}:
+                self.touching.setdefault(g, []).append(name)
+
+    def _io(self, name: str, widths: Sequence[int]) -> tuple[int, int]:
+        gi, go, ci, co = self.layers[name]
+        cin = widths[gi] if gi is not None else ci
+        cout = widths[go] if go is not None else co
+        if name in self.depthwise:
+            w = cout if go is not None else cin
+            return w, w
+        return cin, cout
+
+    def layer(self, name: str, widths: Sequence[int]) -> float:
+        ci, co = self._io(name, widths)
+        key = (name, ci, co)
+        if key not in self._cache:
+            self._cache[key] = float(self.cost(name, ci, co))
+        return self._cache[key]
+
+    def total(self, widths: Sequence[int]) -> float:
+        return self.scale * sum(self.layer(n, widths) for n in self.layers)
+
+    def delta(self, widths: Sequence[int], group: int, new_width: int) -> float:
+        """total(widths with ``group`` at ``new_width``) - total(widths), from the touched layers only."""
+        names = self.touching.get(group, [])
+        before = sum(self.layer(n, widths) for n in names)
+        moved = list(widths)
+        moved[group] = new_width
+        after = sum(self.layer(n, moved) for n in names)
+        return self.scale * (after - before)
+
+
+@dataclass
+class Allocation:
+    widths: list[int]
+    predicted_ms: float
+    feasible: bool                 # predicted <= limit
+    cost: float                    # importance removed in all
+    moves: int
+
+
+def allocate(groups: Sequence[ChannelGroup], latency: LayerLatency, limit_ms: float,
+             start: Sequence[int] | None = None, lookahead: int = 4) -> Allocation:
+    """Greedy knapsack: from ``start`` (default dense), remove the channels with the least importance per
+    millisecond saved until the predicted latency is at most ``limit_ms`` or no move saves time."""
+    widths = list(start) if start is not None else [g.dense for g in groups]
+    current = latency.total(widths)
+    cost, moves = 0.0, 0
+    while current > limit_ms:
+        best = None
+        for gi, g in enumerate(groups):
+            lower = [w for w in g.widths if w < widths[gi]][:lookahead]
+            for w in lower:
+                saved = -latency.delta(widths, gi, w)
+                if saved <= 1e-12:
+                    continue
+                c = g.removal_cost(widths[gi], w)
+                key = (c / saved, gi, -w)
+                if best is None or key < best[0]:
+                    best = (key, gi, w, saved, c)
+        if best is None:
+            break
+        _, gi, w, saved, c = best
+        widths[gi] = w
+        current -= saved
+        cost += c
+        moves += 1
+    if current <= limit_ms:
+        # fill the knapsack back up: a move of several widths at once can overshoot the limit; give
+        # back the channels worth the most importance per ms they add while the limit still holds
+        while True:
+            best = None
+            for gi, g in enumerate(groups):
+                higher = [w for w in reversed(g.widths) if w > widths[gi]][:lookahead]
+                for w in higher:
+                    added = latency.delta(widths, gi, w)
+                    if current + added > limit_ms + 1e-12:
+                        continue
+                    gain = g.removal_cost(w, widths[gi])
+                    if gain <= 0:
+                        continue
+                    key = (-gain / max(added, 1e-12), gi, w)
+                    if best is None or key < best[0]:
+                        best = (key, gi, w, added, gain)
+            if best is None:
+                break
+            _, gi, w, added, gain = best
+            widths[gi] = w
+            current += added
+            cost -= gain
+            moves += 1
+    current = latency.total(widths)  # re-summed, no drift from the increments
+    return Allocation(widths, current, current <= limit_ms + 1e-12, cost, moves)
+
+
+@dataclass
+class FitAttempt:
+    widths: list[int]
+    target_ratio: float            # the table-relative target this attempt aimed at
+    predicted_ratio: float         # table prediction / table dense
+    measured_ratio: float          # measured end to end / dense, interleaved
+    dense_ms: float
+    model_ms: float
+
+
+@dataclass
+class FitResult:
+    attempts: list[FitAttempt]
+    model: nn.Module
+    within: bool
+    budget: float
+    tolerance: float
+
+    @property
+    def last(self) -> FitAttempt:
+        return self.attempts[-1]
+
+    def shortfall(self) -> str:
+        a = self.last
+        limit = self.budget * (1 + self.tolerance)
+        over = 100.0 * (a.measured_ratio / limit - 1.0)
+        return (f"measured {a.model_ms:.3f} ms vs dense {a.dense_ms:.3f} ms = {a.measured_ratio:.3f} x dense, "
+                f"over the budget {self.budget:g} x (+{self.tolerance:.0%} tolerance = {limit:.3f} x) by {over:.1f} % "
+                f"after {len(self.attempts)} measured allocation(s)")
+
+
+def fit_to_budget(groups: Sequence[ChannelGroup], latency: LayerLatency, budget: float,
+                  apply: Callable[[list[int]], nn.Module], measure: Callable[[nn.Module], tuple[float, float]],
+                  tolerance: float = 0.05, refits: int = 3, lookahead: int = 4) -> FitResult:
+    """Allocate for ``budget`` (fraction of dense), prune with ``apply(widths)``, measure with
+    ``measure(model) -> (dense_ms, model_ms)`` (interleaved); re-fit up to ``refits`` times while the
+    measured ratio exceeds ``budget * (1 + tolerance)``."""
+    dense_widths = [g.dense for g in groups]
+    dense_pred = latency.total(dense_widths)
+    target = budget
+    widths: list[int] | None = None
+    attempts: list[FitAttempt] = []
+    model = None
+    for _ in range(refits + 1):
+        alloc = allocate(groups, latency, target * dense_pred, start=widths, lookahead=lookahead)
+        if widths is not None and alloc.widths == widths:
+            break  # nothing left to cut: another measurement would say the same
+        widths = alloc.widths
+        model = apply(widths)
+        dense_ms, model_ms = measure(model)
+        measured = model_ms / dense_ms
+        predicted = alloc.predicted_ms / dense_pred
+        attempts.append(FitAttempt(list(widths), target, predicted, measured, dense_ms, model_ms))
+        if measured <= budget * (1 + tolerance):
+            return FitResult(attempts, model, True, budget, tolerance)
+        # re-fit: the table predicted ``predicted`` where the model measures ``measured``; aim the
+        # table at the budget corrected by that factor (and always a little lower than before)
+        correction = measured / max(1e-9, predicted)
+        target = min(target * 0.97, budget / correction)
+    return FitResult(attempts, model, False, budget, tolerance)
+
+
+# ---------------------------------------------------------------------------------------------
+# Building the groups and the latency model from a real network.
+
+def allowed_widths(dense: int, floor: int, round_to: int | None) -> list[int]:
+    """Kept widths the guards allow, descending: ``dense`` and the multiples of ``round_to`` from
+    ``floor`` up (without round_to: 32 evenly spaced widths at most)."""
+    step = round_to or max(1, dense // 32)
+    lo = max(1, math.ceil(floor / step) * step)
+    return sorted({dense, *range(lo, dense, step)}, reverse=True)
+
+
+@torch.no_grad()
+def _scores(importance, group) -> list[float]:
+    s = importance(group)
+    if s is None:
+        return []
+    return [float(v) for v in torch.as_tensor(s).flatten().tolist()]
+
+
+def channel_groups(model: nn.Module, example: torch.Tensor, importance, ignore: Iterable[str], *,
+                   round_to: int | None, min_floor: Callable[[int], int], first_conv: str | None,
+                   first_conv_max_ratio: float | None, max_ratio: float) -> list[ChannelGroup]:
+    """The model's prunable groups (same order as :func:`compress.structured.pruner.describe_groups`)
+    with the criterion's per-channel scores and the widths the guards allow.
+
+    ``importance`` is a Torch-Pruning importance, already calibrated on ``model`` if it needs data."""
+    import torch_pruning as tp
+
+    from ..modules import match_any
+
+    patterns = list(ignore)
+    DG = tp.DependencyGraph().build_dependency(model, example_inputs=example)
+    ignored = set()
+    for n, m in model.named_modules():
+        if n and match_any(n, patterns):
+            ignored.update(m.modules())
+    name_of = {m: n for n, m in model.named_modules()}
+    out = []
+    for group in DG.get_all_groups(ignored_layers=list(ignored), root_module_types=[nn.Conv2d, nn.Linear]):
+        members, seen = [], set()
+        for dep, _ in group:
+            mod = dep.target.module
+            n = name_of.get(mod, dep.target.name)
+            side = "out" if DG.is_out_channel_pruning_fn(dep.handler) else "in"
+            key = f"{n}.{side}" if isinstance(mod, (nn.Conv2d, nn.Linear)) else n
+            if key not in seen and n and not n.startswith("_"):
+                seen.add(key)
+                members.append(key)
+        root = group[0][0].target.module
+        is_out = DG.is_out_channel_pruning_fn(group[0][0].handler)
+        dense = int((DG.get_out_channels(root) if is_out else DG.get_in_channels(root)) or 0)
+        floor = min_floor(dense)
+        if first_conv is not None and first_conv_max_ratio is not None and f"{first_conv}.out" in members:
+            floor = max(floor, math.ceil(dense * (1 - first_conv_max_ratio)))
+        floor = max(floor, math.ceil(dense * (1 - max_ratio)))
+        scores = _scores(importance, group)
+        if len(scores) != dense:  # a criterion that scores a grouped layer per slice: spread it evenly
+            scores = (scores * (dense // max(1, len(scores)) + 1))[:dense] if scores else [1.0] * dense
+        out.append(ChannelGroup(name_of.get(root, "?"), dense, allowed_widths(dense, floor, round_to), scores,
+                                members))
+    return out
+
+
+def layer_latency(groups: Sequence[ChannelGroup], predictor) -> LayerLatency:
+    """The measured per-layer table as a function of group widths
+    (:meth:`compress.search.latency_table.LatencyPredictor.layer_ms_at`)."""
+    side: dict[str, int] = {}
+    for gi, g in enumerate(groups):
+        for m in g.members:
+            side.setdefault(m, gi)
+    layers = {}
+    depthwise = set()
+    for name, info in predictor.layers.items():
+        ci, co = info["dense"]
+        layers[name] = (side.get(f"{name}.in"), side.get(f"{name}.out"), ci, co)
+        if info["depthwise"]:
+            depthwise.add(name)
+    return LayerLatency(layers, predictor.layer_ms_at, depthwise)
+
+
+def ratios_for(groups: Sequence[ChannelGroup], widths: Sequence[int]) -> list[float]:
+    """Per-group pruning ratios that keep exactly ``widths``. Torch-Pruning keeps
+    ``int(channels * (1 - ratio))``, so the ratio sits a hair *below* the exact fraction (floored at
+    six decimals, printable in a recipe) and the product never rounds one channel short."""
+    return [0.0 if w >= g.dense else math.floor(((g.dense - w) / g.dense - 1e-7) * 1e6) / 1e6
+            for g, w in zip(groups, widths)]

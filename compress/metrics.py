@@ -7,6 +7,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from .example_inputs import example_input
+
 
 @torch.no_grad()
 def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 256,
@@ -58,7 +60,7 @@ def count_macs(model: nn.Module, input_shape, device: torch.device | str = "cpu"
 
     was_training = model.training
     model.eval()
-    example = torch.randn(1, *input_shape, device=device)
+    example = example_input(model, input_shape, 1, device=device)
     macs, _ = tp.utils.count_ops_and_params(model, example)
     model.train(was_training)
     return int(macs)

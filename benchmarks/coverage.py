@@ -187,9 +187,13 @@ def arm_compress(model, shape, workdir: Path) -> dict:
            "parity": ex["parity_max_abs_error"], "logit_scale": ex.get("parity_logit_scale"),
            "exporter": ex.get("exporter"), "opset": ex.get("opset"),
            **timings}
-    for key in ("timing", "phases", "patched", "unpruned", "left_unpruned", "patched_attributes"):
-        if key in pm:
-            res[key] = pm[key]
+    if "timing_s" in pm:  # the prune stage's per-phase breakdown
+        res["prune_phases_s"] = pm["timing_s"]
+    if pm.get("patched_attributes"):
+        res["patched_attributes"] = pm["patched_attributes"]
+    if pm.get("unpruned_groups"):
+        res["unpruned_groups"] = len(pm["unpruned_groups"])
+        res["unpruned_example"] = str(pm["unpruned_groups"][0])[:200]
     if "export_fallback" in ex:
         res["export_fallback"] = ex["export_fallback"]
     return res
@@ -362,7 +366,7 @@ def markdown(rows: list[dict], meta: dict) -> str:
              f"compress handles {beyond}.", ""]
     slow = max((r for r in rows if r["arm"] == "compress" and r.get("ok")), key=lambda r: r.get("wall_s", 0), default=None)
     if slow is not None:
-        ph = slow.get("timing") or slow.get("phases")
+        ph = slow.get("prune_phases_s")
         lines += [f"Slowest model that passed (compress): {slow['model']} ({slow['wall_s']} s in its worker: prune "
                   f"{slow.get('prune_s', 0):.1f} s, export+parity {slow.get('export_s', 0):.1f} s)"
                   + (f"; prune phases: `{json.dumps(ph)}`" if ph else ""), ""]

@@ -11,8 +11,14 @@ Guards (``guards:``; each on by default, ``null``/``false`` turns it off, each b
 the stage metrics ``guards.bound``): the first conv loses at most ``first_conv_max_ratio`` (0.5);
 the classifier (the last Conv/Linear to run) loses no outputs; no group drops below
 ``min_channels`` (auto: max(8, original/16)); kept channel counts are multiples of ``round_to`` (8;
-for grouped layers, per group as far as the group count allows). A pruned model that no longer
-runs or whose output shape moved is refused (ModelBreakError: module and shapes named; exit 2).
+for grouped layers, per group as far as the group count allows). A pruned model whose output shape
+moved is refused (ModelBreakError: module and shapes named; exit 2).
+
+Models Torch-Pruning mis-handles: when the pruned model no longer runs, the step is redone group by
+group; a group whose cut breaks forward first gets the integer attributes forward reads patched
+(``hidden_dim``, ``head_dim``, split sizes; listed in ``patched_attributes``) and otherwise is
+rolled back and listed in ``unpruned_groups`` with the reason. ``timing_s`` breaks the stage down
+by phase (graph build, ranking, cuts, forward checks, MAC counting).
 
 Attention: ``heads: {ratio: 0.25, head_dims: true}`` removes whole heads of q/k/v-projection
 attention (Hugging Face style) and, with ``head_dims``, channels inside the surviving heads; head
@@ -22,6 +28,7 @@ head count and loses the same channels in every head.
 from __future__ import annotations
 
 import copy
+import time
 from typing import ClassVar, Literal, Optional, Union
 
 import torch
@@ -189,7 +196,7 @@ def _output_signature(model, x):
         return tuple(logits_of(model(x)).shape)
 
 
-def _nothing_pruned(cfg: Config, ctx, model, example, kw: dict, ratio) -> str:
+def _nothing_pruned(cfg: Config, ctx, model, example, kw: dict, ratio, skipped: list[dict] = ()) -> str:
     """Why a prune removed nothing; raises InputError (exit 2) naming the field unless
     ``allow_noop: true``, else logs and returns the reason."""
     output = pruner.io_layers(model, example)[1]
@@ -204,6 +211,10 @@ def _nothing_pruned(cfg: Config, ctx, model, example, kw: dict, ratio) -> str:
         field = f"{where}.{'target' if cfg.target is not None else 'ratios' if cfg.scope == 'per_layer' else 'ratio'}"
         why = (f"ratio {ratio} (scope {cfg.scope}) removed no channel from {len(groups)} prunable groups: Torch-Pruning "
                "leaves a group it would empty, and the guards and max_ratio may keep the rest; try a ratio such as 0.5")
+    if skipped:
+        first = skipped[0]
+        why += (f"; {len(skipped)} group(s) were left unpruned because cutting them broke the model "
+                f"(e.g. {first['group']}: {first['reason']})")
     if not cfg.allow_noop:
         raise InputError(f"nothing was pruned: {why}; set allow_noop: true on the stage to accept this", field=field)
     log(f"[yellow]  prune: nothing was pruned ({why}); allow_noop: true accepts it[/]")
@@ -244,7 +255,7 @@ def run(cfg: Config, ctx) -> StageOutput:
         measure = ((lambda m: count_macs(m, ctx.input_shape, ctx.device) / base) if key == "macs"
                    else (lambda m: count_params(m) / base))
 
-    gp, step_metrics, guard_hits = None, [], []
+    gp, step_metrics, guard_hits, patched, skipped, timing = None, [], [], [], [], {}
     for step in range(cfg.steps):
         if cfg.target is not None:
             # iterative with a target: each step reaches its share of the budget on the current
@@ -262,16 +273,24 @@ def run(cfg: Config, ctx) -> StageOutput:
             guard_hits += gp.bound  # the classifier guard, recorded once
         calibrate(model, gp.pruner.importance)
         guard_hits += gp.step()
+        patched += gp.patched
+        skipped += [dict(s, step=step + 1) for s in gp.skipped if dict(s, step=step + 1) not in skipped]
+        gp.patched, gp.skipped = [], []
+        for phase, seconds in gp.timing.items():
+            timing[phase] = timing.get(phase, 0.0) + seconds
+        gp.timing = {}
         model.zero_grad(set_to_none=True)
         pruner.check_model_runs(model, example, out_shape, gp.output_name, when=f"after pruning step {step + 1}")
         if cfg.finetune_between is not None and step < cfg.steps - 1:
             step_metrics.append(finetune(cfg.finetune_between, ctx, description=f"finetune {step + 1}"))
     ratio = ratios[0] if len(ratios) == 1 else ratios
     ctx.model = model
+    t0 = time.perf_counter()
     after = ctx.stats()
+    timing["count_macs"] = time.perf_counter() - t0
     noop = None
     if after["params"] == before["params"] and after["macs"] == before["macs"]:
-        noop = _nothing_pruned(cfg, ctx, model, example, kw, ratio)
+        noop = _nothing_pruned(cfg, ctx, model, example, kw, ratio, skipped)
     acc = ctx.evaluate()["accuracy"]
     metrics = {
         "importance": cfg.importance, "scope": cfg.scope, "ratio": ratio, "steps": cfg.steps,
@@ -280,6 +299,11 @@ def run(cfg: Config, ctx) -> StageOutput:
         "macs_kept": after["macs"] / max(1, before["macs"]), "params_kept": after["params"] / max(1, before["params"]),
         "accuracy_after_prune": acc,
         "guards": {**vars(kw["guards"]), "bound": guard_hits},
+        # attributes forward reads that were rewritten to follow a pruned width, and groups left
+        # unpruned because cutting them broke the model or Torch-Pruning could not map them
+        "patched_attributes": patched,
+        "unpruned_groups": skipped,
+        "timing_s": {k: round(v, 3) for k, v in timing.items()},
     }
     if gp.sites:
         metrics["attention"] = [{"module": s.name, "heads": s.heads, "head_dim": s.head_dim} for s in gp.sites]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import math
+import time
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable
 
@@ -19,7 +20,9 @@ from torch import nn
 from ..errors import InputError, ModelBreakError
 from ..metrics import logits_of
 from ..modules import match_any, output_layer
-from . import attention, tp_compat
+from . import attention, tp_compat, tp_extensions
+
+tp_extensions.install_graph_guards()
 
 
 def ignored_modules(model: nn.Module, patterns: Iterable[str] | None) -> list[nn.Module]:
@@ -155,6 +158,22 @@ def _executing_module_error(model: nn.Module, example: torch.Tensor) -> tuple[An
             h.remove()
 
 
+def _one_line(exc: BaseException | None) -> str:
+    text = str(exc).strip() if exc is not None else ""
+    line = text.splitlines()[0] if text else ""
+    return f"{type(exc).__name__}: {line}"[:300] if exc is not None else "?"
+
+
+def _output_shape(model: nn.Module, example: torch.Tensor) -> tuple[int, ...]:
+    was = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            return tuple(logits_of(model(example)).shape)
+    finally:
+        model.train(was)
+
+
 def check_model_runs(model: nn.Module, example: torch.Tensor, expected_shape: tuple[int, ...],
                      output_name: str | None = None, when: str = "after pruning") -> None:
     """Refuse a pruned model that no longer runs or whose output shape moved (ModelBreakError
@@ -222,32 +241,287 @@ class GuardedPruner:
             # scope with a token ratio, and cut no dims, so that only whole heads go.
             head_dims = False
             module_ratios = {s.qkv[0]: 1e-6 for s in self.sites if s.kind == "qkv"}
-        self.pruner = build_pruner(model, example, importance, ratio=ratio, scope=scope, steps=steps,
-                                   round_to=None, ignore=patterns, per_layer=per_layer, max_ratio=max_ratio,
-                                   module_ratios=module_ratios, output_transform=logits_of,
-                                   **attention.pruner_kwargs(self.sites, heads_ratio, head_dims))
+        self.example = example
+        self.timing: dict[str, float] = {}
+        self.patched: list[dict] = []   # attributes forward reads that followed a pruned width
+        self.skipped: list[dict] = []   # groups left unpruned, with the reason
+        t0 = time.perf_counter()
+        self.expected_shape = _output_shape(model, example)
         self._names = {m: n for n, m in model.named_modules()}
-        for mod, name in self._names.items():  # guards relative to the unpruned model
-            if reference and name in reference:
-                tp_compat.set_initial_channels(self.pruner, mod, *reference[name])
+
+        def new_pruner():
+            p = build_pruner(model, example, importance, ratio=ratio, scope=scope, steps=steps,
+                             round_to=None, ignore=patterns, per_layer=per_layer, max_ratio=max_ratio,
+                             module_ratios=module_ratios, output_transform=logits_of,
+                             **attention.pruner_kwargs(self.sites, heads_ratio, head_dims))
+            for mod, name in self._names.items():  # guards relative to the unpruned model
+                if reference and name in reference:
+                    tp_compat.set_initial_channels(p, mod, *reference[name])
+            self._harden(p)
+            return p
+
+        self._new_pruner = new_pruner
+        self.pruner = new_pruner()
+        self._tick("graph", t0)
         self.bound: list[dict] = []
         if self.guards.classifier and self.output_name:
             self.bound.append({"guard": "classifier", "group": self.output_name, "detail": "outputs kept"})
 
     def step(self) -> list[dict]:
-        """One pruning step; returns the guard bindings of this step."""
+        """One pruning step; returns the guard bindings of this step.
+
+        Fast path: cut every group Torch-Pruning proposes, then run the model once. When it no
+        longer runs, everything is rolled back and the step is redone group by group: each cut is
+        followed by a forward; a failing one gets the integer attributes forward reads patched
+        (``hidden_dim``, ``head_dim``, split sizes: see :meth:`_patch_constants`) and, if it
+        still fails, is undone and reported in :attr:`skipped`. A step never leaves a model that
+        does not run and never raises for a group Torch-Pruning mis-handles."""
         start = len(self.bound)
-        # criteria may edit weights just before a group is cut (the OBS update of the survivors)
+        t0 = time.perf_counter()
+        snap = tp_extensions.Snapshot(self.model)
+        state = tp_compat.pruner_state(self.pruner)
+        self._tick("snapshot", t0)
+        skipped_before = len(self.skipped)
+        heads = [s.heads for s in self.sites]
+        pending = self._run_groups(careful=False)
+        ok, _ = self._runs(attention_patch=True)
+        if not ok and any(pending):
+            t0 = time.perf_counter()
+            patches = self._apply_patches(pending)
+            self._tick("patch", t0)
+            ok, _ = self._runs()
+            if ok:
+                self.patched += patches
+        if not ok and self._output_moved():
+            # the model runs but its output changed shape: the output layer itself was cut (the
+            # classifier guard is off); that is the recipe's doing, refused as before, not undone
+            check_model_runs(self.model, self.example, self.expected_shape, self.output_name,
+                             when=f"after pruning step {self.pruner.current_step}")
+        if not ok:
+            t0 = time.perf_counter()
+            snap.restore()
+            for site, h in zip(self.sites, heads):
+                site.heads = h
+            del self.bound[start:], self.skipped[skipped_before:]
+            self.pruner = self._new_pruner()
+            tp_compat.set_pruner_state(self.pruner, state)
+            self._tick("graph", t0)
+            self.timing["careful_mode"] = 1.0
+            self._run_groups(careful=True)
+        return self.bound[start:]
+
+    def _tick(self, phase: str, t0: float) -> None:
+        self.timing[phase] = self.timing.get(phase, 0.0) + time.perf_counter() - t0
+
+    def _note_skip(self, module, reason: str) -> None:
+        name = self._names.get(module, None) if isinstance(module, nn.Module) else None
+        entry = {"group": name or "<graph op>", "reason": reason}
+        if entry not in self.skipped:
+            self.skipped.append(entry)
+
+    def _harden(self, p) -> None:
+        """Make the pruner skip (and report) a group whose dependency bookkeeping fails instead of
+        raising out of the whole step (Torch-Pruning's generator cannot resume after an error)."""
+        estimate = p.estimate_importance
+
+        def safe_importance(group):
+            if len(group) == 0:
+                return None
+            try:
+                imp = estimate(group)
+            except Exception as exc:  # indices out of range in a coupled layer: mis-mapped split/concat
+                self._note_skip(group[0].dep.target.module,
+                                f"channel indices do not line up across the group ({_one_line(exc)})")
+                return None
+            if imp is not None and len(imp) % max(1, tp_compat.channel_groups(p, group)):
+                self._note_skip(group[0].dep.target.module, "channel count does not split into its groups")
+                return None
+            return imp
+
+        p.estimate_importance = safe_importance
+
+    def _run_groups(self, careful: bool) -> list[list[tuple]]:
+        """Cut what the pruner proposes. Fast path (``careful`` False): no checks; returns, per
+        group, the constant patches it would need. Careful: each group is a transaction."""
         before_prune = getattr(self.pruner.importance, "before_prune", None)
-        for group in self.pruner.step(interactive=True):
-            group = self._apply_guards(group)
-            if group is not None:
+        groups = self.pruner.step(interactive=True)
+        DG = self.pruner.DG
+        pending: list[list[tuple]] = []
+        splits = tp_extensions.split_sizes(DG) if not careful else {}
+        while True:
+            t0 = time.perf_counter()
+            try:
+                group = next(groups)
+                group = self._apply_guards(group) if len(group) else None
+            except StopIteration:
+                self._tick("rank", t0)
+                break
+            except Exception as exc:  # Torch-Pruning's generator died: what was cut so far stays (and is checked)
+                self._tick("rank", t0)
+                self.skipped.append({"group": "<remaining groups>", "reason": f"ranking stopped: {_one_line(exc)}"})
+                break
+            self._tick("rank", t0)
+            if group is None or len(group) == 0:
+                continue
+            root = group[0].dep.target.module
+            if not careful:
+                t0 = time.perf_counter()
+                widths = tp_extensions.width_changes(DG, group)
+                cg = max(1, tp_compat.channel_groups(self.pruner, group))
                 if before_prune is not None:
                     before_prune(group)
                 group.prune()
-        attention.patch_attention(self.sites, self.pruner.num_heads)
-        attention.patch_config(self.model, self.sites)
-        return self.bound[start:]
+                after = tp_extensions.split_sizes(DG)
+                cands, _ = self._constant_candidates(group, widths, splits, after, cg)
+                pending.append(cands)
+                splits = after
+                self._tick("cut", t0)
+                continue
+            t0 = time.perf_counter()
+            snap = tp_extensions.Snapshot(self.model, DG)
+            heads = [s.heads for s in self.sites]
+            data = ({p: p.data.clone() for dep, _ in group if isinstance(dep.target.module, nn.Module)
+                     for p in dep.target.module.parameters(recurse=False)} if before_prune is not None else {})
+            widths = tp_extensions.width_changes(DG, group)
+            splits = tp_extensions.split_sizes(DG)
+            cg = max(1, tp_compat.channel_groups(self.pruner, group))
+            self._tick("snapshot", t0)
+            t0 = time.perf_counter()
+            try:
+                if before_prune is not None:
+                    before_prune(group)
+                group.prune()
+                err = None
+            except Exception as exc:
+                err = f"cutting it fails ({_one_line(exc)})"
+            self._tick("cut", t0)
+            if err is None:
+                ok, err = self._runs()
+                if not ok:
+                    t0 = time.perf_counter()
+                    cands, why = self._constant_candidates(group, widths, splits, tp_extensions.split_sizes(DG), cg)
+                    patches = self._apply_patches([cands])
+                    self._tick("patch", t0)
+                    if patches:
+                        ok, err2 = self._runs()
+                        if ok:
+                            self.patched += patches
+                            continue
+                        err = (f"{err}; with {', '.join(p['module'] + '.' + p['attribute'] for p in patches)} "
+                               f"patched: {err2}")
+                    elif why:
+                        err = f"{err}; {why}"
+                else:
+                    continue
+            snap.restore()
+            for site, h in zip(self.sites, heads):
+                site.heads = h
+            for p, d in data.items():
+                p.data = d
+            self._note_skip(root, f"the model no longer runs when it is cut: {err}")
+        for module, reason in DG.__dict__.get("group_failures", []):
+            self._note_skip(module, f"dependency graph cannot map its channels ({reason})")
+        return pending
+
+    def _output_moved(self) -> bool:
+        try:
+            return _output_shape(self.model, self.example) != self.expected_shape
+        except Exception:  # it does not run at all: not a moved output
+            return False
+
+    def _runs(self, attention_patch: bool = True) -> tuple[bool, str | None]:
+        """Whether the model still runs at the example and keeps its output shape (the message names
+        the failing module, found by a second, hooked forward only when it fails). First the
+        attention modules get their head count/width written back."""
+        if attention_patch and self.sites:
+            try:
+                attention.patch_attention(self.sites, self.pruner.num_heads)
+                attention.patch_config(self.model, self.sites)
+            except ModelBreakError as exc:
+                return False, str(exc)
+        t0 = time.perf_counter()
+        was = self.model.training
+        self.model.eval()
+        try:
+            with torch.no_grad():
+                out = self.model(self.example)
+            got = tuple(logits_of(out).shape)
+            ok, err = got == self.expected_shape, f"output shape {self.expected_shape} -> {got}"
+        except Exception:
+            _, where, exc = _executing_module_error(self.model, self.example)
+            ok, err = False, f"module {where or '<top level>'!r}: {_one_line(exc)}" if exc else "fails"
+        finally:
+            self.model.train(was)
+            self._tick("checks", t0)
+        return ok, (None if ok else err)
+
+    def _constant_candidates(self, group, widths: dict[int, set[int]], splits_before: dict, splits_after: dict,
+                             cg: int) -> tuple[list[tuple], str | None]:
+        """Integer attributes forward may read that follow a width this group cuts.
+
+        Candidates are the plain attributes (not a torch layer's own fields, which Torch-Pruning
+        updates) of the modules that contain a cut layer, the model itself included: an int equal
+        to a cut width's old value (``hidden_dim``, ``embed_dim``, ``dim``) or to its old per-head/
+        per-group value (``head_dim``), and a list/tuple of ints equal to a split op's old part
+        sizes (timm ``MixedConv2d.splits``). Returns ((module name, attribute, old, new), ...) and,
+        when there is none, why."""
+        ambiguous = sorted(old for old, news in widths.items() if len(news) > 1)
+        pairs = {old: next(iter(news)) for old, news in widths.items() if len(news) == 1}
+        if cg > 1:
+            for old, new in list(pairs.items()):
+                if old % cg == 0 and new % cg == 0:
+                    pairs.setdefault(old // cg, new // cg)
+        split_map = {tuple(before): splits_after[op] for op, before in splits_before.items()
+                     if op in splits_after and splits_after[op] != before}
+        owners = {""}
+        for dep, _ in group:
+            name = self._names.get(dep.target.module) if isinstance(dep.target.module, nn.Module) else None
+            if name:
+                parts = name.split(".")
+                owners.update(".".join(parts[:i]) for i in range(1, len(parts) + 1))
+        modules = dict(self.model.named_modules())
+        out = []
+        for owner in sorted(owners):
+            m = modules.get(owner)
+            if m is None or type(m).__module__.startswith("torch.nn"):
+                continue
+            for attr, v in vars(m).items():
+                if attr.startswith("_") or isinstance(v, bool):
+                    continue
+                if isinstance(v, int) and v in pairs:
+                    out.append((owner, attr, v, pairs[v]))
+                elif (isinstance(v, (list, tuple)) and v and all(isinstance(i, int) and not isinstance(i, bool) for i in v)
+                      and tuple(v) in split_map):
+                    out.append((owner, attr, v, type(v)(split_map[tuple(v)])))
+        if out:
+            return out, None
+        if ambiguous:
+            return [], (f"width {ambiguous[0]} shrinks to different sizes within the group, so no attribute "
+                        "holding it can be patched unambiguously")
+        return [], "no attribute of the enclosing modules holds the old width"
+
+    def _apply_patches(self, per_group: list[list[tuple]]) -> list[dict]:
+        """Set every candidate attribute whose groups agree on its new value; an attribute two
+        groups would set differently is ambiguous and left as it is (the check then refuses)."""
+        wanted: dict[tuple[str, str], set] = {}
+        olds = {}
+        for cands in per_group:
+            for owner, attr, old, new in cands:
+                wanted.setdefault((owner, attr), set()).add(tuple(new) if isinstance(new, list) else new)
+                olds[(owner, attr)] = old
+        modules = dict(self.model.named_modules())
+        patches = []
+        for (owner, attr), news in wanted.items():
+            if len(news) != 1:
+                continue
+            new = next(iter(news))
+            old = olds[(owner, attr)]
+            new = type(old)(new) if isinstance(old, (list, tuple)) else new
+            setattr(modules[owner], attr, new)
+            patches.append({"module": owner or "<model>", "attribute": attr,
+                            "old": list(old) if isinstance(old, tuple) else old,
+                            "new": list(new) if isinstance(new, tuple) else new})
+        return patches
 
     def _apply_guards(self, group):
         g, DG = self.guards, self.pruner.DG

@@ -59,3 +59,19 @@ def set_initial_channels(pruner: "tp.pruner.BasePruner", module: nn.Module, out_
         return False
     pruner.layer_init_out_ch[module], pruner.layer_init_in_ch[module] = out_ch, in_ch
     return True
+
+
+def pruner_state(pruner: "tp.pruner.BasePruner") -> dict:
+    """What a pruner accumulates across steps (step counter, each scope's initial size, the initial
+    widths, head counts): enough to continue in a fresh pruner built on the same model."""
+    return {"current_step": pruner.current_step,
+            "_scope_initial_channels": dict(getattr(pruner, "_scope_initial_channels", {})),
+            "layer_init_out_ch": dict(pruner.layer_init_out_ch), "layer_init_in_ch": dict(pruner.layer_init_in_ch),
+            "num_heads": dict(pruner.num_heads), "out_channel_groups": dict(pruner.out_channel_groups),
+            "in_channel_groups": dict(pruner.in_channel_groups)}
+
+
+def set_pruner_state(pruner: "tp.pruner.BasePruner", state: dict) -> None:
+    for key, value in state.items():
+        if hasattr(pruner, key):
+            setattr(pruner, key, value if not isinstance(value, dict) else dict(value))

@@ -1,10 +1,6 @@
 """Hugging Face models users bring, built from small configs (random init, nothing downloaded):
 each pruned 50 % with the prune stage's defaults (global L2, guards), then forward, ONNX export and
-ONNX Runtime parity. Token-id models (BERT) take integer ids all the way through.
-
-Segformer is not here: SegformerForImageClassification reshapes with ``config.hidden_sizes[-1]``
-(a width constant that pruning does not patch yet); tests/test_prune_architectures.py covers the
-zoo's Segformer with uniform pruning."""
+ONNX Runtime parity. Token-id models (BERT) take integer ids all the way through."""
 from __future__ import annotations
 
 import pytest
@@ -53,6 +49,11 @@ def _mobilevit():
                                                                  neck_hidden_sizes=[8, 16, 24, 32, 48, 64, 80]))
 
 
+def _segformer():
+    return tf.SegformerForImageClassification(tf.SegformerConfig(num_labels=5, hidden_sizes=[16, 32, 64, 128],
+                                                                 depths=[1, 1, 1, 1], decoder_hidden_size=64))
+
+
 def _bert():
     return tf.BertForSequenceClassification(tf.BertConfig(vocab_size=300, hidden_size=64, num_hidden_layers=2,
                                                           num_attention_heads=4, intermediate_size=128, num_labels=5,
@@ -62,7 +63,7 @@ def _bert():
 # name -> (builder, input shape, prune-stage fields other than the defaults)
 CASES = {"vit": (_vit, (3, 32, 32), {}), "deit": (_deit, (3, 32, 32), {}), "swin": (_swin, (3, 32, 32), {}),
          "convnext": (_convnext, (3, 32, 32), {}), "resnet": (_resnet, (3, 32, 32), {}),
-         "mobilevit": (_mobilevit, (3, 32, 32), {}),
+         "mobilevit": (_mobilevit, (3, 32, 32), {}), "segformer": (_segformer, (3, 32, 32), {}),
          "bert": (_bert, (12,), {})}
 
 

@@ -245,6 +245,7 @@ class GuardedPruner:
         self.timing: dict[str, float] = {}
         self.patched: list[dict] = []   # attributes forward reads that followed a pruned width
         self.skipped: list[dict] = []   # groups left unpruned, with the reason
+        self.split_coupled: dict[str, int] = {}  # layers cut alike in each of n equal split parts
         t0 = time.perf_counter()
         self.expected_shape = _output_shape(model, example)
         self._names = {m: n for n, m in model.named_modules()}
@@ -258,6 +259,11 @@ class GuardedPruner:
                 if reference and name in reference:
                     tp_compat.set_initial_channels(p, mod, *reference[name])
             self._harden(p)
+            for mod, parts in tp_extensions.equal_split_producers(p.DG).items():
+                if mod not in p.out_channel_groups:  # a layer's own grouping (heads) stays
+                    p.out_channel_groups[mod] = parts
+                    if parts > 1:
+                        self.split_coupled[self._names.get(mod, "?")] = parts
             return p
 
         self._new_pruner = new_pruner

@@ -26,6 +26,7 @@ and roll the group back (reporting why) when it does not run. A group is never h
 from __future__ import annotations
 
 import functools
+import math
 from typing import Any
 
 import torch_pruning as tp
@@ -163,4 +164,34 @@ def split_sizes(DG: Any) -> dict[Any, list[int]]:
         sizes = getattr(node.module, "split_sizes", None)
         if isinstance(sizes, list) and sizes and all(isinstance(s, int) for s in sizes):
             out[node.module] = list(sizes)
+    return out
+
+
+_PASS_THROUGH = ("BN", "ELEMENTWISE", "PRELU", "LN", "GN", "IN", "DEPTHWISE_CONV")
+
+
+def equal_split_producers(DG: Any) -> dict[nn.Module, int]:
+    """Layers whose output is cut into equal parts (``chunk``, ``split(n)``, CSP halves): module ->
+    number of parts. Torch-Pruning ranks such a width as one, so the parts lose different numbers
+    of channels and ``chunk`` then splits at the wrong place (or a split size no longer sums);
+    pruning the same channels in every part (channel groups = parts) keeps the parts equal."""
+    types = {getattr(tp.ops.OPTYPE, t) for t in _PASS_THROUGH if hasattr(tp.ops.OPTYPE, t)}
+    out: dict[nn.Module, int] = {}
+    for node in list(DG.module2node.values()):
+        if node.type != tp.ops.OPTYPE.SPLIT:
+            continue
+        sizes = getattr(node.module, "split_sizes", None)
+        if not sizes or len(sizes) < 2 or len(set(sizes)) != 1:
+            continue
+        n, stack, seen = len(sizes), list(node.inputs), set()
+        while stack:
+            src = stack.pop()
+            if id(src) in seen:
+                continue
+            seen.add(id(src))
+            if src.type in (tp.ops.OPTYPE.CONV, tp.ops.OPTYPE.LINEAR) and isinstance(src.module, nn.Module):
+                prev = out.get(src.module, 1)
+                out[src.module] = prev * n // math.gcd(prev, n)
+            elif src.type in types:
+                stack.extend(src.inputs)
     return out

@@ -47,6 +47,7 @@ REPO = Path(__file__).resolve().parents[1]
 PARITY_TOL = 1e-3
 PARAMS_MAX = 0.8
 SIZES = (64, 96, 128, 160, 224)
+EXPORTER = "auto"  # the export stage's onnx.exporter in the compress arm (--exporter)
 
 TORCHVISION = [
     "alexnet", "vgg11_bn", "resnet18", "resnext50_32x4d", "wide_resnet50_2", "squeezenet1_1", "densenet121",
@@ -182,7 +183,7 @@ def arm_compress(model, shape, workdir: Path) -> dict:
     pm = out.metrics
     export = STAGES.get("export")
     t0 = time.perf_counter()
-    eo = export.run(export.config(kind="export"), ctx)
+    eo = export.run(export.config(kind="export", onnx={"exporter": os.environ.get("COVERAGE_EXPORTER", "auto")}), ctx)
     timings["export_s"] = time.perf_counter() - t0
     ex = eo.summary["export"]
     res = {"params_before": pm["params_before"], "params_after": pm["params_after"],
@@ -331,7 +332,7 @@ def judge(res: dict) -> dict:
 # driver
 
 def run_one(source: str, name: str, arm: str, timeout: float) -> dict:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), "COVERAGE_EXPORTER": EXPORTER}
     cmd = [sys.executable, __file__, "--worker", f"{source}:{name}", "--arms", arm]
     t0 = time.perf_counter()
     try:
@@ -362,6 +363,8 @@ def markdown(rows: list[dict], meta: dict) -> str:
              f"- wall time of the sweep: {meta['wall_s']:.0f} s, per-model timeout {meta['timeout']:.0f} s, "
              f"{meta.get('jobs', 1)} model(s) at a time, OMP_NUM_THREADS=1; other processes shared the 2 cores "
              "(per-model seconds include that contention)",
+             f"- compress arm: prune and export stages with their defaults except `onnx.exporter: "
+             f"{meta.get('exporter', 'auto')}`",
              "", "Success = the pruned model runs, params <= 0.8x dense, ONNX Runtime max |error| < 1e-3 "
              "relative to the largest logit when that exceeds 1 (4 random inputs). 50 % of channels, global L2, random-init weights.", "",
              f"**Totals over {len(by)} models: compress {tot['compress']}, Torch-Pruning {tot['torch_pruning']}.** "
@@ -400,6 +403,9 @@ def main() -> None:
     ap.add_argument("--timeout", type=float, default=240.0, help="seconds per model and arm")
     ap.add_argument("--reuse", help="coverage.json whose rows are kept for the arms not run now")
     ap.add_argument("--out", default="coverage", help="results name under benchmarks/results/")
+    ap.add_argument("--exporter", default="auto", choices=["auto", "dynamo", "torchscript"],
+                    help="the compress arm's export.onnx.exporter (torchscript: TorchScript first, dynamo "
+                         "as the fallback; several times faster on CPU)")
     ap.add_argument("--jobs", type=int, default=1, help="models run side by side")
     ap.add_argument("--resume", help="a .partial.jsonl of an interrupted sweep: its rows are kept")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
@@ -408,6 +414,8 @@ def main() -> None:
         source, name = args.worker.split(":", 1)
         print(json.dumps(worker(source, name, args.arms[0]), default=str), flush=True)
         return
+    global EXPORTER
+    EXPORTER = args.exporter
     models = [("torchvision", n) for n in TORCHVISION] + [("timm", n) for n in TIMM] + [("hf", n) for n in HF]
     if args.only:
         models = [m for m in models if m[1] in args.only]
@@ -445,7 +453,8 @@ def main() -> None:
     rows += [r for r in kept if (r["source"], r["model"]) in names]
     rows.sort(key=lambda r: [s_n for s_n in models].index((r["source"], r["model"])))
     meta = {"command": "python " + " ".join([Path(sys.argv[0]).as_posix()] + sys.argv[1:]), "machine": machine(),
-            "wall_s": time.perf_counter() - t0, "timeout": args.timeout, "jobs": args.jobs}
+            "wall_s": time.perf_counter() - t0, "timeout": args.timeout, "jobs": args.jobs,
+            "exporter": args.exporter}
     path = write_results(args.out, markdown(rows, meta), {"meta": meta, "rows": rows})
     print(path)
 

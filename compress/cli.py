@@ -188,8 +188,7 @@ def inspect(recipe: Path = typer.Argument(...),
     """Model summary: params, MACs and the prunable channel groups (coupled layers)."""
 
     def go():
-        import torch
-
+        from .example_inputs import example_input
         from .metrics import count_macs, count_params
         from .preflight import check_declared_classes, probe_model
         from .structured.pruner import annotate_guards, describe_groups, io_layers
@@ -210,7 +209,7 @@ def inspect(recipe: Path = typer.Argument(...),
             from .stages.prune import Config as PruneConfig
 
             prune_cfg = PruneConfig()
-        example = torch.randn(1, *shape)
+        example = example_input(model, shape, 1, seed=None)
         kw = prune_cfg.pruner_kwargs()
         _, output = io_layers(model, example)
         ignore = list(prune_cfg.ignore or []) + ([output] if kw["guards"].classifier and output else [])

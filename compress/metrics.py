@@ -7,6 +7,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from .example_inputs import example_input
+
 
 def to_device(inputs, device):
     """A batch's inputs (tensor, tuple/list of tensors, dict of tensors) on ``device``."""
@@ -105,7 +107,7 @@ def count_macs(model: nn.Module, input_shape, device: torch.device | str = "cpu"
 
     was_training = model.training
     model.eval()
-    example = torch.randn(1, *input_shape, device=device) if example is None else to_device(example, device)
+    example = example_input(model, input_shape, 1, device=device) if example is None else to_device(example, device)
     macs, _ = tp.utils.count_ops_and_params(model, example)
     model.train(was_training)
     return int(macs)

@@ -33,6 +33,7 @@ from .config import ModelConfig
 from .data import DataBundle, build_data, label_bounds
 from .data.builtin import MissingData, declared_num_classes
 from .data.config import DataConfig
+from .example_inputs import example_input
 from .errors import InputError, first_line
 from .memory import require_memory
 from .metrics import call_model, count_params, logits_of, to_device
@@ -113,7 +114,7 @@ def probe_model(model_cfg: ModelConfig, checkpoint: bool = True) -> ModelProbe:
             return ModelProbe(model.eval(), None, None)
         g = torch.Generator().manual_seed(0)
         try:
-            x = torch.randn(1, *shape, generator=g)
+            x = example_input(model, shape, 1, seed=0)  # token ids for a token-id model
         except (RuntimeError, MemoryError) as exc:
             raise factory_failure(exc, model_cfg.factory, "model.input_shape",
                                   doing=f"allocating an input of shape {_shape(shape)}") from None

@@ -92,6 +92,8 @@ def _torch_runner(model, input_shape, batch_size: int, options: dict, compiled: 
 
     import torch
 
+    from ..example_inputs import example_input
+
     if model is None:
         raise BackendUnavailable("the torch backend needs the model in memory")
     device = _torch_device(options)
@@ -103,7 +105,9 @@ def _torch_runner(model, input_shape, batch_size: int, options: dict, compiled: 
         m = m.to(dtype)
         if options.get("semi_structured", True) and options.get("role") == "compressed":
             semi_structured_linears(m)
-    x = torch.randn(batch_size, *input_shape, generator=torch.Generator().manual_seed(0)).to(device, dtype)
+    x = example_input(model, input_shape, batch_size, seed=0, device=device)
+    if torch.is_floating_point(x):  # token ids stay integers
+        x = x.to(dtype)
     if compiled:
         backend = options.get("compile_backend", "inductor")
         mode = options.get("compile_mode", "default") if backend == "inductor" else None

@@ -128,7 +128,10 @@ def check_gates(recipe, dense: dict, final: dict, summary: dict, chance: float |
                     f"speedup {_fmt(sp, '.3f')} < min_speedup {g.min_speedup} "
                     f"({rows[0]['backend']}, batch {rows[0]['batch_size']})")
 
-    err = (summary.get("export") or {}).get("parity_max_abs_error")
+    exp = summary.get("export") or {}
+    # relative to the largest logit where measured (equal to the absolute error while |logits| <= 1)
+    key = "parity_max_rel_error" if "parity_max_rel_error" in exp else "parity_max_abs_error"
+    err = exp.get(key)
     if g.max_parity_error is None:
         j.skipped["max_parity_error"] = ("off (null in the recipe)" if "max_parity_error" in explicit
                                          else PARITY_DEFAULT_NOTE)
@@ -138,9 +141,10 @@ def check_gates(recipe, dense: dict, final: dict, summary: dict, chance: float |
         else:
             j.skipped["max_parity_error"] = "not applicable: no export stage measured parity"
     else:
-        j.check("max_parity_error", "parity_max_abs_error", err, g.max_parity_error, "<=",
+        j.check("max_parity_error", key, err, g.max_parity_error, "<=",
                 f"parity error {_fmt(err, '.3g')} > max_parity_error {g.max_parity_error}",
-                note="max |ONNX Runtime - torch|")
+                note="max |ONNX Runtime - torch| / max(1, max |torch logit|)" if key == "parity_max_rel_error"
+                else "max |ONNX Runtime - torch|")
 
     if g.max_int8_accuracy_drop is None:
         j.skipped["max_int8_accuracy_drop"] = "off (not set)"

@@ -47,8 +47,13 @@ def render(summary: dict) -> str:
     if exp:
         sp = exp.get("sparsity_2_4", {})
         lines += ["", "## Export", "",
-                  f"- ONNX: `{exp.get('onnx')}` (opset {exp.get('opset')})",
-                  f"- parity vs torch: max abs {_num(exp.get('parity_max_abs_error'), '.3g')}, "
+                  f"- ONNX: `{exp.get('onnx')}` (opset {exp.get('opset')} as written, "
+                  f"{exp.get('exporter', 'torchscript')} exporter)"
+                  + (f"; fallback: {exp['export_fallback']}" if exp.get("export_fallback") else ""),
+                  f"- parity vs torch: max abs {_num(exp.get('parity_max_abs_error'), '.3g')}"
+                  + (f" (relative to the largest logit {_num(exp.get('parity_logit_scale'), '.3g')}: "
+                     f"{_num(exp.get('parity_max_rel_error'), '.3g')})" if "parity_max_rel_error" in exp else "")
+                  + ", "
                   f"mean abs {_num(exp.get('parity_mean_abs_error'), '.3g')}, "
                   f"top-1 agreement {_num(exp.get('parity_top1_agreement'), '.2f')}%",
                   f"- 2:4 along the reduction axis in the ONNX weights: {sp.get('sparse_layers', 0)} of "

@@ -18,6 +18,7 @@ from ..deploy.backends import BACKENDS
 from ..deploy.timing import time_interleaved
 from .latency_table import LatencyPredictor
 from ..data import make_loader
+from ..example_inputs import example_input
 from ..metrics import count_macs, count_params, evaluate
 from ..deploy.onnx_io import export_onnx
 
@@ -35,7 +36,7 @@ class Pruner:
         self.max_ratio = max_ratio
         self.calibration = calibration or []
         self.device = device
-        self.example = torch.randn(1, *self.input_shape, device=device)
+        self.example = example_input(dense, self.input_shape, 1, seed=None, device=device)
         self.groups = pruner.describe_groups(dense, self.example, ignore)
         self.reference = pruner.channel_counts(dense, self.example)
         self.prunable = {m for g in self.groups for m in g["members"]}
@@ -160,7 +161,9 @@ def measure_models(models: dict[str, nn.Module], input_shape, directory: Path, b
     factory = BACKENDS.get(backend)
     runners = {}
     for name, m in models.items():
-        path = export_onnx(copy.deepcopy(m), input_shape, directory / f"{name}.onnx")
+        # TorchScript first: candidates are exported by the dozen and the dynamo exporter takes
+        # several times longer; ONNX Runtime runs the two files' graphs alike after its own fusions
+        path = export_onnx(copy.deepcopy(m), input_shape, directory / f"{name}.onnx", exporter="torchscript")
         runners[name] = factory(path, m, input_shape, batch_size, {"threads": threads})
     return time_interleaved(runners, warmup=warmup, iters=iters, rounds=rounds)
 

@@ -11,8 +11,8 @@ from pydantic import Field, field_validator, model_validator
 
 from ..config import Strict
 from .base import StageConfig
-from ..deploy.onnx_io import (check_sparsity, export_fp16_onnx, export_onnx, export_pt2, onnx_metrics, parity,
-                               torch_logits)
+from ..deploy.onnx_io import (check_sparsity, export_fp16_onnx, export_pt2, onnx_export, onnx_metrics, parity,
+                              torch_logits)
 from ..metrics import to_device
 from ..deploy.quantize import export_int8_onnx, quantized_nodes
 from ..progress import log
@@ -32,9 +32,12 @@ class Int8Options(Strict):
 
 
 class OnnxOptions(Strict):
-    opset: int = Field(17, ge=11, le=23)
+    opset: int = Field(17, ge=11, le=23, description="asked for; the dynamo exporter writes >= 18, and the "
+                                                     "opset written is read back and reported")
     dynamic_batch: bool = True
-    exporter: Literal["torchscript", "dynamo"] = "torchscript"
+    exporter: Literal["auto", "dynamo", "torchscript"] = Field(
+        "auto", description="auto/dynamo: the dynamo exporter, falling back to TorchScript when it fails or does "
+                            "not match (reported); torchscript: that one first, dynamo as the fallback")
     external_data: bool | None = Field(None, description="default: on for models over 1.5 GB")
     fp16: bool = Field(False, description="also write model.fp16.onnx (float16 weights, float32 inputs/outputs)")
     int8: Optional[Int8Options] = Field(None, description="also write model.int8.onnx (Q/DQ, calibrated); "
@@ -86,24 +89,37 @@ def onnx_metadata(ctx) -> dict:
             "compress.dataset": ctx.data.name}
 
 
-def export_files(cfg: Config, ctx, out_dir) -> OnnxFiles:
+def export_files(cfg: Config, ctx, out_dir) -> tuple[OnnxFiles, dict]:
     """Export the compressed model (run dir) and the dense one (``out_dir``), plus the precision
-    variants and the ``.pt2`` program the config asks for; paths relative to the run directory."""
+    variants and the ``.pt2`` program the config asks for; paths relative to the run directory.
+    Also returns how the compressed file was written (exporter, opset read back, any fallback)."""
     o = cfg.onnx
-    example = to_device(ctx.example_inputs(1), "cpu")  # a real test item: the model's true input types
+    # real test items (the model's true input types); batch 2: torch.export fixes a size-1 batch axis
+    example = to_device(ctx.example_inputs(2), "cpu")
     kw = dict(opset=o.opset, dynamic_batch=o.dynamic_batch, exporter=o.exporter, external_data=o.external_data,
               example=example, metadata=onnx_metadata(ctx))
     rel = (lambda p: str(Path(p).relative_to(ctx.run_dir)))
     files = OnnxFiles()
-    compressed = export_onnx(ctx.model, ctx.input_shape, ctx.run_dir / COMPRESSED_ONNX, **kw)
+    written = onnx_export(ctx.model, ctx.input_shape, ctx.run_dir / COMPRESSED_ONNX, **kw)
+    how = written.metrics()
+    if written.fallback:
+        log(f"[yellow]export: {written.fallback}[/]")
+    compressed = written.path
     files.fp32 = rel(compressed)
     external = compressed.with_name(compressed.name + EXTERNAL_DATA_SUFFIX)
     if external.exists():
         files.external_data = rel(external)
     dense = None
     if ctx.dense is not None:
-        dense = export_onnx(ctx.dense, ctx.input_shape, out_dir / DENSE_ONNX, **kw)
+        # the dense file takes the exporter the compressed one ended with (same graph family)
+        dense_written = onnx_export(ctx.dense, ctx.input_shape, out_dir / DENSE_ONNX,
+                                    **{**kw, "exporter": written.exporter})
+        dense = dense_written.path
         files.dense_fp32 = rel(dense)
+        if dense_written.exporter != written.exporter or dense_written.fallback:
+            how["dense_exporter"] = dense_written.exporter
+            if dense_written.fallback:
+                how["dense_export_fallback"] = dense_written.fallback
     if o.fp16:
         files.fp16 = rel(export_fp16_onnx(compressed, onnx_sibling(compressed, "fp16")))
         if dense is not None:
@@ -116,7 +132,7 @@ def export_files(cfg: Config, ctx, out_dir) -> OnnxFiles:
             files.dense_int8 = rel(export_int8_onnx(dense, onnx_sibling(dense, "int8"), calib, **kw8))
     if cfg.pt2:
         files.pt2 = rel(export_pt2(ctx.model, ctx.input_shape, ctx.run_dir / PT2_FILE, dynamic_batch=o.dynamic_batch))
-    return files
+    return files, how
 
 
 def _fp16_parity(ctx, path, x, ref) -> dict:
@@ -147,7 +163,7 @@ def _int8_report(ctx, path, x, ref) -> dict:
 @register_stage("export", Config)
 def run(cfg: Config, ctx) -> StageOutput:
     """Export to ONNX, check parity with ONNX Runtime and read back the 2:4 pattern."""
-    files = export_files(cfg, ctx, ctx.stage_dir)
+    files, how = export_files(cfg, ctx, ctx.stage_dir)
     ctx.artifacts.onnx = files
     paths = {key: getattr(files, attr) for attr, key in SUMMARY_KEYS.items() if getattr(files, attr) is not None}
     x = to_device(ctx.example_inputs(cfg.parity_samples), "cpu")  # real test inputs
@@ -157,8 +173,8 @@ def run(cfg: Config, ctx) -> StageOutput:
     if files.int8:
         extra |= _int8_report(ctx, ctx.path(files.int8), x, ref)
     sparsity = check_sparsity(ctx.path(files.fp32))
-    summary = {"export": {**paths, "opset": cfg.onnx.opset, "dynamic_batch": cfg.onnx.dynamic_batch,
-                          "exporter": cfg.onnx.exporter, **par, **extra,
+    summary = {"export": {**paths, **how, "opset_requested": cfg.onnx.opset,
+                          "dynamic_batch": cfg.onnx.dynamic_batch, **par, **extra,
                           "sparsity_2_4": {"sparse_layers": sparsity["sparse_layers"],
                                            "eligible_layers": sparsity["eligible_layers"],
                                            "total_layers": sparsity["total_layers"],
@@ -167,4 +183,4 @@ def run(cfg: Config, ctx) -> StageOutput:
     if ctx.dense is not None:
         ctx.dense.to(ctx.device)
     int8 = {k: extra[k] for k in ("int8_accuracy", "int8_parity_top1_agreement") if k in extra}
-    return StageOutput(metrics={**par, **int8, "sparse_layers": sparsity["sparse_layers"]}, summary=summary)
+    return StageOutput(metrics={**par, **int8, **how, "sparse_layers": sparsity["sparse_layers"]}, summary=summary)

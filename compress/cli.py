@@ -119,7 +119,7 @@ def run(
     quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bars or stage logs (CI)"),
     threads: Optional[int] = typer.Option(None, "--threads", min=1, max=1024,
                                           help="intra-op threads for training (overrides the recipe's threads; "
-                                               "default: chosen from the idle cores)"),
+                                               "default: from the usable cores, fixed per machine)"),
 ):
     """Run a recipe end to end (under torchrun: data-parallel training, rank 0 writes)."""
     if quiet:

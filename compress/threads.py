@@ -5,9 +5,12 @@ machine that is the slow choice: OpenMP threads spin-wait for a sibling the kern
 so on a 2-core machine beside one busy process the quickstart's train stage did not finish within
 the time one thread needed several times over (benchmarks/results/threads.md). The choice here
 starts from the cores this process may run on (``os.sched_getaffinity``, capped by a cgroup CPU
-quota), subtracts the cores other processes keep busy right now (sampled from ``/proc/stat`` over
-a fraction of a second), shares the rest among this machine's processes of the job (torchrun's
-``LOCAL_WORLD_SIZE``) and leaves one core per data-loader worker. A recipe's ``threads:`` or
+quota), shares them among this machine's processes of the job (torchrun's ``LOCAL_WORLD_SIZE``)
+and leaves one core per data-loader worker. It does not follow the load of the moment: thread
+counts change float rounding, and a recipe with a seed must give the same metrics on the same
+machine whatever else runs. Instead the cores other processes keep busy at the start are sampled
+(``/proc/stat``) and, when fewer are idle than chosen, the run says so and suggests the count to
+pin. A recipe's ``threads:`` or
 ``--threads`` replaces the choice, and so does ``OMP_NUM_THREADS`` in the environment (a fixed count also pins float rounding, which can depend on how
 work is split across threads). Benchmark timings use their own fixed thread count
 (``benchmark.threads``), set and restored around each measurement.
@@ -91,9 +94,21 @@ def choose_threads(requested: int | None, source: str, local_processes: int = 1,
     free = None
     if local_processes == 1:  # under torchrun the sibling processes are starting too: they are not "other load"
         free = idle_cores()
-    available = cores if free is None else min(cores, max(1, math.floor(free + 0.25)))
-    n = max(1, available // max(1, local_processes) - loader_workers)
+    n = max(1, cores // max(1, local_processes) - loader_workers)
     return ThreadChoice(n, "auto", cores, None if free is None else round(free, 2), local_processes, loader_workers)
+
+
+def advice(choice: ThreadChoice) -> str | None:
+    """A note when other processes kept cores busy at the start: the automatic count stays fixed
+    per machine (determinism), so pinning a lower one is the user's call."""
+    if choice.source != "auto" or choice.idle_cores is None:
+        return None
+    usable = max(1, math.floor(choice.idle_cores + 0.25))
+    if usable >= choice.intra_op:
+        return None
+    return (f"only {choice.idle_cores:.1f} of {choice.cores} cores were idle when the run started; training uses "
+            f"{choice.intra_op} threads (fixed per machine, so seeded runs repeat). If the other load stays, "
+            f"--threads {usable} (or threads: {usable}) is faster: OpenMP threads spin-wait for a busy core")
 
 
 def apply(choice: ThreadChoice) -> None:

@@ -29,7 +29,7 @@ from ..io import atomic_write_json, atomic_write_text, os_errors
 from ..model_io import build_with_checkpoint, load_portable, save_portable
 from ..preflight import preflight
 from ..progress import log, set_quiet
-from ..threads import apply as apply_threads, choose_threads
+from ..threads import advice as thread_advice, apply as apply_threads, choose_threads
 from ..recipe import Recipe
 from ..stages import STAGES, Artifacts, StageContext, StageOutput
 from ..stages.artifacts import TEACHER
@@ -69,6 +69,9 @@ def run_recipe(recipe: Recipe, run_dir: str | Path, resume: bool = False,
         workers = int(getattr(recipe.data, "num_workers", 0) or 0)
         choice = choose_threads(requested, source, dist.local_world_size(), workers)
         apply_threads(choice)
+        note = thread_advice(choice)
+        if note is not None and dist.is_main():
+            log(f"[yellow]threads: {note}[/]")
         seed_everything(recipe.seed)
         # the pre-run checks (model builds and runs the recipe's input, logits cover the labels, data
         # reads) before the run directory is touched; they leave the global random state as it was.

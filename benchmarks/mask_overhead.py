@@ -31,7 +31,7 @@ from compress.sparsity import masks
 from compress.sparsity.n_m import n_m_mask
 from compress.stages.sparsify import eligible_layers
 
-MODELS = {"small_cnn": ({"num_classes": 10, "in_channels": 3, "width": 64}, (3, 32, 32)),
+MODELS = {"small_cnn": ({"num_classes": 10, "in_channels": 3, "width": 32}, (3, 16, 16)),
           "resnet20": ({"num_classes": 10}, (3, 32, 32))}
 
 
@@ -76,7 +76,7 @@ def timed_steps(model: nn.Module, opt, x, y, steps: int) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="small_cnn", choices=sorted(MODELS))
-    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--rounds", type=int, default=15)
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--threads", type=int, default=1)
@@ -96,6 +96,7 @@ def main() -> None:
     for r in range(args.rounds):
         for k in order[r % len(order):] + order[: r % len(order)]:
             times[k].append(timed_steps(models[k], opts[k], x, y, args.steps))
+        print(f"round {r + 1}/{args.rounds}", file=sys.stderr, flush=True)
     held = all(bool((getattr(mod, p)[mask == 0] == 0).all()) for _, mod, p, mask in masks.iter_masks(models["hooks"]))
     med = {k: statistics.median(v) * 1000 for k, v in times.items()}
     m = machine()

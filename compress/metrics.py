@@ -10,14 +10,19 @@ from torch.nn import functional as F
 from .example_inputs import example_input
 
 
-def to_device(inputs, device):
-    """A batch's inputs (tensor, tuple/list of tensors, dict of tensors) on ``device``."""
+def to_device(inputs, device, channels_last: bool = False):
+    """A batch's inputs (a tensor, a tuple/list/namedtuple or a dict of tensors) on ``device``;
+    4-D float tensors NHWC when ``channels_last``."""
     if isinstance(inputs, torch.Tensor):
-        return inputs.to(device)
+        t = inputs.to(device)
+        if channels_last and t.dim() == 4 and t.is_floating_point():
+            t = t.contiguous(memory_format=torch.channels_last)
+        return t
     if isinstance(inputs, Mapping):
-        return {k: to_device(v, device) for k, v in inputs.items()}
+        return {k: to_device(v, device, channels_last) for k, v in inputs.items()}
     if isinstance(inputs, (tuple, list)):
-        return type(inputs)(to_device(v, device) for v in inputs)
+        moved = [to_device(v, device, channels_last) for v in inputs]
+        return type(inputs)(moved) if type(inputs) in (list, tuple) else type(inputs)(*moved)  # a namedtuple
     return inputs
 
 

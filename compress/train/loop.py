@@ -28,7 +28,7 @@ from torch.utils.data import DataLoader, DistributedSampler, IterableDataset, Ra
 from .. import distributed as dist
 from ..errors import DivergedError, InputError
 from ..io import atomic_write_bytes
-from ..metrics import evaluate, logits_of
+from ..metrics import call_model, evaluate, logits_of, to_device
 from ..progress import task
 from ..sparsity import masks
 
@@ -91,30 +91,6 @@ def distill_loss(student_logits, teacher_logits, targets, alpha: float, temperat
 
 # ---------------------------------------------------------------------------------------------
 # Batches: inputs of any shape a model takes
-
-def to_device(obj: Any, device: torch.device, channels_last: bool = False) -> Any:
-    """A tensor, or a tuple/list/dict of them, on ``device`` (4-D float tensors NHWC if asked)."""
-    if isinstance(obj, torch.Tensor):
-        t = obj.to(device)
-        if channels_last and t.dim() == 4 and t.is_floating_point():
-            t = t.contiguous(memory_format=torch.channels_last)
-        return t
-    if isinstance(obj, dict):
-        return {k: to_device(v, device, channels_last) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(to_device(v, device, channels_last) for v in obj) if type(obj) in (list, tuple) \
-            else type(obj)(*(to_device(v, device, channels_last) for v in obj))  # a namedtuple
-    return obj
-
-
-def call_model(model: nn.Module, inputs: Any) -> Any:
-    """``model(x)``, ``model(*inputs)`` for a tuple/list, ``model(**inputs)`` for a dict."""
-    if isinstance(inputs, dict):
-        return model(**inputs)
-    if isinstance(inputs, (tuple, list)):
-        return model(*inputs)
-    return model(inputs)
-
 
 def _loss(out, teacher_out, targets, objective, distill, cfg) -> torch.Tensor:
     """The task's loss on raw model outputs (``objective``), or classification CE / Hinton KD."""

@@ -68,9 +68,7 @@ def fashion(root: Path, n_train: int, n_test: int) -> tuple:
         y = torch.tensor(_idx(p / f"{prefix}-labels-idx1-ubyte.gz").copy()).long()
         return (x - 0.2860) / 0.3530, y
     (xt, yt), (xs, ys) = load("train"), load("t10k")
-    from compress.data import DataBundle
-
-    return DataBundle(xt[:n_train], yt[:n_train], xs[:n_test], ys[:n_test], 10), src
+    return _bundle(xt[:n_train], yt[:n_train], xs[:n_test], ys[:n_test]), src
 
 
 def cifar10(root: Path, per_class_train: int, per_class_test: int) -> tuple:
@@ -101,9 +99,14 @@ def cifar10(root: Path, per_class_train: int, per_class_test: int) -> tuple:
         perm = torch.randperm(len(ys), generator=g)
         return ((x - mean) / std)[perm], torch.tensor(ys)[perm]
     (xt, yt), (xs, ys) = tensors("train"), tensors("test")
-    from compress.data import DataBundle
+    return _bundle(xt, yt, xs, ys), f"CIFAR-10 JPEG ({per_class_train}/class train, {per_class_test}/class test)"
 
-    return DataBundle(xt, yt, xs, ys, 10), f"CIFAR-10 JPEG ({per_class_train}/class train, {per_class_test}/class test)"
+
+def _bundle(xt, yt, xs, ys):
+    """The benchmark's small, already-normalised tensors behind compress's Dataset interface."""
+    from compress.data import DataBundle, TensorImages
+
+    return DataBundle(TensorImages(xt, yt), TensorImages(xs, ys), 10)
 
 
 def train_dense(model, data, epochs: int, lr: float, batch: int = 128) -> float:
@@ -113,9 +116,9 @@ def train_dense(model, data, epochs: int, lr: float, batch: int = 128) -> float:
     from compress.train.loop import train
 
     cfg = TrainLoopConfig(epochs=epochs, optimizer=OptimizerConfig(name="sgd", lr=lr, momentum=0.9, weight_decay=5e-4))
-    train(model, make_loader(data.train_x, data.train_y, batch, shuffle=True, seed=0, drop_last=True), cfg, "cpu",
+    train(model, make_loader(data.train, batch, shuffle=True, seed=0, drop_last=True), cfg, "cpu",
           description="dense")
-    return evaluate(model.eval(), data.test_x, data.test_y, batch_size=256, device="cpu")["accuracy"]
+    return evaluate(model.eval(), make_loader(data.test, 256, shuffle=False), "cpu")["accuracy"]
 
 
 ACCURACY_MODELS = {
@@ -150,9 +153,9 @@ def part_accuracy(args) -> dict:
         t0 = time.perf_counter()
         dense_acc = train_dense(model, data, epochs, lr)
         print(f"[{name}] dense {dense_acc:.2f} % ({time.perf_counter() - t0:.0f} s training)", flush=True)
-        entry = {"data": src, "train_samples": len(data.train_x), "test_samples": len(data.test_x),
+        entry = {"data": src, "train_samples": len(data.train), "test_samples": len(data.test),
                  "epochs": epochs, "dense_test_accuracy": dense_acc, "runs": []}
-        shape = tuple(data.train_x.shape[1:])
+        shape = data.input_shape
         work = Path(tempfile.mkdtemp(prefix=f"latalloc-{name}-"))
         for batch, budget in [tuple(float(v) for v in pair.split("@")) for pair in args.settings.split(",")]:
             batch = int(batch)

@@ -40,6 +40,7 @@ from .pipeline.run_dir import rerun_from, same_prefix
 from .pipeline.runner import run_recipe
 from .recipe import Recipe, apply_overrides, load_recipe, validate_data
 from .sparsity import masks as _masks
+from .tasks import build_objective
 
 __all__ = ["prune", "sparsify", "finetune", "export_onnx", "check_sparsity", "run", "search", "save", "load",
            "save_pretrained", "strip", "PruneResult", "SparsifyResult", "FinetuneResult", "ExportResult", "SparsityReport",
@@ -153,6 +154,8 @@ class _CallerContext:
         self.model, self.example, self.device = model, example, device
         self.calibration, self.loader, self.eval_data = calibration, train_loader, eval_data
         self.index, self.run_seed, self.dense, self.stage_dir = 0, seed, None, None
+        self.objective = build_objective(None)  # classification: what evaluate() below measures
+        self.training_objective = None  # the loop's own cross-entropy / Hinton distillation
 
     @property
     def seed(self) -> int:
@@ -195,6 +198,11 @@ class _CallerContext:
             seen += len(yb)
         m.train(was)
         return {"accuracy": 100.0 * correct / max(1, seen)}
+
+    def headline(self, metrics: dict[str, float] | None = None) -> dict[str, float]:
+        """``{"accuracy": value}``, as a recipe's stage context reports its task's primary metric."""
+        metrics = self.evaluate() if metrics is None else metrics
+        return {"accuracy": metrics["accuracy"]}
 
 
 def _example(example_inputs, field: str = "example_inputs") -> torch.Tensor:

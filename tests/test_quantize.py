@@ -16,7 +16,8 @@ from torch import nn
 from compress.sparsity import masks
 from compress.deploy import tensorrt as trb
 from compress.deploy.backends import BACKENDS
-from compress.deploy.onnx_io import check_sparsity, export_onnx, onnx_accuracy, ort_session, parity
+from compress.deploy.onnx_io import check_sparsity, export_onnx, onnx_metrics, ort_session, parity
+from compress.metrics import ClassificationMeter
 from compress.deploy.quantize import export_int8_onnx, quantized_nodes
 from compress.deploy.files import int8_onnx_beside
 from compress.errors import InputError
@@ -99,7 +100,8 @@ def test_onnx_accuracy_matches_torch_on_labels(tmp_path):
     x = torch.from_numpy(np.concatenate(_calibration(3, seed=5)))
     y = model(x).argmax(-1)
     y[:4] = (y[:4] + 1) % 10  # four wrong labels out of 48
-    assert onnx_accuracy(path, x, y, batch_size=10) == pytest.approx(100.0 * 44 / 48)
+    batches = [(x[i:i + 10], y[i:i + 10]) for i in range(0, len(x), 10)]
+    assert onnx_metrics(path, batches, ClassificationMeter())["accuracy"] == pytest.approx(100.0 * 44 / 48)
 
 
 def test_int8_file_lookup_for_engines_and_backends(tmp_path):

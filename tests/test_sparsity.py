@@ -13,6 +13,8 @@ from compress.train.config import TrainLoopConfig
 from compress.sparsity import masks
 from compress.sparsity.sparsegpt import prune_matrix, sparsegpt_masks
 from compress.train.loop import train
+from torch.utils.data import TensorDataset
+
 from compress.data import make_loader
 from compress.stages.sparsify import eligible_layers
 from compress.sparsity import n_m
@@ -153,7 +155,7 @@ def test_masks_persist_through_training(opt):
     zero_before = {i: (model[i].weight == 0).clone() for i in (0, 2)}
     kept_before = {i: model[i].weight.detach().clone() for i in (0, 2)}
     cfg = TrainLoopConfig(epochs=2, max_steps=12, optimizer=opt)
-    res = train(model, make_loader(x, y, 32, shuffle=True, seed=0), cfg)
+    res = train(model, make_loader(TensorDataset(x, y), 32, shuffle=True, seed=0), cfg)
     assert res.steps == 12
     for i in (0, 2):
         w = model[i].weight.detach()

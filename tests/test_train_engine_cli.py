@@ -61,7 +61,7 @@ def test_torchrun_two_processes_gloo(tmp_path):
     assert log.count("stage 0 train") == 1 and log.count("engine: passed") == 1, log
     # DDP replicas stay identical: after each data-parallel stage no rank's parameters differed
     assert "differed" not in log, log
-    assert sorted(p.name for p in out.iterdir()) == [".lock", "dense", "model.onnx", "recipe.yaml", "report.md",
+    assert sorted(p.name for p in out.iterdir()) == [".lock", "dense", "model.onnx", "preprocess.json", "recipe.yaml", "report.md",
                                                       "stages", "summary.json"]
     assert not list(out.glob("stages/*/step.pt"))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["recipe.yaml", "run"]

@@ -289,7 +289,8 @@ def export_pt2(model: nn.Module, input_shape, path: str | Path, dynamic_batch: b
     path.parent.mkdir(parents=True, exist_ok=True)
     wrapped = _LogitsOnly(model.eval().cpu()).eval()
     example = example_input(model, input_shape, 2)  # batch 2: a size-1 example would be specialised
-    dyn = {"x": {0: torch.export.Dim("batch", min=1, max=4096)}} if dynamic_batch else None
+    # forward(*args): the spec names ``args``, one entry per positional input
+    dyn = {"args": ({0: torch.export.Dim("batch", min=1, max=4096)},)} if dynamic_batch else None
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         program = torch.export.export(wrapped, (example,), dynamic_shapes=dyn)

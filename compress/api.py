@@ -27,7 +27,7 @@ import itertools
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Iterable, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -36,11 +36,15 @@ from . import paths
 from .errors import GateError, InputError
 from .metrics import count_macs, count_params, logits_of
 from .model_io import ORIGIN_ATTR, load_portable, read_json_file, save_portable
-from .pipeline.run_dir import rerun_from, same_prefix
-from .pipeline.runner import run_recipe
-from .recipe import Recipe, apply_overrides, load_recipe, validate_data
 from .sparsity import masks as _masks
 from .tasks import build_objective
+
+if TYPE_CHECKING:
+    from .recipe import Recipe
+
+# The recipe and pipeline layers (every stage, Torch-Pruning, the data layer) are imported inside
+# run() and search() only: ``compress check-sparsity`` and ``compress.load`` start in a fraction of
+# the time when they are not needed.
 
 __all__ = ["prune", "sparsify", "finetune", "export_onnx", "check_sparsity", "run", "search", "save", "load",
            "save_pretrained", "strip", "PruneResult", "SparsifyResult", "FinetuneResult", "ExportResult", "SparsityReport",
@@ -526,6 +530,8 @@ def load(path: str | Path, which: str = "final", *, allow: Iterable[str] = (),
 # Whole recipes
 
 def _resolve(recipe: Recipe | str | Path, overrides: Sequence[str]) -> Recipe:
+    from .recipe import Recipe, apply_overrides, load_recipe, validate_data
+
     if isinstance(recipe, Recipe):
         return validate_data(apply_overrides(recipe.model_dump(mode="json"), list(overrides))) if overrides else recipe
     return load_recipe(recipe, list(overrides))
@@ -539,6 +545,8 @@ def run(recipe: Recipe | str | Path, out: str | Path | None = None, *, overrides
     from the idle cores). Under torchrun, ranks other than 0 get ``status`` and ``summary`` None
     (rank 0 writes the run directory). Raises GateError, after writing every artifact, when a gate
     fails (the summary is attached as ``.summary``)."""
+    from .pipeline.runner import run_recipe
+
     r = _resolve(recipe, list(overrides) + ([f"device={device}"] if device else []))
     run_dir = Path(out) if out is not None else Path("runs") / r.name
     try:
@@ -569,6 +577,9 @@ def search(recipe: Recipe | str | Path, run_dir: str | Path | None = None, *, tr
     ``search`` block of ``summary.json``) and ``summary`` (all of it). Raises GateError, after
     writing everything, when a recipe gate fails.
     """
+    from .pipeline.run_dir import rerun_from, same_prefix
+    from .pipeline.runner import run_recipe
+
     r = _resolve(recipe, overrides)
     idx = next((i for i, s in enumerate(r.stages) if s.kind == "search"), None)
     if idx is None:

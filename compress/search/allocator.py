@@ -43,6 +43,8 @@ from typing import Callable, Iterable, Sequence
 import torch
 from torch import nn
 
+from ..structured import pruner
+
 
 @dataclass
 class ChannelGroup:
@@ -267,31 +269,8 @@ def channel_groups(model: nn.Module, example: torch.Tensor, importance, ignore: 
     with the criterion's per-channel scores and the widths the guards allow.
 
     ``importance`` is a Torch-Pruning importance, already calibrated on ``model`` if it needs data."""
-    import torch_pruning as tp
-
-    from ..modules import match_any
-
-    patterns = list(ignore)
-    DG = tp.DependencyGraph().build_dependency(model, example_inputs=example)
-    ignored = set()
-    for n, m in model.named_modules():
-        if n and match_any(n, patterns):
-            ignored.update(m.modules())
-    name_of = {m: n for n, m in model.named_modules()}
     out = []
-    for group in DG.get_all_groups(ignored_layers=list(ignored), root_module_types=[nn.Conv2d, nn.Linear]):
-        members, seen = [], set()
-        for dep, _ in group:
-            mod = dep.target.module
-            n = name_of.get(mod, dep.target.name)
-            side = "out" if DG.is_out_channel_pruning_fn(dep.handler) else "in"
-            key = f"{n}.{side}" if isinstance(mod, (nn.Conv2d, nn.Linear)) else n
-            if key not in seen and n and not n.startswith("_"):
-                seen.add(key)
-                members.append(key)
-        root = group[0][0].target.module
-        is_out = DG.is_out_channel_pruning_fn(group[0][0].handler)
-        dense = int((DG.get_out_channels(root) if is_out else DG.get_in_channels(root)) or 0)
+    for group, root, dense, members in pruner.channel_groups(model, example, list(ignore)):
         floor = min_floor(dense)
         if first_conv is not None and first_conv_max_ratio is not None and f"{first_conv}.out" in members:
             floor = max(floor, math.ceil(dense * (1 - first_conv_max_ratio)))
@@ -299,8 +278,7 @@ def channel_groups(model: nn.Module, example: torch.Tensor, importance, ignore: 
         scores = _scores(importance, group)
         if len(scores) != dense:  # a criterion that scores a grouped layer per slice: spread it evenly
             scores = (scores * (dense // max(1, len(scores)) + 1))[:dense] if scores else [1.0] * dense
-        out.append(ChannelGroup(name_of.get(root, "?"), dense, allowed_widths(dense, floor, round_to), scores,
-                                members))
+        out.append(ChannelGroup(root, dense, allowed_widths(dense, floor, round_to), scores, members))
     return out
 
 

@@ -62,14 +62,15 @@ def build_pruner(model: nn.Module, example_inputs: torch.Tensor, importance: tp.
     )
 
 
-def describe_groups(model: nn.Module, example_inputs: torch.Tensor, ignore: Iterable[str] | None = None) -> list[dict]:
-    """The prunable channel groups: which layers lose channels together, and how many channels."""
+def channel_groups(model: nn.Module, example_inputs: torch.Tensor, ignore: Iterable[str] | None = None):
+    """Torch-Pruning's prunable channel groups, each as ``(group, root name, channels, members)``:
+    ``members`` name the layers (``conv.out`` / ``fc.in`` for Conv and Linear) that lose channels
+    together. The one walk over the dependency graph that describing, scoring and allocating share."""
     DG = tp.DependencyGraph().build_dependency(model, example_inputs=example_inputs)
     ignored = set()
     for m in ignored_modules(model, ignore):
         ignored.update(m.modules())
     name_of = {m: n for n, m in model.named_modules()}
-    groups = []
     for group in DG.get_all_groups(ignored_layers=list(ignored), root_module_types=[nn.Conv2d, nn.Linear]):
         members, seen = [], set()
         for dep, _ in group:
@@ -82,8 +83,13 @@ def describe_groups(model: nn.Module, example_inputs: torch.Tensor, ignore: Iter
                 members.append(key)
         root = group[0][0].target.module
         channels = DG.get_out_channels(root) if DG.is_out_channel_pruning_fn(group[0][0].handler) else DG.get_in_channels(root)
-        groups.append({"root": name_of.get(root, "?"), "channels": int(channels or 0), "members": members})
-    return groups
+        yield group, name_of.get(root, "?"), int(channels or 0), members
+
+
+def describe_groups(model: nn.Module, example_inputs: torch.Tensor, ignore: Iterable[str] | None = None) -> list[dict]:
+    """The prunable channel groups: which layers lose channels together, and how many channels."""
+    return [{"root": root, "channels": channels, "members": members}
+            for _, root, channels, members in channel_groups(model, example_inputs, ignore)]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -69,9 +69,6 @@ def run_recipe(recipe: Recipe, run_dir: str | Path, resume: bool = False,
         workers = int(getattr(recipe.data, "num_workers", 0) or 0)
         choice = choose_threads(requested, source, dist.local_world_size(), workers)
         apply_threads(choice)
-        note = thread_advice(choice)
-        if note is not None and dist.is_main():
-            log(f"[yellow]threads: {note}[/]")
         seed_everything(recipe.seed)
         # the pre-run checks (model builds and runs the recipe's input, logits cover the labels, data
         # reads) before the run directory is touched; they leave the global random state as it was.
@@ -82,6 +79,9 @@ def run_recipe(recipe: Recipe, run_dir: str | Path, resume: bool = False,
             return _run(recipe, run_dir, device, dist.broadcast_object(None), data, choice.to_dict())
         with os_errors(run_dir, action="access"), open_run_dir(run_dir, recipe, resume) as start:
             dist.broadcast_object(start)
+            note = thread_advice(choice)
+            if note is not None:  # once the run has started: a refused input stays one line
+                log(f"[yellow]threads: {note}[/]")
             return _run(recipe, run_dir, device, start, data, choice.to_dict())
     finally:
         if launched_here:

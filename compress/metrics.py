@@ -1,12 +1,14 @@
 """Accuracy, loss, parameter and MAC counts."""
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
+from . import distributed as dist
 from .example_inputs import example_input
 
 
@@ -59,6 +61,15 @@ class ClassificationMeter:
         self.correct5 += (top == targets[:, None]).any(1).sum().item()
         self.n += len(targets)
 
+    def statistics(self) -> dict:
+        """The sums the metrics are made of (counts exact; summed over evaluation shards)."""
+        return {"correct": self.correct, "correct5": self.correct5, "n": self.n, "loss_sum": self.loss_sum}
+
+    def merge(self, shards: list[dict]) -> None:
+        """Become the meter of all ``shards``' items (each a :meth:`statistics`, in rank order)."""
+        self.correct, self.correct5, self.n = (sum(s[k] for s in shards) for k in ("correct", "correct5", "n"))
+        self.loss_sum = math.fsum(s["loss_sum"] for s in shards)
+
     def result(self) -> dict[str, float]:
         n = max(1, self.n)
         return {"accuracy": 100.0 * self.correct / n, "top5": 100.0 * self.correct5 / n, "loss": self.loss_sum / n}
@@ -67,13 +78,22 @@ class ClassificationMeter:
 @torch.no_grad()
 def evaluate(model: nn.Module, loader, device: torch.device | str = "cpu", objective=None) -> dict[str, float]:
     """The task's metrics over every batch of ``loader`` (``(inputs, targets)`` batches); without an
-    ``objective``, classification: top-1 ``accuracy`` and ``top5`` (percent) and mean cross-entropy."""
+    ``objective``, classification: top-1 ``accuracy`` and ``top5`` (percent) and mean cross-entropy.
+
+    Under torchrun, inside a collective block (every rank evaluating the same model), each rank
+    reads only its shard of the split (:func:`compress.distributed.evaluation_shard`: every item
+    once, no padding) and the meters' sufficient statistics (counts, confusion matrices, sums) are
+    gathered and summed in rank order, so every rank gets the metric one process gets over the
+    whole split (counts exactly; summed losses up to float rounding)."""
     was_training = model.training
     model.eval()
     meter = objective.meter() if objective is not None else ClassificationMeter()
-    for inputs, targets in loader:
+    shard = dist.evaluation_shard(loader)
+    for inputs, targets in (shard if shard is not None else loader):
         out = call_model(model, to_device(inputs, device))
         meter.update(out, targets.to(device))
+    if shard is not None:
+        meter.merge(dist.all_gather_object(meter.statistics()))
     model.train(was_training)
     return meter.result()
 

@@ -107,17 +107,6 @@ def _loss(out, teacher_out, targets, objective, distill, cfg) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------------
 # Loaders: the distributed view, starting an epoch part-way
 
-_LOADER_KEEP = ("num_workers", "collate_fn", "pin_memory", "timeout", "worker_init_fn", "multiprocessing_context",
-                "generator", "pin_memory_device")
-
-
-def _loader_kwargs(loader: DataLoader) -> dict:
-    kw = {k: getattr(loader, k) for k in _LOADER_KEEP if hasattr(loader, k)}
-    if loader.num_workers > 0:
-        kw.update(prefetch_factor=loader.prefetch_factor, persistent_workers=loader.persistent_workers)
-    return kw
-
-
 def _seed_of(loader: DataLoader) -> int:
     return int(loader.generator.initial_seed()) if loader.generator is not None else 0
 
@@ -135,7 +124,7 @@ def distributed_view(loader):
                                  shuffle=isinstance(loader.sampler, RandomSampler), seed=_seed_of(loader),
                                  drop_last=loader.drop_last)
     return DataLoader(loader.dataset, batch_size=loader.batch_size, sampler=sampler, drop_last=loader.drop_last,
-                      **_loader_kwargs(loader))
+                      **dist.loader_options(loader))
 
 
 class _SkipBatches:
@@ -182,7 +171,7 @@ def _epoch_batches(loader, skip: int):
     if isinstance(loader, DataLoader) and loader.batch_sampler is not None \
             and not isinstance(loader.dataset, IterableDataset):
         sampler = _SkipBatches(loader.batch_sampler, skip)
-        it = iter(DataLoader(loader.dataset, batch_sampler=sampler, **_loader_kwargs(loader)))
+        it = iter(DataLoader(loader.dataset, batch_sampler=sampler, **dist.loader_options(loader)))
         sampler.current.drop_skipped()
         return it
     return itertools.islice(iter(loader), skip, None)  # another iterable: read and drop

@@ -37,6 +37,26 @@ def call_model(model: nn.Module, inputs):
     return model(inputs)
 
 
+def slice_batch(inputs, start: int, stop: int):
+    """Items ``start:stop`` of a batch's inputs (a tensor, a tuple/list/namedtuple or a dict of
+    tensors, sliced along the batch dimension)."""
+    if isinstance(inputs, torch.Tensor):
+        return inputs[start:stop]
+    if isinstance(inputs, Mapping):
+        return {k: slice_batch(v, start, stop) for k, v in inputs.items()}
+    if isinstance(inputs, (tuple, list)):
+        parts = [slice_batch(v, start, stop) for v in inputs]
+        return type(inputs)(parts) if type(inputs) in (list, tuple) else type(inputs)(*parts)
+    return inputs
+
+
+def batch_inputs(batch):
+    """The inputs of a calibration batch given either as ``(inputs, targets)`` or as bare inputs (a
+    tensor or a dict of tensors; a model with several positional inputs comes as ``(inputs, targets)``,
+    since a bare tuple would read as that pair)."""
+    return batch[0] if isinstance(batch, (tuple, list)) else batch
+
+
 def batch_size_of(inputs) -> int:
     if isinstance(inputs, torch.Tensor):
         return int(inputs.shape[0])

@@ -89,3 +89,19 @@ def test_snip_grasp_and_sparsegpt_take_dict_batches():
         masks.append(sparsegpt_masks(model, {"fc1": model.fc1}, batches, 2, 4, block=4)["fc1"])
     assert torch.equal(masks[0], masks[1])
     assert (masks[0].reshape(16, 2, 4).sum(-1) == 2).all()   # 2:4 along the input dimension
+
+
+def test_torch_benchmark_backend_runs_a_dict_input_model():
+    """The torch backend times the model on a real item's inputs (here both a model needs),
+    repeated to the batch size, not on a random tensor of ``input_shape``."""
+    from compress.deploy.backends import BACKENDS
+
+    as_dict, _ = _batches()
+    one = {k: v[:1] for k, v in as_dict[0][0].items()}   # one real item, as the benchmark stage passes it
+    seen = []
+    model = TokenClassifier()
+    model.register_forward_hook(lambda m, args, kwargs, out: seen.append((sorted(kwargs), out.shape[0])),
+                                with_kwargs=True)
+    run = BACKENDS.get("torch")(None, model, None, 4, {"example": one, "threads": 1})
+    run()
+    assert seen and all(s == (["attention_mask", "input_ids"], 4) for s in seen)

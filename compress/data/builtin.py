@@ -36,8 +36,9 @@ FASHION_FILES = {
 # package: the same deflate streams without the stored file name, so each .gz differs from the
 # official one) holds the same data under another .gz md5; the content sum accepts it.
 # MNIST's: from the official files (their .gz md5 above match). Fashion-MNIST's: from
-# dataset-fashion-mnist 0.0~git20200523.55506a9-1, whose files are the official .gz less exactly
-# the stored name's length (23 or 24 bytes) with the same deflate data.
+# dataset-fashion-mnist 0.0~git20200523.55506a9-1, whose files are the official ones with the gzip
+# header's stored name dropped and another mtime: putting back the name and the original mtime
+# (2017-08-31 10:50:06/27 UTC) gives each official .gz md5 above, byte for byte.
 CONTENT_MD5 = {
     "mnist": {
         "train-images-idx3-ubyte.gz": "6bbc9ace898e44ae57da46a324031adb",

@@ -159,7 +159,7 @@ class _CallerContext:
         self.calibration, self.loader, self.eval_data = calibration, train_loader, eval_data
         self.index, self.run_seed, self.dense, self.stage_dir = 0, seed, None, None
         self.objective = build_objective(None)  # classification: what evaluate() below measures
-        self.training_objective = None  # the loop's own cross-entropy / Hinton distillation
+        self.training_objective = None  # the loop's default: classification (cross-entropy / Hinton distillation)
 
     @property
     def seed(self) -> int:

@@ -18,6 +18,7 @@ from typing import Any, Iterator
 
 import torch
 import torch.distributed as dist
+from torch.utils.data import DataLoader, IterableDataset, SequentialSampler, Subset
 
 _state = {"collective": False}
 
@@ -140,6 +141,48 @@ def all_reduce_sum(values: list[float], device: torch.device | str = "cpu") -> l
     t = torch.tensor(values, dtype=torch.float64, device=device)
     dist.all_reduce(t)
     return t.tolist()
+
+
+def all_gather_object(obj: Any) -> list[Any]:
+    """``[rank 0's obj, rank 1's obj, ...]`` on every rank inside a collective block; ``[obj]``
+    otherwise (small records such as a metric's sufficient statistics)."""
+    if not training_is_distributed():
+        return [obj]
+    out: list[Any] = [None] * world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+LOADER_OPTIONS = ("num_workers", "collate_fn", "pin_memory", "timeout", "worker_init_fn", "multiprocessing_context",
+                  "generator", "pin_memory_device")
+
+
+def loader_options(loader: DataLoader) -> dict:
+    """The keyword arguments that rebuild ``loader`` over another sampler or dataset (workers,
+    collate function, pinning, prefetch, generator)."""
+    kw = {k: getattr(loader, k) for k in LOADER_OPTIONS if hasattr(loader, k)}
+    if loader.num_workers > 0:
+        kw.update(prefetch_factor=loader.prefetch_factor, persistent_workers=loader.persistent_workers)
+    return kw
+
+
+def shard_indices(n: int, rank_: int, world: int) -> range:
+    """Rank ``rank_``'s items of ``n`` for evaluation: every ``world``-th from ``rank_``. The shards
+    are disjoint and cover every item exactly once: a DistributedSampler would pad the last round
+    with repeated items, and those would be counted twice in the metric."""
+    return range(rank_, n, world)
+
+
+def evaluation_shard(loader) -> DataLoader | None:
+    """This rank's share of an evaluation ``loader`` inside a collective block (the same dataset,
+    order, batch size and collate function over :func:`shard_indices`); None when evaluation is
+    not split: outside a collective block, one process, or a loader that is not a map-style
+    DataLoader (then every rank reads it whole)."""
+    if not training_is_distributed() or not isinstance(loader, DataLoader) or loader.batch_size is None \
+            or isinstance(loader.dataset, IterableDataset) or not isinstance(loader.sampler, SequentialSampler):
+        return None
+    subset = Subset(loader.dataset, shard_indices(len(loader.dataset), rank(), world_size()))
+    return DataLoader(subset, batch_size=loader.batch_size, shuffle=False, drop_last=False, **loader_options(loader))
 
 
 def any_rank(flag: bool, device: torch.device | str = "cpu") -> bool:

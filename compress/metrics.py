@@ -1,27 +1,32 @@
 """Accuracy, loss, parameter and MAC counts."""
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
+from . import distributed as dist
 from .example_inputs import example_input
 
 
-def to_device(inputs, device, channels_last: bool = False):
+def to_device(inputs, device, channels_last: bool = False, float_dtype: torch.dtype | None = None):
     """A batch's inputs (a tensor, a tuple/list/namedtuple or a dict of tensors) on ``device``;
-    4-D float tensors NHWC when ``channels_last``."""
+    4-D float tensors NHWC when ``channels_last``; float tensors cast to ``float_dtype`` when given
+    (token ids and masks keep their integer type)."""
     if isinstance(inputs, torch.Tensor):
         t = inputs.to(device)
+        if float_dtype is not None and t.is_floating_point():
+            t = t.to(float_dtype)
         if channels_last and t.dim() == 4 and t.is_floating_point():
             t = t.contiguous(memory_format=torch.channels_last)
         return t
     if isinstance(inputs, Mapping):
-        return {k: to_device(v, device, channels_last) for k, v in inputs.items()}
+        return {k: to_device(v, device, channels_last, float_dtype) for k, v in inputs.items()}
     if isinstance(inputs, (tuple, list)):
-        moved = [to_device(v, device, channels_last) for v in inputs]
+        moved = [to_device(v, device, channels_last, float_dtype) for v in inputs]
         return type(inputs)(moved) if type(inputs) in (list, tuple) else type(inputs)(*moved)  # a namedtuple
     return inputs
 
@@ -33,6 +38,38 @@ def call_model(model: nn.Module, inputs):
     if isinstance(inputs, (tuple, list)):
         return model(*inputs)
     return model(inputs)
+
+
+def slice_batch(inputs, start: int, stop: int):
+    """Items ``start:stop`` of a batch's inputs (a tensor, a tuple/list/namedtuple or a dict of
+    tensors, sliced along the batch dimension)."""
+    if isinstance(inputs, torch.Tensor):
+        return inputs[start:stop]
+    if isinstance(inputs, Mapping):
+        return {k: slice_batch(v, start, stop) for k, v in inputs.items()}
+    if isinstance(inputs, (tuple, list)):
+        parts = [slice_batch(v, start, stop) for v in inputs]
+        return type(inputs)(parts) if type(inputs) in (list, tuple) else type(inputs)(*parts)
+    return inputs
+
+
+def repeat_batch(inputs, batch_size: int):
+    """A batch of ``batch_size`` made of a one-item batch's inputs (tensor, tuple or dict), repeated."""
+    if isinstance(inputs, torch.Tensor):
+        return inputs[:1].repeat(batch_size, *([1] * (inputs.dim() - 1)))
+    if isinstance(inputs, Mapping):
+        return {k: repeat_batch(v, batch_size) for k, v in inputs.items()}
+    if isinstance(inputs, (tuple, list)):
+        parts = [repeat_batch(v, batch_size) for v in inputs]
+        return type(inputs)(parts) if type(inputs) in (list, tuple) else type(inputs)(*parts)
+    return inputs
+
+
+def batch_inputs(batch):
+    """The inputs of a calibration batch given either as ``(inputs, targets)`` or as bare inputs (a
+    tensor or a dict of tensors; a model with several positional inputs comes as ``(inputs, targets)``,
+    since a bare tuple would read as that pair)."""
+    return batch[0] if isinstance(batch, (tuple, list)) else batch
 
 
 def batch_size_of(inputs) -> int:
@@ -59,6 +96,15 @@ class ClassificationMeter:
         self.correct5 += (top == targets[:, None]).any(1).sum().item()
         self.n += len(targets)
 
+    def statistics(self) -> dict:
+        """The sums the metrics are made of (counts exact; summed over evaluation shards)."""
+        return {"correct": self.correct, "correct5": self.correct5, "n": self.n, "loss_sum": self.loss_sum}
+
+    def merge(self, shards: list[dict]) -> None:
+        """Become the meter of all ``shards``' items (each a :meth:`statistics`, in rank order)."""
+        self.correct, self.correct5, self.n = (sum(s[k] for s in shards) for k in ("correct", "correct5", "n"))
+        self.loss_sum = math.fsum(s["loss_sum"] for s in shards)
+
     def result(self) -> dict[str, float]:
         n = max(1, self.n)
         return {"accuracy": 100.0 * self.correct / n, "top5": 100.0 * self.correct5 / n, "loss": self.loss_sum / n}
@@ -67,13 +113,22 @@ class ClassificationMeter:
 @torch.no_grad()
 def evaluate(model: nn.Module, loader, device: torch.device | str = "cpu", objective=None) -> dict[str, float]:
     """The task's metrics over every batch of ``loader`` (``(inputs, targets)`` batches); without an
-    ``objective``, classification: top-1 ``accuracy`` and ``top5`` (percent) and mean cross-entropy."""
+    ``objective``, classification: top-1 ``accuracy`` and ``top5`` (percent) and mean cross-entropy.
+
+    Under torchrun, inside a collective block (every rank evaluating the same model), each rank
+    reads only its shard of the split (:func:`compress.distributed.evaluation_shard`: every item
+    once, no padding) and the meters' sufficient statistics (counts, confusion matrices, sums) are
+    gathered and summed in rank order, so every rank gets the metric one process gets over the
+    whole split (counts exactly; summed losses up to float rounding)."""
     was_training = model.training
     model.eval()
     meter = objective.meter() if objective is not None else ClassificationMeter()
-    for inputs, targets in loader:
+    shard = dist.evaluation_shard(loader)
+    for inputs, targets in (shard if shard is not None else loader):
         out = call_model(model, to_device(inputs, device))
         meter.update(out, targets.to(device))
+    if shard is not None:
+        meter.merge(dist.all_gather_object(meter.statistics()))
     model.train(was_training)
     return meter.result()
 

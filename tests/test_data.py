@@ -89,6 +89,30 @@ def test_mnist_verify_md5_detects_corruption(tmp_path):
         build_data(DataConfig(dataset="mnist", root=str(tmp_path), verify_md5=True), None, 0)
 
 
+def test_regzipped_copy_of_the_same_content_passes_verification(tmp_path):
+    """A .gz made again from the same data (another gzip header: stored name, mtime, level, as
+    Debian's dataset-fashion-mnist ships) is accepted by its content; other content is refused."""
+    from compress.data.builtin import CONTENT_MD5, verify_gz
+
+    content = _idx_bytes(np.arange(60, dtype=np.uint8).reshape(60) % 10)
+    official, again, other = tmp_path / "official.gz", tmp_path / "again.gz", tmp_path / "other.gz"
+    with open(official, "wb") as f, gzip.GzipFile("t10k-labels-idx1-ubyte", "wb", 9, f, mtime=1_500_000_000) as g:
+        g.write(content)
+    again.write_bytes(gzip.compress(content, compresslevel=6, mtime=0))
+    other.write_bytes(gzip.compress(content[:-1] + b"\x01", mtime=0))
+    gz_md5, content_md5 = (hashlib.md5(official.read_bytes()).hexdigest(), hashlib.md5(content).hexdigest())
+    assert hashlib.md5(again.read_bytes()).hexdigest() != gz_md5
+    verify_gz(official, gz_md5, content_md5)
+    verify_gz(again, gz_md5, content_md5)
+    with pytest.raises(InputError, match="md5 mismatch.*decompressed content") as ei:
+        verify_gz(other, gz_md5, content_md5)
+    assert ei.value.field == "data.root"
+    with pytest.raises(InputError, match="md5 mismatch"):
+        verify_gz(again, gz_md5)  # without a content sum only the .gz bytes count
+    # every file of both IDX datasets has a content sum
+    assert all(set(CONTENT_MD5[n]) == set(IDX_NAMES) for n in ("mnist", "fashion_mnist"))
+
+
 def test_mnist_download_over_loopback(http_root, tmp_path):
     served, url = http_root
     sums = _write_idx_set(served)

@@ -102,7 +102,11 @@ def test_dict_inputs_bert_classifier_trains_and_exports(tmp_path):
         "name": "bert", "seed": 0, "device": "cpu",
         "model": {"factory": "tests.seg_models:tiny_bert", "kwargs": {"num_classes": 2}},
         "data": {"dataset": "tests.seg_models:token_data", "batch_size": 16},
+        # data-aware stages read the same dict batches: Taylor's gradients, SparseGPT's Hessians
         "stages": [{"kind": "train", "epochs": 1, "optimizer": {"name": "adamw", "lr": 0.001}},
+                   {"kind": "prune", "importance": "taylor", "ratio": 0.5, "ignore": ["classifier"],
+                    "calibration_batches": 2},
+                   {"kind": "sparsify", "pattern": "2:4", "method": "sparsegpt", "calibration_batches": 2},
                    {"kind": "export", "parity_samples": 8}],
         "gates": {"max_accuracy_drop": None, "max_parity_error": 1e-3},
     }
@@ -110,6 +114,10 @@ def test_dict_inputs_bert_classifier_trains_and_exports(tmp_path):
     assert res.returncode == 0, res.stderr
     s = json.loads((run / "summary.json").read_text())
     assert s["export"]["parity_max_abs_error"] < 1e-3 and s["final"]["macs"] > 0
+    prune, sparsify = s["stages"][1], s["stages"][2]
+    assert prune["importance"] == "taylor" and prune["params_after"] < prune["params_before"]
+    assert sparsify["method"] == "sparsegpt" and sparsify["sparsity_in_sparsified_layers"] == 0.5
+    assert "bert.encoder.layer.0.intermediate.dense" in sparsify["layers_sparsified"]
     import onnx
 
     names = [i.name for i in onnx.load(str(run / "model.onnx")).graph.input]

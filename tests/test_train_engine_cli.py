@@ -57,6 +57,11 @@ def test_torchrun_two_processes_gloo(tmp_path):
     steps = {st["kind"]: st.get("steps") for st in s["stages"]}
     # each process trains on its half of the 512 samples: 8 batches of 32 per epoch, not 16
     assert steps["train"] == 2 * 8 and steps["finetune"] == 8
+    # evaluation inside the data-parallel stages is sharded over the ranks and its counts summed: the
+    # accuracy they report equals rank 0's evaluation of the same weights over the whole split, alone
+    dense = json.loads((out / "dense" / "metrics.json").read_text())
+    assert s["stages"][0]["accuracy"] == dense["accuracy"]
+    assert s["stages"][2]["kind"] == "finetune" and s["stages"][2]["accuracy"] == s["final"]["accuracy"]
     # rank 0 alone logs and writes: one stage log, one summary line, one run directory
     assert log.count("stage 0 train") == 1 and log.count("engine: passed") == 1, log
     # DDP replicas stay identical: after each data-parallel stage no rank's parameters differed

@@ -157,6 +157,27 @@ def test_objective_replaces_cross_entropy(one_thread):
     assert obj.calls["distill_loss"] == 6
 
 
+def test_classification_distillation_is_hintons_and_the_loop_default(one_thread):
+    """The loop without an objective trains classification through the task's one implementation:
+    alpha * T^2 * KL(teacher || student) per sample + (1 - alpha) * cross-entropy (label-smoothed)."""
+    from compress.tasks import Classification
+
+    g = torch.Generator().manual_seed(3)
+    s_out, t_out, y = torch.randn(6, 5, generator=g), torch.randn(6, 5, generator=g), torch.randint(0, 5, (6,), generator=g)
+    block = FinetuneBlock(epochs=1, label_smoothing=0.1, distill={"alpha": 0.7, "temperature": 4.0})
+    p_t, log_p_s = F.softmax(t_out / 4.0, 1), F.log_softmax(s_out / 4.0, 1)
+    kl_per_sample = (p_t * (p_t.log() - log_p_s)).sum(1)
+    expected = 0.7 * 16.0 * kl_per_sample.mean() + 0.3 * F.cross_entropy(s_out, y, label_smoothing=0.1)
+    got = Classification(label_smoothing=0.1).distill_loss(s_out, t_out, y, block.distill)
+    assert float(got) == pytest.approx(float(expected), rel=1e-5)
+
+    x, yy = _data()
+    a, b = _net(), _net()
+    train(a, _loader(x, yy), block, teacher=_net(2), distill=block.distill)
+    train(b, _loader(x, yy), block, teacher=_net(2), distill=block.distill, objective=Classification(0.1))
+    assert all(torch.equal(p, q) for p, q in zip(a.state_dict().values(), b.state_dict().values()))
+
+
 def test_diverged_names_the_step_under_accumulation_and_bf16(one_thread):
     x, y = _data()
     x[40:] = float("nan")  # unshuffled: the 3rd batch of 16 holds NaNs -> micro-batch 3, optimizer step 2

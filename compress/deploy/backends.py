@@ -87,12 +87,16 @@ def semi_structured_linears(model) -> tuple[list[str], list[dict]]:
 
 def _torch_runner(model, input_shape, batch_size: int, options: dict, compiled: bool) -> Runner:
     """PyTorch eager or ``torch.compile``d. On CUDA the model runs in fp16 (the dtype the sparse
-    kernels need) and, for the compressed model, 2:4 Linear weights become semi-structured."""
+    kernels need) and, for the compressed model, 2:4 Linear weights become semi-structured.
+    Inputs: option ``example`` (one real item's inputs: a tensor, tuple or dict of tensors, e.g.
+    ``input_ids`` + ``attention_mask``) repeated to the batch size, else a random input of
+    ``input_shape`` of the kind the model takes."""
     import copy
 
     import torch
 
     from ..example_inputs import example_input
+    from ..metrics import call_model, repeat_batch, to_device
 
     if model is None:
         raise BackendUnavailable("the torch backend needs the model in memory")
@@ -105,21 +109,22 @@ def _torch_runner(model, input_shape, batch_size: int, options: dict, compiled: 
         m = m.to(dtype)
         if options.get("semi_structured", True) and options.get("role") == "compressed":
             semi_structured_linears(m)
-    x = example_input(model, input_shape, batch_size, seed=0, device=device)
-    if torch.is_floating_point(x):  # token ids stay integers
-        x = x.to(dtype)
+    example = options.get("example")
+    x = repeat_batch(example, batch_size) if example is not None else example_input(model, input_shape, batch_size,
+                                                                                      seed=0)
+    x = to_device(x, device, float_dtype=dtype)  # token ids and masks stay integers
     if compiled:
         backend = options.get("compile_backend", "inductor")
         mode = options.get("compile_mode", "default") if backend == "inductor" else None
         m = torch.compile(m, backend=backend, mode=mode, dynamic=False)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     with torch.inference_mode():
-        m(x)  # compile (and autotune) here, not inside the timed calls
+        call_model(m, x)  # compile (and autotune) here, not inside the timed calls
     sync()
 
     def run() -> None:
         with torch.inference_mode():
-            m(x)
+            call_model(m, x)
         sync()
 
     return run

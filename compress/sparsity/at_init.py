@@ -18,7 +18,7 @@ from torch.nn import functional as F
 
 from ..modules import tensor_owner
 from .masks import Masks, keep_largest_global, set_masks
-from ..metrics import logits_of
+from ..metrics import call_model, logits_of, to_device
 
 METHODS = ("snip", "grasp", "synflow")
 
@@ -32,11 +32,18 @@ def _keep_global(scores: dict[str, torch.Tensor], masks: Masks, density: float) 
     return keep_largest_global(scores, masks, int(round(sum(m.numel() for m in masks.values()) * density)))
 
 
+def _loss(net: nn.Module, xb, yb, temperature: float = 1.0) -> torch.Tensor:
+    """Cross-entropy of one ``(inputs, targets)`` batch (inputs a tensor, tuple or dict of tensors),
+    on the network's device."""
+    device = next(net.parameters()).device
+    return F.cross_entropy(logits_of(call_model(net, to_device(xb, device))) / temperature, yb.to(device))
+
+
 def snip_scores(model: nn.Module, names: list[str], batches) -> dict[str, torch.Tensor]:
     net = copy.deepcopy(model)
     net.zero_grad()
     for xb, yb in batches:
-        F.cross_entropy(logits_of(net(xb)), yb).backward()
+        _loss(net, xb, yb).backward()
     return {n: (p.grad * p).detach().abs() for n, p in zip(names, _params(net, names))}
 
 
@@ -47,12 +54,11 @@ def grasp_scores(model: nn.Module, names: list[str], batches, temperature: float
     params = _params(net, names)
     g = [torch.zeros_like(p) for p in params]
     for xb, yb in batches:
-        grads = torch.autograd.grad(F.cross_entropy(logits_of(net(xb)) / temperature, yb), params)
+        grads = torch.autograd.grad(_loss(net, xb, yb, temperature), params)
         g = [a + b.detach() for a, b in zip(g, grads)]
     net.zero_grad()
     for xb, yb in batches:
-        grads = torch.autograd.grad(F.cross_entropy(logits_of(net(xb)) / temperature, yb), params,
-                                    create_graph=True)
+        grads = torch.autograd.grad(_loss(net, xb, yb, temperature), params, create_graph=True)
         sum(((gi * gr).sum() for gi, gr in zip(g, grads))).backward()
     return {n: (-p * p.grad).detach() for n, p in zip(names, params)}
 

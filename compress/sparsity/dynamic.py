@@ -18,7 +18,7 @@ from torch.nn import functional as F
 
 from . import masks as mask_core
 from ..modules import tensor_owner
-from ..metrics import logits_of
+from ..metrics import call_model, logits_of, to_device
 
 METHODS = ("set", "rigl")
 
@@ -75,5 +75,5 @@ class DynamicSparsity:
         xb, yb = self.grad_batch()
         device = next(model.parameters()).device
         params = [getattr(*tensor_owner(model, n)) for n in self.names]
-        loss = F.cross_entropy(logits_of(model(xb.to(device))), yb.to(device))
+        loss = F.cross_entropy(logits_of(call_model(model, to_device(xb, device))), yb.to(device))
         return dict(zip(self.names, torch.autograd.grad(loss, params)))

@@ -20,6 +20,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from ..metrics import batch_inputs, call_model, to_device
+
 
 def conv_columns(module: nn.Conv2d, x: torch.Tensor) -> list[torch.Tensor]:
     """im2col of a conv input, one ``[rows, R*S*C_g]`` matrix per group, columns in (r, s, c) order."""
@@ -133,7 +135,8 @@ def prune_matrix(w: torch.Tensor, h: torch.Tensor, n: int, m: int, block: int = 
 @torch.no_grad()
 def sparsegpt_masks(model: nn.Module, layers: dict[str, nn.Module], batches: Iterable, n: int = 2, m: int = 4,
                     block: int = 128, damp: float = 0.01, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
-    """Collect the Hessians of ``layers`` on ``batches`` (inputs, or ``(inputs, targets)`` pairs) in one
+    """Collect the Hessians of ``layers`` on ``batches`` (``(inputs, targets)`` pairs with inputs a
+    tensor, a tuple or a dict of tensors, or bare tensor/dict inputs: :func:`compress.metrics.batch_inputs`) in one
     forward pass of the dense model, then prune each layer: its weight is replaced by the
     error-compensated sparse weight, holding N:M (at most ``n`` non-zeros per ``m``). Returns
     ``{layer name: mask}`` in the weight's shape."""
@@ -142,8 +145,7 @@ def sparsegpt_masks(model: nn.Module, layers: dict[str, nn.Module], batches: Ite
     model.eval()
     try:
         for b in batches:
-            x = b[0] if isinstance(b, (tuple, list)) else b
-            model(x.to(device))
+            call_model(model, to_device(batch_inputs(b), device))
     finally:
         collector.remove()
         model.train(was_training)

@@ -156,8 +156,8 @@ class StageContext:
 
     @property
     def training_objective(self) -> Objective | None:
-        """What the training loop gets as ``objective``: None for classification, so the loop keeps
-        its own cross-entropy with the stage's ``label_smoothing``."""
+        """What the training loop gets as ``objective``: None for classification, so the loop builds
+        the classification task with the stage's ``label_smoothing``."""
         return None if self.objective.name == "classification" else self.objective
 
     def train_loader(self, batch_size: int | None = None, seed_offset: int = 0, shuffle: bool = True):

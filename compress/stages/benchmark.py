@@ -87,6 +87,8 @@ def run(cfg: Config, ctx) -> StageOutput:
 
     opts = {"device": str(ctx.device), "precision": cfg.precision, "cuda_graph": cfg.cuda_graph,
             "semi_structured": cfg.semi_structured}
+    if any(b in ("torch", "torch_compile") for b in cfg.backends):  # their inputs: a real item (tensor, tuple or dict)
+        opts["example"] = ctx.example_inputs(1)
     dense = Subject(dense_onnx, ctx.dense, ctx.input_shape) if dense_onnx is not None else None
     rows, skipped = time_backends(Subject(compressed_onnx, ctx.model, ctx.input_shape), dense, cfg.backends,
                                   cfg.batch_sizes, threads=cfg.threads, warmup=cfg.warmup, iters=cfg.iters,

@@ -40,7 +40,7 @@ from .base import StageConfig
 from ..config import Strict, require_exactly_one
 from ..structured import pruner
 from ..structured.criteria import IMPORTANCES, calibrate as calibrate_criterion
-from ..metrics import count_macs, count_params, logits_of
+from ..metrics import call_model, count_macs, count_params, logits_of
 from .artifacts import MASKS, TEACHER
 from .base import StageOutput, register_stage
 from ..structured.early_bird import EarlyBird, train_until_early_bird
@@ -222,7 +222,7 @@ class Config(StageConfig):
 
 def _output_signature(model, x):
     with torch.no_grad():
-        return tuple(logits_of(model(x)).shape)
+        return tuple(logits_of(call_model(model, x)).shape)
 
 
 def _nothing_pruned(cfg: Config, ctx, model, example, kw: dict, ratio, skipped: list[dict] = ()) -> str:
@@ -273,7 +273,7 @@ def run(cfg: Config, ctx) -> StageOutput:
         return criterion.build(obs_update=cfg.obs_update, obs_dampening=cfg.obs_dampening)
 
     def calibrate(m, imp):
-        calibrate_criterion(criterion, imp, m, calib, ctx.device)
+        calibrate_criterion(criterion, imp, m, calib, ctx.device, loss=ctx.objective.loss)  # the task's loss
 
     # guards and max_ratio stay relative to the unpruned model across steps and pruner instances
     kw["reference"] = pruner.channel_counts(model, example)

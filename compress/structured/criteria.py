@@ -23,7 +23,7 @@ from torch import nn
 from torch.nn import functional as F
 from torch_pruning.pruner import function as tpf
 
-from ..metrics import logits_of
+from ..metrics import batch_size_of, call_model, logits_of, slice_batch, to_device
 from ..registry import Registry
 from . import tp_compat
 
@@ -37,7 +37,7 @@ class Criterion:
     build: Callable[..., tp.importance.Importance]
     needs: str | None = None
     doc: str = ""
-    # Optional custom calibration: (importance, model, batches, device) -> None. Used instead of
+    # Optional custom calibration: (importance, model, batches, device, loss) -> None. Used instead of
     # accumulate_gradients for criteria that need activations/curvature (kfac, obs).
     calibrate: Callable[..., None] | None = None
 
@@ -45,32 +45,40 @@ class Criterion:
 IMPORTANCES: Registry[Criterion] = Registry("importance")
 
 
-def calibrate(criterion: Criterion, importance, model: nn.Module, batches, device) -> None:
-    """Prepare a data-aware criterion on calibration batches (no-op for data-free ones)."""
+def classification_loss(output, targets: torch.Tensor) -> torch.Tensor:
+    """The calibration loss when none is given: cross-entropy on the model's logits."""
+    return F.cross_entropy(logits_of(output), targets)
+
+
+def calibrate(criterion: Criterion, importance, model: nn.Module, batches, device, loss=None) -> None:
+    """Prepare a data-aware criterion on calibration batches (no-op for data-free ones).
+
+    ``batches`` are ``(inputs, targets)`` with inputs a tensor, a tuple of tensors or a dict of
+    tensors (as the training loop takes them); ``loss(raw model output, targets)`` is the task's
+    loss (default: cross-entropy on the logits)."""
     if criterion.calibrate is not None:
-        criterion.calibrate(importance, model, batches, device)
+        criterion.calibrate(importance, model, batches, device, loss)
     elif criterion.needs:
-        accumulate_gradients(model, batches, device, criterion.needs, importance)
+        accumulate_gradients(model, batches, device, criterion.needs, importance, loss)
 
 
-def accumulate_gradients(model: nn.Module, batches, device, needs: str, imp=None) -> None:
+def accumulate_gradients(model: nn.Module, batches, device, needs: str, imp=None, loss=None) -> None:
     """Run calibration batches forward/backward so data-aware criteria can read ``.grad``."""
+    loss_fn = loss or classification_loss
     model.zero_grad(set_to_none=True)
     was = model.training
     model.eval()  # BN statistics must not move while we score
-    if needs == "hessian" and imp is not None and hasattr(imp, "zero_grad"):
+    if needs == "hessian" and imp is not None and hasattr(imp, "accumulate_grad"):
         imp.zero_grad()  # once: the estimate is the mean over every calibration sample
     for xb, yb in batches:
-        xb, yb = xb.to(device), yb.to(device)
+        xb, yb = to_device(xb, device), yb.to(device)
         if needs == "hessian" and imp is not None and hasattr(imp, "accumulate_grad"):
-            for i in range(len(xb)):  # per-sample squared gradients for the diagonal estimate
+            for i in range(batch_size_of(xb)):  # per-sample squared gradients for the diagonal estimate
                 model.zero_grad(set_to_none=True)
-                loss = nn.functional.cross_entropy(logits_of(model(xb[i: i + 1])), yb[i: i + 1])
-                loss.backward()
+                loss_fn(call_model(model, slice_batch(xb, i, i + 1)), yb[i: i + 1]).backward()
                 imp.accumulate_grad(model)
         else:
-            loss = nn.functional.cross_entropy(logits_of(model(xb)), yb)
-            loss.backward()
+            loss_fn(call_model(model, xb), yb).backward()
     model.train(was)
 
 
@@ -229,8 +237,10 @@ class _CurvatureImportance(tp.importance.Importance):
     def accumulate(self, m: nn.Module, a: torch.Tensor, ds: torch.Tensor) -> None:  # pragma: no cover
         raise NotImplementedError
 
-    def calibrate(self, model: nn.Module, batches, device) -> None:
-        """Forward/backward every calibration batch, hooks capture ``a`` and ``ds``."""
+    def calibrate(self, model: nn.Module, batches, device, loss=None) -> None:
+        """Forward/backward every calibration batch, hooks capture ``a`` and ``ds``. ``loss`` (raw
+        output, targets) must be a mean over the batch's samples (default: cross-entropy)."""
+        loss_fn = loss or classification_loss
         self.stats, self.samples = {}, 0
         layers = [m for m in model.modules() if _eligible(m)]
 
@@ -248,12 +258,12 @@ class _CurvatureImportance(tp.importance.Importance):
         model.eval()  # BN statistics must not move while we measure
         try:
             for xb, yb in batches:
-                xb, yb = xb.to(device), yb.to(device)
+                xb, yb = to_device(xb, device), yb.to(device)
                 model.zero_grad(set_to_none=True)
-                loss = F.cross_entropy(logits_of(model(xb)), yb)
-                self._batch = len(xb)
-                loss.backward()
-                self.samples += len(xb)
+                batch_loss = loss_fn(call_model(model, xb), yb)
+                self._batch = batch_size_of(xb)
+                batch_loss.backward()
+                self.samples += self._batch
         finally:
             for h in handles:
                 h.remove()
@@ -334,9 +344,9 @@ class OBSImportance(_CurvatureImportance):
         st = self.stats.setdefault(m, {"F": 0.0})
         st["F"] = st["F"] + torch.einsum("nod,noe->de", G, G) / G.shape[1]
 
-    def calibrate(self, model, batches, device) -> None:
+    def calibrate(self, model, batches, device, loss=None) -> None:
         self._inverse = {}
-        super().calibrate(model, batches, device)
+        super().calibrate(model, batches, device, loss)
 
     def fisher(self, m: nn.Module) -> torch.Tensor:
         Fm = self.stats[m]["F"] / self.samples
@@ -415,8 +425,8 @@ def _mean_normalised(imps: list[torch.Tensor], roots: list) -> torch.Tensor:
     return tp_compat.mean_reduce_mean_normalize(imps, roots)
 
 
-def _calibrate_curvature(importance: _CurvatureImportance, model, batches, device) -> None:
-    importance.calibrate(model, batches, device)
+def _calibrate_curvature(importance: _CurvatureImportance, model, batches, device, loss=None) -> None:
+    importance.calibrate(model, batches, device, loss)
 
 
 # ---------------------------------------------------------------- the registry

@@ -18,7 +18,7 @@ import torch_pruning as tp
 from torch import nn
 
 from ..errors import InputError, ModelBreakError
-from ..metrics import logits_of
+from ..metrics import call_model, logits_of
 from ..modules import match_any, output_layer
 from . import attention, tp_compat, tp_extensions
 
@@ -128,7 +128,7 @@ def io_layers(model: nn.Module, example: torch.Tensor) -> tuple[str | None, str 
     was = model.training
     try:
         model.eval()
-        model(example)
+        call_model(model, example)
     finally:
         model.train(was)
         for h in hooks:
@@ -156,7 +156,7 @@ def _executing_module_error(model: nn.Module, example: torch.Tensor) -> tuple[An
             handles.append(m.register_forward_hook(lambda mod, i, o: leave()))
     try:
         with torch.no_grad():
-            return model(example), None, None
+            return call_model(model, example), None, None
     except Exception as exc:  # any shape error inside a module
         return None, (stack[-1] if stack else None), exc
     finally:
@@ -175,7 +175,7 @@ def _output_shape(model: nn.Module, example: torch.Tensor) -> tuple[int, ...]:
     model.eval()
     try:
         with torch.no_grad():
-            return tuple(logits_of(model(example)).shape)
+            return tuple(logits_of(call_model(model, example)).shape)
     finally:
         model.train(was)
 
@@ -456,7 +456,7 @@ class GuardedPruner:
         self.model.eval()
         try:
             with torch.no_grad():
-                out = self.model(self.example)
+                out = call_model(self.model, self.example)
             got = tuple(logits_of(out).shape)
             ok, err = got == self.expected_shape, f"output shape {self.expected_shape} -> {got}"
         except Exception:

@@ -11,7 +11,9 @@ from ..metrics import logits_of
 
 class Objective(Protocol):
     """Both losses take RAW model outputs (a tensor, or an HF ``ModelOutput``); ``distill`` has
-    ``.alpha`` and ``.temperature``. ``meter()`` accumulates the task's metrics over batches."""
+    ``.alpha`` and ``.temperature``. ``meter()`` accumulates the task's metrics over batches
+    (``update(out, y)``, ``result()``) and, for evaluation split over processes, hands out its
+    sufficient statistics (``statistics()``) and becomes the sum of several (``merge(list)``)."""
 
     name: str
     primary: str

@@ -2,6 +2,8 @@
 ``module:callable`` (the recipe names them, so importing them is the user's say-so)."""
 from __future__ import annotations
 
+import math
+
 import torch
 
 from ..metrics import batch_size_of, logits_of
@@ -22,6 +24,18 @@ class CustomMeter:
         self.metric_sum += float(self.task.metric_fn(output, targets)) * n
         self.loss_sum += float(self.task.loss(output, targets)) * n
         self.n += n
+
+    def statistics(self) -> dict:
+        """Sample-weighted sums of the batch metric and loss, and the sample count. Summed over
+        evaluation shards, the result equals one process's when ``metric`` is a mean over the
+        batch's samples (accuracy-like); a metric that is not one (e.g. a per-batch F1) depends on
+        how the items are batched, and so on the number of processes."""
+        return {"metric_sum": self.metric_sum, "loss_sum": self.loss_sum, "n": self.n}
+
+    def merge(self, shards: list[dict]) -> None:
+        self.metric_sum = math.fsum(s["metric_sum"] for s in shards)
+        self.loss_sum = math.fsum(s["loss_sum"] for s in shards)
+        self.n = sum(s["n"] for s in shards)
 
     def result(self) -> dict[str, float]:
         n = max(1, self.n)

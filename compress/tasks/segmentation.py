@@ -3,6 +3,8 @@ logits, mean IoU. Models that predict at a lower resolution (Segformer: 1/4) hav
 resized (bilinear) to the label map's size before any loss or metric."""
 from __future__ import annotations
 
+import math
+
 import torch
 from torch.nn import functional as F
 
@@ -43,6 +45,17 @@ class SegmentationMeter:
         cm = torch.bincount(y * c + p, minlength=c * c).reshape(c, c).cpu()
         self.confusion = cm if self.confusion is None else self.confusion + cm
         self.pixels += int(keep.sum())
+
+    def statistics(self) -> dict:
+        """The confusion matrix (None before any item), the summed loss and the scored pixels."""
+        return {"confusion": self.confusion, "loss_sum": self.loss_sum, "pixels": self.pixels}
+
+    def merge(self, shards: list[dict]) -> None:
+        """Become the meter of all ``shards``' pixels (each a :meth:`statistics`, in rank order)."""
+        matrices = [s["confusion"] for s in shards if s["confusion"] is not None]
+        self.confusion = torch.stack(matrices).sum(0) if matrices else None
+        self.loss_sum = math.fsum(s["loss_sum"] for s in shards)
+        self.pixels = sum(s["pixels"] for s in shards)
 
     def result(self) -> dict[str, float]:
         if self.confusion is None or self.pixels == 0:

@@ -17,20 +17,20 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
 import numpy as np
 import torch
 from torch import nn
-from torch.nn import functional as F
 from torch.utils.data import DataLoader, DistributedSampler, IterableDataset, RandomSampler
 
 from .. import distributed as dist
 from ..errors import DivergedError, InputError
 from ..io import atomic_write_bytes
-from ..metrics import call_model, evaluate, logits_of, to_device
+from ..metrics import call_model, evaluate, to_device
 from ..progress import task
 from ..sparsity import masks
+from ..tasks.classification import Classification
 
 
 @dataclass
@@ -79,44 +79,15 @@ def lr_factor(step: int, total: int, warmup: int, cfg) -> float:
     return 1.0
 
 
-def distill_loss(student_logits, teacher_logits, targets, alpha: float, temperature: float,
-                 label_smoothing: float = 0.0) -> torch.Tensor:
-    """Hinton et al. 2015: alpha * T^2 * KL(softmax(t/T) || softmax(s/T)) + (1 - alpha) * CE(s, y)."""
-    t = temperature
-    kd = F.kl_div(F.log_softmax(student_logits / t, 1), F.log_softmax(teacher_logits / t, 1),
-                  reduction="batchmean", log_target=True) * (t * t)
-    ce = F.cross_entropy(student_logits, targets, label_smoothing=label_smoothing)
-    return alpha * kd + (1 - alpha) * ce
-
-
-# ---------------------------------------------------------------------------------------------
-# Batches: inputs of any shape a model takes
-
-def _loss(out, teacher_out, targets, objective, distill, cfg) -> torch.Tensor:
-    """The task's loss on raw model outputs (``objective``), or classification CE / Hinton KD."""
-    if objective is not None:
-        if teacher_out is not None:
-            return objective.distill_loss(out, teacher_out, targets, distill)
-        return objective.loss(out, targets)
+def _loss(out, teacher_out, targets, objective, distill) -> torch.Tensor:
+    """The task's loss on raw model outputs, or its distillation loss when there is a teacher."""
     if teacher_out is not None:
-        return distill_loss(logits_of(out), logits_of(teacher_out), targets, distill.alpha, distill.temperature,
-                            cfg.label_smoothing)
-    return F.cross_entropy(logits_of(out), targets, label_smoothing=cfg.label_smoothing)
+        return objective.distill_loss(out, teacher_out, targets, distill)
+    return objective.loss(out, targets)
 
 
 # ---------------------------------------------------------------------------------------------
 # Loaders: the distributed view, starting an epoch part-way
-
-_LOADER_KEEP = ("num_workers", "collate_fn", "pin_memory", "timeout", "worker_init_fn", "multiprocessing_context",
-                "generator", "pin_memory_device")
-
-
-def _loader_kwargs(loader: DataLoader) -> dict:
-    kw = {k: getattr(loader, k) for k in _LOADER_KEEP if hasattr(loader, k)}
-    if loader.num_workers > 0:
-        kw.update(prefetch_factor=loader.prefetch_factor, persistent_workers=loader.persistent_workers)
-    return kw
-
 
 def _seed_of(loader: DataLoader) -> int:
     return int(loader.generator.initial_seed()) if loader.generator is not None else 0
@@ -135,7 +106,7 @@ def distributed_view(loader):
                                  shuffle=isinstance(loader.sampler, RandomSampler), seed=_seed_of(loader),
                                  drop_last=loader.drop_last)
     return DataLoader(loader.dataset, batch_size=loader.batch_size, sampler=sampler, drop_last=loader.drop_last,
-                      **_loader_kwargs(loader))
+                      **dist.loader_options(loader))
 
 
 class _SkipBatches:
@@ -182,7 +153,7 @@ def _epoch_batches(loader, skip: int):
     if isinstance(loader, DataLoader) and loader.batch_sampler is not None \
             and not isinstance(loader.dataset, IterableDataset):
         sampler = _SkipBatches(loader.batch_sampler, skip)
-        it = iter(DataLoader(loader.dataset, batch_sampler=sampler, **_loader_kwargs(loader)))
+        it = iter(DataLoader(loader.dataset, batch_sampler=sampler, **dist.loader_options(loader)))
         sampler.current.drop_skipped()
         return it
     return itertools.islice(iter(loader), skip, None)  # another iterable: read and drop
@@ -272,9 +243,6 @@ def train(model: nn.Module, loader, cfg, device: torch.device | str = "cpu", tea
           checkpointing: StepCheckpointing | None = None) -> TrainResult:
     """Train ``model`` in place for ``cfg.epochs`` epochs (or ``cfg.max_steps`` optimizer steps).
 
-    ``loader`` yields ``(inputs, targets)``: inputs a tensor, a tuple/list (``model(*inputs)``) or a
-    dict (``model(**inputs)``). ``objective`` (``loss(out, y)``, ``distill_loss(out, teacher_out, y,
-    distill)`` on raw model outputs) replaces classification cross-entropy / Hinton distillation.
 
     ``start_step`` / ``optimizer_state`` resume a run at step k (late rewinding): the LR schedule,
     the epoch count and the optimizer moments continue from there. A loader with ``set_epoch``
@@ -291,8 +259,9 @@ def train(model: nn.Module, loader, cfg, device: torch.device | str = "cpu", tea
     Batches are ``(inputs, targets)``: ``inputs`` a tensor (``model(x)``), a tuple/list of tensors
     (``model(*x)``) or a dict of tensors (``model(**x)``). ``objective`` (see
     :class:`compress.tasks.Objective`: ``loss(out, targets)`` and ``distill_loss(student_out,
-    teacher_out, targets, distill)`` on raw model outputs) replaces classification's cross-entropy
-    and Hinton distillation.
+    teacher_out, targets, distill)`` on raw model outputs) is the task trained for; None means
+    classification (:class:`compress.tasks.Classification` with ``cfg.label_smoothing``: cross-entropy,
+    Hinton distillation), the one implementation of each.
 
     A NaN or infinite loss raises :class:`compress.errors.DivergedError` (exit 5) naming the step;
     the runner adds the stage. A step the fp16 gradient scaler skips (overflowing gradients) is not
@@ -300,6 +269,8 @@ def train(model: nn.Module, loader, cfg, device: torch.device | str = "cpu", tea
     """
     device = torch.device(device)
     precision = cfg.precision
+    if objective is None:  # classification: cross-entropy with the loop's label smoothing, Hinton distillation
+        objective = Classification(label_smoothing=cfg.label_smoothing)
     if precision == "fp16" and device.type != "cuda":
         raise InputError("fp16 autocast needs a CUDA device; use precision: bf16 on CPU", field="precision")
     distributed = dist.training_is_distributed()
@@ -420,7 +391,7 @@ def train(model: nn.Module, loader, cfg, device: torch.device | str = "cpu", tea
                         if teacher is not None and distill is not None:
                             with torch.no_grad():
                                 t_out = call_model(teacher, inputs)
-                        loss = _loss(out, t_out, yb, objective, distill, cfg)
+                        loss = _loss(out, t_out, yb, objective, distill)
                     finite = bool(torch.isfinite(loss))
                     if dist.any_rank(not finite, device):  # stop at once (all ranks): later steps would train on garbage
                         value = loss.item() if not finite else "not finite on another process"
@@ -493,5 +464,5 @@ class _nullcontext:
         return False
 
 
-__all__ = ["train", "make_optimizer", "lr_factor", "distill_loss", "evaluate", "TrainResult", "StepCheckpointing",
+__all__ = ["train", "make_optimizer", "lr_factor", "evaluate", "TrainResult", "StepCheckpointing",
            "to_device", "call_model", "distributed_view"]

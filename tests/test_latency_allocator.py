@@ -92,6 +92,31 @@ def test_fit_to_budget_refits_on_the_measured_ratio_and_reports_the_shortfall():
     assert "over the budget 0.05 x" in impossible.shortfall() and "by " in impossible.shortfall()
 
 
+def test_fit_to_budget_raises_the_target_when_the_table_over_predicts():
+    """A model measured far under its budget gave up accuracy for nothing: the re-fit raises the table's
+    target by the measured/predicted factor and re-allocates from dense; the result is the within-budget
+    attempt closest to the budget, and ``model`` is that attempt's model."""
+    groups, lat = _toy()
+    dense = lat.total([32, 32])
+    built = []
+
+    def apply(widths):
+        built.append(list(widths))
+        return torch.nn.Linear(1, 1)
+
+    def measure_fast(model):  # end to end the pruned model is 40 % faster than the table predicts
+        return 2.0, 2.0 * 0.6 * lat.total(built[-1]) / dense
+
+    r = fit_to_budget(groups, lat, 0.3, apply, measure_fast, tolerance=0.05, refits=3)
+    first = r.attempts[0]
+    assert first.measured_ratio < 0.3 * 0.95  # the table's own choice lands far under the budget
+    second = r.attempts[1]
+    assert second.target_ratio == pytest.approx(0.3 / (first.measured_ratio / first.predicted_ratio))
+    assert r.within and first.measured_ratio < r.last.measured_ratio <= 0.3 * 1.05
+    assert r.last.widths[1] > first.widths[1]  # channels given back to the expensive group
+    assert r.model is not None and built[r.chosen if r.chosen >= 0 else len(built) - 1] == r.last.widths
+
+
 def test_ratios_reproduce_the_widths_with_the_pruner():
     from compress.structured import pruner as structured
     from compress.search.latency_target import per_layer_block

@@ -194,14 +194,16 @@ class FitAttempt:
 @dataclass
 class FitResult:
     attempts: list[FitAttempt]
-    model: nn.Module
+    model: nn.Module               # the chosen attempt's model
     within: bool
     budget: float
     tolerance: float
+    chosen: int = -1               # index of the attempt ``model`` is (the last one unless an earlier fit was closer)
 
     @property
     def last(self) -> FitAttempt:
-        return self.attempts[-1]
+        """The chosen attempt (the one ``model`` is)."""
+        return self.attempts[self.chosen]
 
     def shortfall(self) -> str:
         a = self.last
@@ -217,30 +219,48 @@ def fit_to_budget(groups: Sequence[ChannelGroup], latency: LayerLatency, budget:
                   tolerance: float = 0.05, refits: int = 3, lookahead: int = 4) -> FitResult:
     """Allocate for ``budget`` (fraction of dense), prune with ``apply(widths)``, measure with
     ``measure(model) -> (dense_ms, model_ms)`` (interleaved); re-fit up to ``refits`` times while the
-    measured ratio exceeds ``budget * (1 + tolerance)``."""
+    measured ratio is outside ``budget * (1 +- tolerance)``.
+
+    Over the budget, the table's target is tightened by the measured/predicted factor and the greedy
+    continues from where it stopped. Under it by more than the tolerance (the table over-predicted),
+    the target is raised by the same factor and the allocation redone from dense: a model much faster
+    than asked for has given up accuracy for nothing, and an allocator compared with baselines at
+    "equal latency" must land at the budget, not below it. The result is the within-budget attempt
+    closest to the budget (the last attempt when none was within)."""
     dense_widths = [g.dense for g in groups]
     dense_pred = latency.total(dense_widths)
     target = budget
     widths: list[int] | None = None
+    start: list[int] | None = None
     attempts: list[FitAttempt] = []
-    model = None
+    models: list[nn.Module] = []
+    limit = budget * (1 + tolerance)
     for _ in range(refits + 1):
-        alloc = allocate(groups, latency, target * dense_pred, start=widths, lookahead=lookahead)
-        if widths is not None and alloc.widths == widths:
-            break  # nothing left to cut: another measurement would say the same
+        alloc = allocate(groups, latency, target * dense_pred, start=start, lookahead=lookahead)
+        if any(a.widths == alloc.widths for a in attempts):
+            break  # measured already: another measurement would say the same
         widths = alloc.widths
         model = apply(widths)
         dense_ms, model_ms = measure(model)
         measured = model_ms / dense_ms
         predicted = alloc.predicted_ms / dense_pred
         attempts.append(FitAttempt(list(widths), target, predicted, measured, dense_ms, model_ms))
-        if measured <= budget * (1 + tolerance):
-            return FitResult(attempts, model, True, budget, tolerance)
+        models.append(model)
+        if budget * (1 - tolerance) <= measured <= limit:
+            break
         # re-fit: the table predicted ``predicted`` where the model measures ``measured``; aim the
-        # table at the budget corrected by that factor (and always a little lower than before)
+        # table at the budget corrected by that factor
         correction = measured / max(1e-9, predicted)
-        target = min(target * 0.97, budget / correction)
-    return FitResult(attempts, model, False, budget, tolerance)
+        if measured > limit:
+            target, start = min(target * 0.97, budget / correction), widths  # always a little lower
+        else:
+            raised = budget / correction
+            if raised <= target * 1.01:
+                break  # the table cannot be aimed higher
+            target, start = raised, None
+    within = [i for i, a in enumerate(attempts) if a.measured_ratio <= limit]
+    chosen = max(within, key=lambda i: attempts[i].measured_ratio) if within else len(attempts) - 1
+    return FitResult(attempts, models[chosen], bool(within), budget, tolerance, chosen)
 
 
 # ---------------------------------------------------------------------------------------------

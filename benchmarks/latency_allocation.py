@@ -315,12 +315,46 @@ def part_efficiency(args) -> dict:
     return out
 
 
+def goal_verdict(run: dict) -> dict:
+    """The issue's goal for one (model, setting): against the better of uniform and global (the more
+    accurate one; the faster on a tie), the best of ``allocated`` and ``searched-*`` either (a) at equal or
+    better test accuracy, >= 25 % lower measured latency, or (b) at equal measured latency (within 5 %),
+    >= 1 point higher test accuracy."""
+    rows = {r["name"]: r for r in run["rows"]}
+    base = max((rows[k] for k in ("uniform", "global") if k in rows),
+               key=lambda r: (r.get("test_accuracy") or 0, -r["measured_ms"]))
+    out = {"baseline": base["name"], "baseline_ms": base["measured_ms"], "baseline_acc": base.get("test_accuracy")}
+    best = None
+    for r in run["rows"]:
+        if not (r["name"] == "allocated" or r["name"].startswith("searched")):
+            continue
+        speed = 1 - r["measured_ms"] / base["measured_ms"]
+        gain = (r.get("test_accuracy") or 0) - (base.get("test_accuracy") or 0)
+        met = (gain >= 0 and speed >= 0.25) or (r["measured_ms"] <= 1.05 * base["measured_ms"] and gain >= 1.0)
+        cand = {"name": r["name"], "latency_saving": speed, "accuracy_gain": gain, "met": met}
+        if best is None or (met, gain + speed * 10) > (best["met"], best["accuracy_gain"] + best["latency_saving"] * 10):
+            best = cand
+    out["best"] = best
+    return out
+
+
 def render(results_dir: Path) -> str:
     """Markdown tables from the two JSON files (whichever exist)."""
     lines = []
     acc = results_dir / "latency_allocation_accuracy.json"
     if acc.exists():
         data = json.loads(acc.read_text())
+        lines += ["| model | batch | budget | better baseline (ms, acc %) | best of allocated/searched | "
+                  "latency vs baseline | accuracy vs baseline | goal met? |", "|---|---:|---:|---|---|---:|---:|---|"]
+        for name, e in data["models"].items():
+            for run in e["runs"]:
+                v = goal_verdict(run)
+                b = v["best"]
+                lines.append(f"| {name} | {run['batch_size']} | {run['budget']} | {v['baseline']} "
+                             f"({v['baseline_ms']:.3f}, {v['baseline_acc']:.2f}) | {b['name']} | "
+                             f"{-100 * b['latency_saving']:+.1f} % | {b['accuracy_gain']:+.2f} pt | "
+                             f"{'yes' if b['met'] else 'no'} |")
+        lines.append("")
         for name, e in data["models"].items():
             lines += [f"#### {name}: {e['data']}, {e['train_samples']} train / {e['test_samples']} test, "
                       f"{e['epochs']} epochs; dense test accuracy {e['dense_test_accuracy']:.2f} %", ""]

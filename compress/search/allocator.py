@@ -15,7 +15,8 @@ of the neighbouring groups, so the interaction is exact at every step.
 * A move takes one group from its current width to one of the next ``lookahead`` allowed widths
   below it (not only the next one: a latency table can be flat across one step and drop at the
   next, e.g. where a kernel switches to a vectorised path at a multiple of 16).
-* The move with the smallest (importance removed) / (ms saved) wins; ties go to the lower group
+* The move with the smallest (importance removed) / (ms saved) wins (importance as
+  :func:`removal_costs` makes it comparable across groups); ties go to the lower group
   index, then the larger width, so the result is deterministic.
 * Moves that save nothing are never taken: removing channels that cost no time only loses accuracy.
 * Once within the limit, channels are given back (most importance per ms added first) while the
@@ -298,8 +299,29 @@ def channel_groups(model: nn.Module, example: torch.Tensor, importance, ignore: 
         scores = _scores(importance, group)
         if len(scores) != dense:  # a criterion that scores a grouped layer per slice: spread it evenly
             scores = (scores * (dense // max(1, len(scores)) + 1))[:dense] if scores else [1.0] * dense
-        out.append(ChannelGroup(root, dense, allowed_widths(dense, floor, round_to), scores, members))
+        out.append(ChannelGroup(root, dense, allowed_widths(dense, floor, round_to),
+                                removal_costs(scores, members), members))
     return out
+
+
+def removal_costs(scores: Sequence[float], members: Sequence[str]) -> list[float]:
+    """Per-channel accuracy cost of a group, comparable across groups: each channel's share of the
+    group's importance, times the number of Conv/Linear layer sides the group cuts.
+
+    Why not the criterion's scores as they are: Torch-Pruning reduces a group's scores by the *mean*
+    over its layers and normalises them to mean 1, so a channel of a residual stream cut in eight
+    layers cost the same as a channel cut in two, while the latency it saves is summed over all eight
+    layers -- the allocator then cut every residual stream to the guard floor (ResNet-20 on CIFAR-10:
+    17 % test accuracy where uniform kept 32 %). And a channel of a 16-wide layer cost the same as one
+    of a 64-wide layer, so narrow layers were emptied first. Here removing a fraction ``f`` of a group's
+    importance costs ``f`` per layer it touches: summed over layers like the latency, and relative to
+    the layer's width like uniform pruning (which is a strong baseline for a reason)."""
+    sides = max(1, sum(1 for m in members if m.endswith((".in", ".out"))))
+    positive = [max(0.0, float(s)) for s in scores]
+    total = sum(positive)
+    if total <= 0:
+        return [sides / max(1, len(positive))] * len(positive)
+    return [sides * s / total for s in positive]
 
 
 def layer_latency(groups: Sequence[ChannelGroup], predictor) -> LayerLatency:

@@ -126,7 +126,6 @@ def crop_flip(x: torch.Tensor, y):
 def train_dense(model, data, epochs: int, lr: float, augment: bool, batch: int = 128) -> float:
     from compress.data import make_loader
     from compress.data.base import Augmented
-    from compress.metrics import evaluate
     from compress.train.config import OptimizerConfig, TrainLoopConfig
     from compress.train.loop import train
 

@@ -11,8 +11,8 @@ import torch
 
 from compress.data import DataBundle, TensorImages
 from compress.metrics import count_macs
-from compress.search.config import SearchConfig
 from compress.search.candidates import bisect_ratio
+from compress.search.config import SearchConfig
 from compress.search.procedure import Budget, Search, SearchInputs
 from compress.zoo import MODELS
 
@@ -38,7 +38,8 @@ def test_baselines_are_refit_to_the_measured_budget(tmp_path):
     dense_macs = count_macs(s.dense, shape)
     # the "table": latency proportional to MACs; end to end the models measure 0.6 x what it predicts
     # once pruned (the dense model is the anchor, as after calibration)
-    table = lambda m: 10.0 * count_macs(m, shape) / dense_macs  # noqa: E731
+    def table(m):
+        return 10.0 * count_macs(m, shape) / dense_macs
     measured_calls = []
 
     def measure(models):
@@ -51,12 +52,13 @@ def test_baselines_are_refit_to_the_measured_budget(tmp_path):
     base = s.baselines(b)
     lo, hi = 0.4 * 0.95, 0.4 * 1.05
     for scope, model in (("uniform", base.uniform), ("global", base.global_)):
-        by_table, _ = bisect_ratio(lambda r: table(s.pruner.prune(scope, r)), 4.0, s.cfg.max_ratio)
+        by_table, _ = bisect_ratio(lambda r, scope=scope: table(s.pruner.prune(scope, r)), 4.0, s.cfg.max_ratio)
         measured = 0.6 * table(model) / 10.0
         # the table's own bisection lands far under the budget when measured; the fitted one does not
         assert 0.6 * table(s.pruner.prune(scope, by_table)) / 10.0 < lo
         assert measured <= hi and measured > 0.6 * table(s.pruner.prune(scope, by_table)) / 10.0
         # and it is what bisecting on the corrected limit gives (the factor is exactly 0.6 here)
-        corrected, _ = bisect_ratio(lambda r: table(s.pruner.prune(scope, r)), 0.4 / 0.6 * 10.0, s.cfg.max_ratio)
+        corrected, _ = bisect_ratio(lambda r, scope=scope: table(s.pruner.prune(scope, r)), 0.4 / 0.6 * 10.0,
+                                    s.cfg.max_ratio)
         assert getattr(base, "uniform_ratio" if scope == "uniform" else "global_ratio") == pytest.approx(corrected)
     assert measured_calls[0] == ["dense", "global", "uniform"] and len(measured_calls) >= 2

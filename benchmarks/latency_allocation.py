@@ -25,6 +25,7 @@ import copy
 import gzip
 import io
 import json
+import os
 import sys
 import tarfile
 import tempfile
@@ -77,6 +78,7 @@ def cifar10(root: Path, per_class_train: int, per_class_test: int) -> tuple:
 
     want = {"train": per_class_train, "test": per_class_test}
     got: dict[str, dict[str, list]] = {"train": {}, "test": {}}
+    full: set[tuple[str, str]] = set()
     with tarfile.open(root / "cifar10-jpeg.tar.gz", "r:gz") as tar:
         for m in tar:
             parts = m.name.split("/")
@@ -85,6 +87,10 @@ def cifar10(root: Path, per_class_train: int, per_class_test: int) -> tuple:
             lst = got[parts[0]].setdefault(parts[1], [])
             if len(lst) < want[parts[0]]:
                 lst.append(np.asarray(Image.open(io.BytesIO(tar.extractfile(m).read())).convert("RGB")))
+            elif len(lst) == want[parts[0]]:
+                full.add((parts[0], parts[1]))
+                if len(full) == 20:  # ten classes in both splits: the rest of the archive is not needed
+                    break
     classes = sorted(got["train"])
     mean = torch.tensor([0.4914, 0.4822, 0.4465]).view(1, 3, 1, 1)
     std = torch.tensor([0.2470, 0.2435, 0.2616]).view(1, 3, 1, 1)
@@ -109,25 +115,68 @@ def _bundle(xt, yt, xs, ys):
     return DataBundle(TensorImages(xt, yt), TensorImages(xs, ys), 10)
 
 
-def train_dense(model, data, epochs: int, lr: float, batch: int = 128) -> float:
+def crop_flip(x: torch.Tensor, y):
+    """CIFAR's standard training augmentation: a random 32x32 crop of the 4-pixel zero-padded image
+    (zero = the normalised mean) and a horizontal flip, from torch's seeded global generator."""
+    i, j = torch.randint(0, 9, (2,)).tolist()
+    x = torch.nn.functional.pad(x, (4, 4, 4, 4))[:, i:i + x.shape[1], j:j + x.shape[2]]
+    return (x.flip(2) if torch.rand(()) < 0.5 else x), y
+
+
+def train_dense(model, data, epochs: int, lr: float, augment: bool, batch: int = 128) -> float:
     from compress.data import make_loader
-    from compress.metrics import evaluate
+    from compress.data.base import Augmented
     from compress.train.config import OptimizerConfig, TrainLoopConfig
     from compress.train.loop import train
 
     cfg = TrainLoopConfig(epochs=epochs, optimizer=OptimizerConfig(name="sgd", lr=lr, momentum=0.9, weight_decay=5e-4))
-    train(model, make_loader(data.train, batch, shuffle=True, seed=0, drop_last=True), cfg, "cpu",
+    train_set = Augmented(data.train, crop_flip) if augment else data.train
+    train(model, make_loader(train_set, batch, shuffle=True, seed=0, drop_last=True), cfg, "cpu",
           description="dense")
+    return test_accuracy(model, data)
+
+
+def test_accuracy(model, data) -> float:
+    from compress.data import make_loader
+    from compress.metrics import evaluate
+
     return evaluate(model.eval(), make_loader(data.test, 256, shuffle=False), "cpu")["accuracy"]
 
 
+def trained(name: str, model, data, epochs: int, lr: float, augment: bool, key: str, cache_dir: Path) -> tuple:
+    """Train ``model`` once per (model, data, epochs) and keep the weights under ``cache_dir``: a re-run
+    of the benchmark loads them (weights_only) instead of training again."""
+    import hashlib
+
+    path = cache_dir / f"{name}-{hashlib.sha1(key.encode()).hexdigest()[:12]}.pt"
+    if path.exists():
+        model.load_state_dict(torch.load(path, weights_only=True))
+        return test_accuracy(model, data), 0.0, str(path)
+    t0 = time.perf_counter()
+    acc = train_dense(model, data, epochs, lr, augment)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    torch.save(model.state_dict(), tmp)
+    tmp.replace(path)
+    return acc, time.perf_counter() - t0, str(path)
+
+
 ACCURACY_MODELS = {
-    # name: (factory kwargs, dataset, epochs, lr)
+    # name: (factory, kwargs, dataset, default epochs, lr)
     "fashion_cnn": ("small_cnn", {"num_classes": 10, "in_channels": 1, "width": 32}, "fashion", 3, 0.05),
     "resnet20": ("resnet20", {"num_classes": 10}, "cifar10", 8, 0.1),
     "mobilenet_v2_cifar": ("mobilenet_v2", {"num_classes": 10, "width_mult": 0.5, "small_input": True}, "cifar10", 8,
                            0.05),
 }
+
+
+def _per_model(spec: str, name: str, default):
+    """``name=value`` pairs, comma separated (``resnet20=10,mobilenet_v2_cifar=4``): this model's value."""
+    for pair in filter(None, spec.split(",")):
+        k, _, v = pair.rpartition("=")
+        if k in ("", name):
+            default = type(default)(v)
+    return default
 
 
 def part_accuracy(args) -> dict:
@@ -136,25 +185,37 @@ def part_accuracy(args) -> dict:
     from compress.zoo import MODELS
 
     root = Path(args.data_root)
-    out: dict = {"models": {}, "conditions": {}}
+    out_path = Path(args.out_dir) / "latency_allocation_accuracy.json"
+    # models run in separate invocations (one at a time on a shared machine) land in one file
+    out: dict = json.loads(out_path.read_text()) if out_path.exists() and not args.fresh else {"models": {}}
+    out.setdefault("models", {})
+    out.setdefault("conditions", {})
     cache: dict = {}
     for name in args.models.split(","):
         factory, kwargs, ds, epochs, lr = ACCURACY_MODELS[name]
+        epochs = _per_model(args.epochs, name, epochs)
         if name == "fashion_cnn":
             kwargs, epochs = {**kwargs, "width": args.fashion_width}, args.fashion_epochs
-        if ds not in cache:
+        per_class = _per_model(args.cifar_per_class, name, 500)
+        dkey = (ds, per_class)
+        if dkey not in cache:
             t0 = time.perf_counter()
-            cache[ds] = (fashion(root, args.fashion_train, 2000) if ds == "fashion"
-                         else cifar10(root, args.cifar_per_class, 200))
-            print(f"[data] {cache[ds][1]}: {time.perf_counter() - t0:.0f} s", flush=True)
-        data, src = cache[ds]
+            cache[dkey] = (fashion(root, args.fashion_train, 2000) if ds == "fashion"
+                           else cifar10(root, per_class, args.cifar_test_per_class))
+            print(f"[data] {cache[dkey][1]}: {time.perf_counter() - t0:.0f} s", flush=True)
+        data, src = cache[dkey]
         torch.manual_seed(0)
         model = MODELS.get(factory)(**kwargs)
-        t0 = time.perf_counter()
-        dense_acc = train_dense(model, data, epochs, lr)
-        print(f"[{name}] dense {dense_acc:.2f} % ({time.perf_counter() - t0:.0f} s training)", flush=True)
+        augment = ds == "cifar10"
+        key = f"{factory}|{sorted(kwargs.items())}|{src}|{len(data.train)}|{epochs}|{lr}|{augment}"
+        dense_acc, train_s, ckpt = trained(name, model, data, epochs, lr, augment, key, Path(args.checkpoints))
+        print(f"[{name}] dense {dense_acc:.2f} % ({train_s:.0f} s training; {ckpt})", flush=True)
         entry = {"data": src, "train_samples": len(data.train), "test_samples": len(data.test),
-                 "epochs": epochs, "dense_test_accuracy": dense_acc, "runs": []}
+                 "epochs": epochs, "augment": "random crop (pad 4) + flip" if augment else None,
+                 "dense_test_accuracy": dense_acc, "train_seconds": train_s, "runs": [],
+                 "load_start": os.getloadavg()}
+        if args.train_only:
+            continue
         shape = data.input_shape
         work = Path(tempfile.mkdtemp(prefix=f"latalloc-{name}-"))
         for batch, budget in [tuple(float(v) for v in pair.split("@")) for pair in args.settings.split(",")]:
@@ -185,11 +246,12 @@ def part_accuracy(args) -> dict:
                 print(f"[{name}] batch {batch} budget {budget}: " + ", ".join(
                     f"{x['name']} {x['measured_ms'] / rows[0]['measured_ms']:.3f}x {x.get('test_accuracy') or 0:.2f}%"
                     for x in rows), flush=True)
-                atomic_write_json(Path(args.out_dir) / "latency_allocation_accuracy.json", {**out, "models": {
-                    **out["models"], name: entry}})
+                atomic_write_json(out_path, {**out, "models": {**out["models"], name: entry}})
+        entry["load_end"] = os.getloadavg()
+        entry["conditions"] = {"settings": args.settings, "trials": args.trials, "finetune_steps": args.finetune_steps,
+                               "finetune_batch": 64, "measure_iters": args.iters, "threads": 1,
+                               "backend": "onnxruntime (CPU)", "command": " ".join(sys.argv)}
         out["models"][name] = entry
-    out["conditions"] = {"settings": args.settings, "trials": args.trials, "finetune_steps": args.finetune_steps, "finetune_batch": 64,
-                         "measure_iters": args.iters, "threads": 1, "backend": "onnxruntime (CPU)"}
     return out
 
 
@@ -252,12 +314,48 @@ def part_efficiency(args) -> dict:
     return out
 
 
+def goal_verdict(run: dict) -> dict:
+    """The issue's goal for one (model, setting): against the better of uniform and global (the more
+    accurate one; the faster on a tie), the best of ``allocated`` and ``searched-*`` either (a) at equal or
+    better test accuracy, >= 25 % lower measured latency, or (b) at equal measured latency (within 5 %),
+    >= 1 point higher test accuracy."""
+    rows = {r["name"]: r for r in run["rows"]}
+    base = max((rows[k] for k in ("uniform", "global") if k in rows),
+               key=lambda r: (r.get("test_accuracy") or 0, -r["measured_ms"]))
+    out = {"baseline": base["name"], "baseline_ms": base["measured_ms"], "baseline_acc": base.get("test_accuracy")}
+    best = None
+    limit = run["budget"] * 1.05 * run["rows"][0]["measured_ms"]
+    for r in run["rows"]:
+        if not (r["name"] == "allocated" or r["name"].startswith("searched")) or r["measured_ms"] > limit:
+            continue  # over the budget as measured: not a candidate the search may return
+        speed = 1 - r["measured_ms"] / base["measured_ms"]
+        gain = (r.get("test_accuracy") or 0) - (base.get("test_accuracy") or 0)
+        met = (gain >= 0 and speed >= 0.25) or (r["measured_ms"] <= 1.05 * base["measured_ms"] and gain >= 1.0)
+        cand = {"name": r["name"], "latency_saving": speed, "accuracy_gain": gain, "met": met}
+        if best is None or (met, gain) > (best["met"], best["accuracy_gain"]):
+            best = cand
+    out["best"] = best
+    return out
+
+
 def render(results_dir: Path) -> str:
     """Markdown tables from the two JSON files (whichever exist)."""
     lines = []
     acc = results_dir / "latency_allocation_accuracy.json"
     if acc.exists():
         data = json.loads(acc.read_text())
+        lines += ["| model | batch | budget | better baseline (ms, acc %) | best of allocated/searched | "
+                  "latency vs baseline | accuracy vs baseline | goal met? |", "|---|---:|---:|---|---|---:|---:|---|"]
+        for name, e in data["models"].items():
+            for run in e["runs"]:
+                v = goal_verdict(run)
+                b = v["best"] or {"name": "none within budget", "latency_saving": float("nan"),
+                                  "accuracy_gain": float("nan"), "met": False}
+                lines.append(f"| {name} | {run['batch_size']} | {run['budget']} | {v['baseline']} "
+                             f"({v['baseline_ms']:.3f}, {v['baseline_acc']:.2f}) | {b['name']} | "
+                             f"{-100 * b['latency_saving']:+.1f} % | {b['accuracy_gain']:+.2f} pt | "
+                             f"{'yes' if b['met'] else 'no'} |")
+        lines.append("")
         for name, e in data["models"].items():
             lines += [f"#### {name}: {e['data']}, {e['train_samples']} train / {e['test_samples']} test, "
                       f"{e['epochs']} epochs; dense test accuracy {e['dense_test_accuracy']:.2f} %", ""]
@@ -297,7 +395,12 @@ def main() -> None:
     ap.add_argument("--models", default="fashion_cnn,resnet20,mobilenet_v2_cifar")
     ap.add_argument("--large", default="resnet50,mobilenet_v2")
     ap.add_argument("--fashion-train", type=int, default=12000)
-    ap.add_argument("--cifar-per-class", type=int, default=1000)
+    ap.add_argument("--cifar-per-class", default="500", help="training images per class: N, or model=N pairs")
+    ap.add_argument("--cifar-test-per-class", type=int, default=200)
+    ap.add_argument("--epochs", default="", help="dense training epochs per CIFAR model: model=N pairs")
+    ap.add_argument("--checkpoints", default="/tmp/latalloc-checkpoints", help="trained dense weights, reused")
+    ap.add_argument("--train-only", action="store_true", help="train (or load) the dense models and stop")
+    ap.add_argument("--fresh", action="store_true", help="start a new accuracy JSON instead of adding to it")
     ap.add_argument("--trials", type=int, default=12)
     ap.add_argument("--settings", default="1@0.5,1@0.33,32@0.5,32@0.33", help="batch@budget pairs")
     ap.add_argument("--fashion-width", type=int, default=32)

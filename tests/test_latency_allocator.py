@@ -92,6 +92,31 @@ def test_fit_to_budget_refits_on_the_measured_ratio_and_reports_the_shortfall():
     assert "over the budget 0.05 x" in impossible.shortfall() and "by " in impossible.shortfall()
 
 
+def test_fit_to_budget_raises_the_target_when_the_table_over_predicts():
+    """A model measured far under its budget gave up accuracy for nothing: the re-fit raises the table's
+    target by the measured/predicted factor and re-allocates from dense; the result is the within-budget
+    attempt closest to the budget, and ``model`` is that attempt's model."""
+    groups, lat = _toy()
+    dense = lat.total([32, 32])
+    built = []
+
+    def apply(widths):
+        built.append(list(widths))
+        return torch.nn.Linear(1, 1)
+
+    def measure_fast(model):  # end to end the pruned model is 40 % faster than the table predicts
+        return 2.0, 2.0 * 0.6 * lat.total(built[-1]) / dense
+
+    r = fit_to_budget(groups, lat, 0.3, apply, measure_fast, tolerance=0.05, refits=3)
+    first = r.attempts[0]
+    assert first.measured_ratio < 0.3 * 0.95  # the table's own choice lands far under the budget
+    second = r.attempts[1]
+    assert second.target_ratio == pytest.approx(0.3 / (first.measured_ratio / first.predicted_ratio))
+    assert r.within and first.measured_ratio < r.last.measured_ratio <= 0.3 * 1.05
+    assert r.last.widths[1] > first.widths[1]  # channels given back to the expensive group
+    assert r.model is not None and built[r.chosen if r.chosen >= 0 else len(built) - 1] == r.last.widths
+
+
 def test_ratios_reproduce_the_widths_with_the_pruner():
     from compress.structured import pruner as structured
     from compress.search.latency_target import per_layer_block
@@ -161,3 +186,35 @@ def test_allocator_gives_back_what_an_overshooting_move_left_unused():
     alloc = allocate(groups, lat, 1.2)
     assert alloc.widths == [8, 32] and alloc.predicted_ms == pytest.approx(1.1)
     assert alloc.cost == pytest.approx(0.1 * 24)
+
+
+def test_removal_costs_sum_over_the_layers_a_group_cuts_and_are_relative_to_its_width():
+    from compress.search.allocator import removal_costs
+
+    # a group cut in 4 layer sides (plus a BatchNorm, which is no layer side), scores 3 and 1: the
+    # cheaper channel is a quarter of the importance (x 4 sides = 1; 2 channels left when it goes: x 1),
+    # the other three quarters (x 4 = 3; 1 channel left: x 2)
+    costs = removal_costs([3.0, 1.0], ["a.out", "bn", "b.in", "c.in", "d.out"])
+    assert costs == pytest.approx([1.0, 6.0])
+    # a 2-side group with 4 channels of equal score: a quarter of each of 2 layers, x 4/4, 4/3, 4/2, 4/1
+    assert removal_costs([5.0] * 4, ["x.out", "y.in"]) == pytest.approx([0.5, 2 / 3, 1.0, 2.0])
+    assert removal_costs([0.0, 0.0], ["x.out"]) == pytest.approx([0.5, 1.0])
+
+
+def test_a_residual_stream_costs_what_all_its_layers_lose():
+    """ResNet-20: the group of a stage's residual stream is cut in every block of the stage, so removing
+    its channels must cost more than removing a block's inner channels (the mean-reduced criterion made
+    them equal and the allocator emptied every residual stream first)."""
+    from compress.search.allocator import channel_groups
+    from compress.structured.criteria import IMPORTANCES
+    from compress.zoo import MODELS
+
+    torch.manual_seed(0)
+    model = MODELS.get("resnet20")(num_classes=10).eval()
+    groups = channel_groups(model, torch.randn(1, 3, 32, 32), IMPORTANCES.get("l2").build(), ["fc"], round_to=8,
+                            min_floor=lambda d: 8, first_conv="conv1", first_conv_max_ratio=None, max_ratio=0.9)
+    # the cost of halving each group (its cheapest half of the channels)
+    total = {g.name: g.removal_cost(g.dense, g.dense // 2) for g in groups}
+    inner = [n for n in total if n.endswith(".conv1") and n.startswith("layers.")]
+    residual = [n for n in total if n not in inner]
+    assert inner and residual and min(total[n] for n in residual) > max(total[n] for n in inner)

@@ -272,8 +272,12 @@ def run(cfg: Config, ctx) -> StageOutput:
     def build_importance():
         return criterion.build(obs_update=cfg.obs_update, obs_dampening=cfg.obs_dampening)
 
+    # the task's loss (segmentation: per pixel at the label size); classification keeps plain
+    # cross-entropy (no label smoothing) as before
+    task_loss = ctx.training_objective.loss if ctx.training_objective is not None else None
+
     def calibrate(m, imp):
-        calibrate_criterion(criterion, imp, m, calib, ctx.device)
+        calibrate_criterion(criterion, imp, m, calib, ctx.device, loss=task_loss)
 
     # guards and max_ratio stay relative to the unpruned model across steps and pruner instances
     kw["reference"] = pruner.channel_counts(model, example)

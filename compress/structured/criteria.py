@@ -8,8 +8,9 @@ normalised by its mean ``s(c) / mean_c s(c)`` so that ``scope: global`` can rank
 (Torch-Pruning's ``group_reduction="mean", normalizer="mean"``). ``docs/criteria.md`` has the table.
 
 Data-aware criteria are prepared by ``Criterion.calibrate`` (or ``needs``) on calibration batches
-from the training split; the loss is the cross-entropy of the model's logits (for dense prediction,
-per pixel). Torch-Pruning classes are used where they are correct; where Torch-Pruning 1.6.1 is
+from the training split; the loss is the task's (``loss(output, targets)``: the segmentation task's
+per-pixel cross-entropy at the label size, ignored pixels left out), by default the cross-entropy
+of the model's logits. Torch-Pruning classes are used where they are correct; where Torch-Pruning 1.6.1 is
 missing a criterion or gets it wrong (noted in each class) the class here is its Importance subclass.
 """
 from __future__ import annotations
@@ -37,7 +38,7 @@ class Criterion:
     build: Callable[..., tp.importance.Importance]
     needs: str | None = None
     doc: str = ""
-    # Optional custom calibration: (importance, model, batches, device) -> None. Used instead of
+    # Optional custom calibration: (importance, model, batches, device, loss) -> None. Used instead of
     # accumulate_gradients for criteria that need activations/curvature (kfac, obs).
     calibrate: Callable[..., None] | None = None
 
@@ -45,16 +46,26 @@ class Criterion:
 IMPORTANCES: Registry[Criterion] = Registry("importance")
 
 
-def calibrate(criterion: Criterion, importance, model: nn.Module, batches, device) -> None:
-    """Prepare a data-aware criterion on calibration batches (no-op for data-free ones)."""
+def logits_cross_entropy(output, targets: torch.Tensor) -> torch.Tensor:
+    """The default calibration loss: cross-entropy of the model's logits against the labels."""
+    return F.cross_entropy(logits_of(output), targets)
+
+
+def calibrate(criterion: Criterion, importance, model: nn.Module, batches, device, loss=None) -> None:
+    """Prepare a data-aware criterion on calibration batches (no-op for data-free ones). ``loss``:
+    ``loss(raw model output, targets) -> scalar``, the task's loss (default: logits cross-entropy).
+    It must be the task's own: a segmentation model predicting at 1/4 resolution has no plain
+    cross-entropy against full-size label maps."""
+    loss = loss or logits_cross_entropy
     if criterion.calibrate is not None:
-        criterion.calibrate(importance, model, batches, device)
+        criterion.calibrate(importance, model, batches, device, loss)
     elif criterion.needs:
-        accumulate_gradients(model, batches, device, criterion.needs, importance)
+        accumulate_gradients(model, batches, device, criterion.needs, importance, loss)
 
 
-def accumulate_gradients(model: nn.Module, batches, device, needs: str, imp=None) -> None:
+def accumulate_gradients(model: nn.Module, batches, device, needs: str, imp=None, loss_fn=None) -> None:
     """Run calibration batches forward/backward so data-aware criteria can read ``.grad``."""
+    loss_fn = loss_fn or logits_cross_entropy
     model.zero_grad(set_to_none=True)
     was = model.training
     model.eval()  # BN statistics must not move while we score
@@ -65,11 +76,11 @@ def accumulate_gradients(model: nn.Module, batches, device, needs: str, imp=None
         if needs == "hessian" and imp is not None and hasattr(imp, "accumulate_grad"):
             for i in range(len(xb)):  # per-sample squared gradients for the diagonal estimate
                 model.zero_grad(set_to_none=True)
-                loss = nn.functional.cross_entropy(logits_of(model(xb[i: i + 1])), yb[i: i + 1])
+                loss = loss_fn(model(xb[i: i + 1]), yb[i: i + 1])
                 loss.backward()
                 imp.accumulate_grad(model)
         else:
-            loss = nn.functional.cross_entropy(logits_of(model(xb)), yb)
+            loss = loss_fn(model(xb), yb)
             loss.backward()
     model.train(was)
 
@@ -229,8 +240,9 @@ class _CurvatureImportance(tp.importance.Importance):
     def accumulate(self, m: nn.Module, a: torch.Tensor, ds: torch.Tensor) -> None:  # pragma: no cover
         raise NotImplementedError
 
-    def calibrate(self, model: nn.Module, batches, device) -> None:
+    def calibrate(self, model: nn.Module, batches, device, loss_fn=None) -> None:
         """Forward/backward every calibration batch, hooks capture ``a`` and ``ds``."""
+        loss_fn = loss_fn or logits_cross_entropy
         self.stats, self.samples = {}, 0
         layers = [m for m in model.modules() if _eligible(m)]
 
@@ -250,7 +262,7 @@ class _CurvatureImportance(tp.importance.Importance):
             for xb, yb in batches:
                 xb, yb = xb.to(device), yb.to(device)
                 model.zero_grad(set_to_none=True)
-                loss = F.cross_entropy(logits_of(model(xb)), yb)
+                loss = loss_fn(model(xb), yb)
                 self._batch = len(xb)
                 loss.backward()
                 self.samples += len(xb)
@@ -334,9 +346,9 @@ class OBSImportance(_CurvatureImportance):
         st = self.stats.setdefault(m, {"F": 0.0})
         st["F"] = st["F"] + torch.einsum("nod,noe->de", G, G) / G.shape[1]
 
-    def calibrate(self, model, batches, device) -> None:
+    def calibrate(self, model, batches, device, loss_fn=None) -> None:
         self._inverse = {}
-        super().calibrate(model, batches, device)
+        super().calibrate(model, batches, device, loss_fn)
 
     def fisher(self, m: nn.Module) -> torch.Tensor:
         Fm = self.stats[m]["F"] / self.samples
@@ -415,8 +427,8 @@ def _mean_normalised(imps: list[torch.Tensor], roots: list) -> torch.Tensor:
     return tp_compat.mean_reduce_mean_normalize(imps, roots)
 
 
-def _calibrate_curvature(importance: _CurvatureImportance, model, batches, device) -> None:
-    importance.calibrate(model, batches, device)
+def _calibrate_curvature(importance: _CurvatureImportance, model, batches, device, loss=None) -> None:
+    importance.calibrate(model, batches, device, loss)
 
 
 # ---------------------------------------------------------------- the registry

@@ -182,6 +182,11 @@ def main() -> None:
                   f"{d['miou']:.2f} dense ({-best['drop']:+.2f}), {best['ms']:.3f} ms vs {dense_row['ms']:.3f} ms "
                   f"at batch 1 ({best['speedup']:.2f}x, median of per-round ratios), "
                   f"{best['params'] / d['params']:.0%} of the parameters, {best['macs'] / d['macs']:.0%} of the MACs.")
+        twins = [r for r in within if r is not best and (r["params"], r["macs"]) == (best["params"], best["macs"])]
+        if twins:
+            answer += (" " + ", ".join(f"`{t['config']}` ({t['miou']:.2f} mIoU, {t['ms']:.3f} ms)" for t in twins)
+                       + " has the same shape (the same channel count in every group), so the latency difference is "
+                       "measurement noise: the answer is the ratio, with either criterion.")
     else:
         closest = min(rows, key=lambda r: r["drop"])
         answer = (f"**No configuration is within {WITHIN:g} mIoU point of the dense model** (closest: "
@@ -245,7 +250,7 @@ def markdown(data: dict, answer: str, train: dict, ft: dict, prune: dict) -> str
         "",
         f"Predicting background everywhere scores {data['constant_background_miou']:.2f} mIoU here (the floor of a "
         "collapsed model). Runs marked * were reused from the work folder (same recipe text, finished earlier); "
-        "their seconds are those of the earlier run.",
+        "their seconds (`run s`: the sum of the run's stage seconds) are those of the earlier run.",
         "",
         "| config | criterion | removed | mIoU one-shot | mIoU fine-tuned | drop | params | MACs | ms (b=1) | speedup "
         "| run s |",
@@ -257,6 +262,15 @@ def markdown(data: dict, answer: str, train: dict, ft: dict, prune: dict) -> str
                      f"{r['miou']:.2f} | {r['drop']:+.2f} | {r['params']:,} ({r['params'] / d['params']:.0%}) | "
                      f"{r['macs']:,} ({r['macs'] / d['macs']:.0%}) | {r['ms']:.3f} | {r['speedup']:.2f}x | "
                      f"{r['run_seconds']:.0f}{'*' if r['reused'] else ''} |")
+    lines += ["", "l2 vs taylor at the same ratio (mIoU one-shot -> after the distilled fine-tune):", ""]
+    by = {(r["criterion"], r["ratio"]): r for r in data["rows"]}
+    for ratio in sorted({r["ratio"] for r in data["rows"]}):
+        if ("l2", ratio) in by and ("taylor", ratio) in by:
+            a, b = by["l2", ratio], by["taylor", ratio]
+            lines.append(f"- {ratio:.0%}: l2 {a['miou_pruned']:.2f} -> {a['miou']:.2f}, taylor {b['miou_pruned']:.2f} -> "
+                         f"{b['miou']:.2f} (one-shot {'taylor' if b['miou_pruned'] > a['miou_pruned'] else 'l2'} ahead "
+                         f"by {abs(b['miou_pruned'] - a['miou_pruned']):.2f}; fine-tuned "
+                         f"{'taylor' if b['miou'] > a['miou'] else 'l2'} ahead by {abs(b['miou'] - a['miou']):.2f})")
     return "\n".join(lines + ["", NOTES]) + "\n"
 
 

@@ -50,7 +50,7 @@ def test_search_without_optuna_through_the_cli(write_recipe, tmp_path, monkeypat
     blocker.mkdir()
     (blocker / "sitecustomize.py").write_text("import sys\nsys.modules['optuna'] = None\n")
     monkeypatch.setenv("PYTHONPATH", str(blocker) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    res = cli("validate", str(write_recipe(_search_recipe())))
+    res = cli("validate", str(write_recipe(_search_recipe())), process=True)  # PYTHONPATH: a real process
     assert res.returncode == 2 and "Traceback" not in res.stderr
     assert "stages[1]" in res.stderr and "compress-models[search]" in res.stderr
 

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import REPO, tiny_recipe
+from conftest import REPO, cli, tiny_recipe
 
 ENV = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
 
@@ -36,7 +36,13 @@ def short_recipe(**overrides) -> dict:
 
 
 def run_cli(*args: str, cwd: Path | None = None, umask: int | None = None, timeout: int = 600):
-    pre = (lambda: os.umask(umask)) if umask is not None else None
+    """The CLI in this process (conftest.cli), or in a real one when the run needs its own umask."""
+    if umask is None:
+        return cli(*args, cwd=cwd, timeout=timeout)
+
+    def pre():
+        os.umask(umask)
+
     return subprocess.run([sys.executable, "-m", "compress", *args], cwd=cwd, env=ENV, capture_output=True,
                           text=True, timeout=timeout, preexec_fn=pre)
 

@@ -22,8 +22,10 @@ by phase (graph build, ranking, cuts, forward checks, MAC counting).
 
 Attention: ``heads: {ratio: 0.25, head_dims: true}`` removes whole heads of q/k/v-projection
 attention (Hugging Face style) and, with ``head_dims``, channels inside the surviving heads; head
-counts and widths are patched so forward and ONNX export work. ``nn.MultiheadAttention`` keeps its
-head count and loses the same channels in every head.
+counts and widths are patched so forward and ONNX export work. ``nn.MultiheadAttention`` loses the
+same channels in every head; with ``heads`` it is first replaced by an equivalent module with
+separate q/k/v projections (``attention_replaced`` in the metrics; portable checkpoints rebuild it),
+so whole heads go too.
 """
 from __future__ import annotations
 
@@ -286,7 +288,7 @@ def run(cfg: Config, ctx) -> StageOutput:
         measure = ((lambda m: count_macs(m, ctx.input_shape, ctx.device, example) / base) if key == "macs"
                    else (lambda m: count_params(m) / base))
 
-    gp, step_metrics, guard_hits, patched, skipped, timing = None, [], [], [], [], {}
+    gp, step_metrics, guard_hits, patched, skipped, timing, replaced = None, [], [], [], [], {}, []
     for step in range(cfg.steps):
         if cfg.target is not None:
             # iterative with a target: each step reaches its share of the budget on the current
@@ -305,6 +307,7 @@ def run(cfg: Config, ctx) -> StageOutput:
         calibrate(model, gp.pruner.importance)
         guard_hits += gp.step()
         patched += gp.patched
+        replaced += [c for c in gp.converted if c not in replaced]
         skipped += [dict(s, step=step + 1) for s in gp.skipped if dict(s, step=step + 1) not in skipped]
         gp.patched, gp.skipped = [], []
         for phase, seconds in gp.timing.items():
@@ -336,6 +339,8 @@ def run(cfg: Config, ctx) -> StageOutput:
         "unpruned_groups": skipped,
         "timing_s": {k: round(v, 3) for k, v in timing.items()},
     }
+    if replaced:  # nn.MultiheadAttention swapped for the split-projection form (whole-head pruning)
+        metrics["attention_replaced"] = replaced
     if gp.sites:
         metrics["attention"] = [{"module": s.name, "heads": s.heads, "head_dim": s.head_dim} for s in gp.sites]
     search = None

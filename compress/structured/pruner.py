@@ -222,6 +222,8 @@ class GuardedPruner:
                  max_ratio: float = 1.0, reference: dict[str, tuple[int, int]] | None = None):
         self.model = model
         self.guards = guards or Guards()
+        # whole heads of nn.MultiheadAttention: replaced first by the split-projection equivalent
+        self.converted = (attention.split_multihead_attention(model) if heads_ratio > 0 else [])
         first, self.output_name = io_layers(model, example)
         modules = dict(model.named_modules())
         self.first_conv = modules.get(first) if first and self.guards.first_conv_max_ratio is not None else None
@@ -232,9 +234,8 @@ class GuardedPruner:
         self.sites = attention.find_attention(model)
         if heads_ratio > 0 and not any(s.kind == "qkv" for s in self.sites):
             where = ", ".join(s.name for s in self.sites) or "none found"
-            raise InputError("whole-head pruning needs attention with separate q/k/v projections "
-                             f"(attention modules: {where}); nn.MultiheadAttention packs q/k/v at the "
-                             "residual width, so only channels inside its heads can be pruned", field="heads.ratio")
+            raise InputError("whole-head pruning needs attention with separate q/k/v projections or "
+                             f"nn.MultiheadAttention (attention modules: {where})", field="heads.ratio")
         if scope == "per_layer":
             names = [n for n, m in model.named_modules() if isinstance(m, _WEIGHTED)]
             for pat in per_layer or {}:

@@ -185,8 +185,16 @@ def structural_attrs(model: nn.Module) -> dict[str, dict[str, Any]]:
 def _replace_modules(model: nn.Module, attrs: dict[str, dict[str, Any]]) -> None:
     """Swap in the modules pruning replaced (only compress's own, by name: arch.json is data)."""
     from .structured.attention import SplitMultiheadAttention
+    from .structured.reparam import MARK, METHODS
 
     known = {"split_multihead_attention": (nn.MultiheadAttention, SplitMultiheadAttention.from_torch)}
+    modules = dict(model.named_modules())
+    for name, record in attrs.items():  # blocks fused before pruning: fused again (the model's own method)
+        method = record.get(MARK)
+        if method is not None and name in modules:
+            if method not in METHODS or not callable(getattr(type(modules[name]), method, None)):
+                raise InputError(f"module {name!r}: cannot re-parameterise with {method!r}", field="arch.json")
+            getattr(modules[name], method)()
     for name, record in attrs.items():
         kind = record.get("portable_replacement")
         if kind is None or not name:

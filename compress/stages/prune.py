@@ -26,6 +26,11 @@ counts and widths are patched so forward and ONNX export work. ``nn.MultiheadAtt
 same channels in every head; with ``heads`` it is first replaced by an equivalent module with
 separate q/k/v projections (``attention_replaced`` in the metrics; portable checkpoints rebuild it),
 so whole heads go too.
+
+Re-parameterisable blocks (RepVGG/MobileOne-style branches): pruned as they are, the branches lose
+the same channels (``reparameterizable`` lists them); ``reparameterize: true`` fuses them first with
+the model's own ``reparameterize()``/``switch_to_deploy()`` (refused if the output moves; listed in
+``reparameterized``; portable checkpoints fuse again on load) and prunes the fused convs.
 """
 from __future__ import annotations
 
@@ -40,7 +45,7 @@ from pydantic import Field, field_validator, model_validator
 from ..train.config import OptimizerConfig
 from .base import StageConfig
 from ..config import Strict, require_exactly_one
-from ..structured import pruner
+from ..structured import pruner, reparam
 from ..structured.criteria import IMPORTANCES, calibrate as calibrate_criterion
 from ..metrics import count_macs, count_params, logits_of
 from .artifacts import MASKS, TEACHER
@@ -149,6 +154,9 @@ class Config(StageConfig):
     finetune_between: Optional[FinetuneBlock] = None
     obs_update: bool = Field(False, description="importance obs: OBS-update the surviving weights")
     obs_dampening: float = Field(0.01, gt=0, description="importance obs: Fisher dampening, relative to its mean diagonal")
+    reparameterize: bool = Field(False, description="fuse re-parameterisable blocks (the model's own "
+                                 "reparameterize()/switch_to_deploy()) before pruning; otherwise their branches "
+                                 "are pruned alike")
     allow_noop: bool = Field(False, description="accept a prune that removes nothing (otherwise the stage fails, exit 2)")
 
     @field_validator("ratio")
@@ -266,6 +274,10 @@ def run(cfg: Config, ctx) -> StageOutput:
     model = ctx.model.to(ctx.device).eval()
     example = ctx.example_inputs(1)
     before = ctx.stats()
+    rep_blocks = reparam.find_reparameterizable(model)
+    if cfg.reparameterize and not rep_blocks:
+        raise InputError("no module of the model has reparameterize() or switch_to_deploy()", field="reparameterize")
+    fused = reparam.reparameterize(model, example) if cfg.reparameterize else []
     out_shape = _output_signature(model, example)
     criterion = IMPORTANCES.get(cfg.importance, field="importance")
     calib = ctx.calibration_batches(cfg.calibration_batches) if (criterion.needs or criterion.calibrate) else []
@@ -339,6 +351,10 @@ def run(cfg: Config, ctx) -> StageOutput:
         "unpruned_groups": skipped,
         "timing_s": {k: round(v, 3) for k, v in timing.items()},
     }
+    if fused:  # blocks fused before pruning (reparameterize: true)
+        metrics["reparameterized"] = fused
+    elif rep_blocks:  # their training-time branches were pruned alike, left unfused
+        metrics["reparameterizable"] = [n for n, _ in rep_blocks]
     if replaced:  # nn.MultiheadAttention swapped for the split-projection form (whole-head pruning)
         metrics["attention_replaced"] = replaced
     if gp.sites:

@@ -166,12 +166,14 @@ def arm_compress(model, shape, workdir: Path) -> dict:
     import torch
 
     from compress.config import ModelConfig
+    from torch.utils.data import TensorDataset
+
     from compress.data.base import DataBundle
     from compress.stages import STAGES, StageContext
 
     x = inputs_for(model, shape, 4)
     y = torch.zeros(len(x), dtype=torch.long)
-    data = DataBundle(x, y, x, y, num_classes=10)
+    data = DataBundle(TensorDataset(x, y), TensorDataset(x, y), num_classes=10)
     ctx = StageContext(run_dir=workdir, device=torch.device("cpu"), data=data, model=model, run_name="coverage",
                        run_seed=0, model_spec=ModelConfig(factory="coverage:model", input_shape=list(shape)),
                        batch_size=4, dense=None, index=0, stage_dir=workdir)

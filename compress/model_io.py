@@ -174,9 +174,38 @@ def structural_attrs(model: nn.Module) -> dict[str, dict[str, Any]]:
                 isinstance(v, (tuple, list)) and all(isinstance(i, _SIMPLE) for i in v)
             ):
                 attrs[k] = list(v) if isinstance(v, tuple) else v
+        replacement = getattr(type(mod), "portable_replacement", None)
+        if isinstance(replacement, str):  # a module pruning swapped in: the factory builds the original
+            attrs["portable_replacement"] = replacement
         if attrs:
             out[name] = attrs
     return out
+
+
+def _replace_modules(model: nn.Module, attrs: dict[str, dict[str, Any]]) -> None:
+    """Swap in the modules pruning replaced (only compress's own, by name: arch.json is data)."""
+    from .structured.attention import SplitMultiheadAttention
+    from .structured.reparam import MARK, METHODS
+
+    known = {"split_multihead_attention": (nn.MultiheadAttention, SplitMultiheadAttention.from_torch)}
+    modules = dict(model.named_modules())
+    for name, record in attrs.items():  # blocks fused before pruning: fused again (the model's own method)
+        method = record.get(MARK)
+        if method is not None and name in modules:
+            if method not in METHODS or not callable(getattr(type(modules[name]), method, None)):
+                raise InputError(f"module {name!r}: cannot re-parameterise with {method!r}", field="arch.json")
+            getattr(modules[name], method)()
+    for name, record in attrs.items():
+        kind = record.get("portable_replacement")
+        if kind is None or not name:
+            continue
+        if kind not in known:
+            raise InputError(f"module {name!r}: unknown replacement {kind!r}", field="arch.json")
+        original, convert = known[kind]
+        mod = model.get_submodule(name) if name in dict(model.named_modules()) else None
+        if isinstance(mod, original):
+            parent, _, leaf = name.rpartition(".")
+            setattr(model.get_submodule(parent) if parent else model, leaf, convert(mod))
 
 
 def _restore_attrs(model: nn.Module, attrs: dict[str, dict[str, Any]]) -> None:
@@ -369,6 +398,7 @@ def load_portable(directory: str | Path, allow=(), trust_code: bool = False) -> 
                          f"export instead, model.pt2 from an export stage with pt2: true "
                          f"(torch.export.load, no model code needed)", field=str(directory / "arch.json")) from None
     set_origin(model, arch["factory"], arch.get("kwargs") or {}, arch.get("input_shape"))
+    _replace_modules(model, arch.get("modules", {}))
     _restore_attrs(model, arch.get("modules", {}))
     try:
         sd = load_file(str(weights))

@@ -7,6 +7,7 @@ import importlib.util
 import pytest
 import torch
 import torch_pruning as tp
+from torch import nn
 
 from compress.structured import pruner as pruning
 from compress.structured.attention import find_attention
@@ -95,10 +96,20 @@ def test_segformer_heads_pruned_per_stage():
         assert s.module.num_attention_heads * s.module.head_dim == s.qkv[0].out_features
 
 
-def test_mha_cannot_drop_whole_heads():
-    model = MODELS.get("vit_tiny")(image_size=16, dim=32, depth=1, heads=2)
-    with pytest.raises(InputError, match="heads.ratio.*MultiheadAttention"):
-        pruning.GuardedPruner(model, torch.randn(1, 3, 16, 16), tp.importance.GroupMagnitudeImportance(),
+def test_mha_drops_whole_heads_after_the_split_replacement():
+    model = MODELS.get("vit_tiny")(image_size=16, dim=32, depth=1, heads=4).eval()
+    gp = pruning.GuardedPruner(model, torch.randn(1, 3, 16, 16), tp.importance.GroupMagnitudeImportance(),
+                               ratio=0.0, scope="uniform", heads_ratio=0.5, head_dims=False)
+    gp.step()
+    assert [c["module"] for c in gp.converted] == ["blocks.0.attn"] and model.blocks[0].attn.num_heads == 2
+    model(torch.randn(2, 3, 16, 16))
+
+
+def test_heads_without_any_attention_is_refused():
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.Flatten(), nn.LazyLinear(4))
+    model(torch.randn(1, 3, 8, 8))
+    with pytest.raises(InputError, match="heads.ratio"):
+        pruning.GuardedPruner(model, torch.randn(1, 3, 8, 8), tp.importance.GroupMagnitudeImportance(),
                               ratio=0.5, scope="uniform", heads_ratio=0.25)
 
 

@@ -3,10 +3,12 @@ and what compress does with each: patch the constant forward reads, prune split 
 leave the group alone and say why, never a traceback and never a model that does not run."""
 from __future__ import annotations
 
+import pytest
 import torch
 import torch_pruning as tp
 from torch import nn
 
+from compress.errors import ModelBreakError
 from compress.metrics import logits_of
 from compress.structured import pruner as pruning
 
@@ -213,3 +215,39 @@ def test_multihead_attention_embed_dim_and_head_dim_stay_consistent():
     a = m.attn
     assert a.embed_dim == m.proj.out_features and a.head_dim * a.num_heads == a.embed_dim
     assert m.hidden_dim == a.embed_dim
+
+
+class _SharedWidthAttribute(nn.Module):
+    """Two branches of the same width feed one module whose forward reshapes one of them with an
+    attribute holding that width (a bias-like constant): the value alone cannot say which branch it follows."""
+
+    def __init__(self):
+        super().__init__()
+        self.width = 32
+        self.a = nn.Linear(16, 32)
+        self.b = nn.Linear(16, 32)
+        self.head = nn.Linear(64, 4)
+        with torch.no_grad():  # a: 24 weak rows, b: even rows, so a global ranking cuts them differently
+            self.a.weight[:24].mul_(1e-3)
+            self.a.bias[:24].mul_(1e-3)
+            self.head.weight[:, :24].mul_(1e-3)
+            self.b.weight.copy_(torch.randn(32, 16).sign() * 0.2 + torch.linspace(0, 0.01, 32)[:, None])
+
+    def forward(self, x):
+        a = self.a(x) + x.new_zeros(self.width)  # broadcasts only while width is a's width
+        return self.head(torch.cat([a, self.b(x)], 1))
+
+
+def test_attribute_matching_two_differently_cut_widths_is_refused_naming_it():
+    m = _SharedWidthAttribute()
+    x = torch.randn(2, 16)
+    gp = pruning.GuardedPruner(m, x, tp.importance.GroupMagnitudeImportance(p=2), ratio=0.5, scope="global",
+                               guards=pruning.Guards(round_to=None, min_channels=None))
+    with pytest.raises(ModelBreakError, match=r"module '<model>' attribute 'width' = 32 .*a -> .*b -> "):
+        gp.step()
+    assert m.width == 32 and m(x).shape == (2, 4)  # nothing guessed, and the model still runs
+    m = _SharedWidthAttribute()  # the advice works: with b left whole, width follows a alone
+    gp = pruning.GuardedPruner(m, x, tp.importance.GroupMagnitudeImportance(p=2), ratio=0.5, scope="global",
+                               ignore=["b"], guards=pruning.Guards(round_to=None, min_channels=None))
+    gp.step()
+    assert m.width == m.a.out_features < 32 and m.b.out_features == 32

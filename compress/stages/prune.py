@@ -22,8 +22,15 @@ by phase (graph build, ranking, cuts, forward checks, MAC counting).
 
 Attention: ``heads: {ratio: 0.25, head_dims: true}`` removes whole heads of q/k/v-projection
 attention (Hugging Face style) and, with ``head_dims``, channels inside the surviving heads; head
-counts and widths are patched so forward and ONNX export work. ``nn.MultiheadAttention`` keeps its
-head count and loses the same channels in every head.
+counts and widths are patched so forward and ONNX export work. ``nn.MultiheadAttention`` loses the
+same channels in every head; with ``heads`` it is first replaced by an equivalent module with
+separate q/k/v projections (``attention_replaced`` in the metrics; portable checkpoints rebuild it),
+so whole heads go too.
+
+Re-parameterisable blocks (RepVGG/MobileOne-style branches): pruned as they are, the branches lose
+the same channels (``reparameterizable`` lists them); ``reparameterize: true`` fuses them first with
+the model's own ``reparameterize()``/``switch_to_deploy()`` (refused if the output moves; listed in
+``reparameterized``; portable checkpoints fuse again on load) and prunes the fused convs.
 """
 from __future__ import annotations
 
@@ -38,7 +45,7 @@ from pydantic import Field, field_validator, model_validator
 from ..train.config import OptimizerConfig
 from .base import StageConfig
 from ..config import Strict, require_exactly_one
-from ..structured import pruner
+from ..structured import pruner, reparam
 from ..structured.criteria import IMPORTANCES, calibrate as calibrate_criterion
 from ..metrics import call_model, count_macs, count_params, logits_of
 from .artifacts import MASKS, TEACHER
@@ -147,6 +154,9 @@ class Config(StageConfig):
     finetune_between: Optional[FinetuneBlock] = None
     obs_update: bool = Field(False, description="importance obs: OBS-update the surviving weights")
     obs_dampening: float = Field(0.01, gt=0, description="importance obs: Fisher dampening, relative to its mean diagonal")
+    reparameterize: bool = Field(False, description="fuse re-parameterisable blocks (the model's own "
+                                 "reparameterize()/switch_to_deploy()) before pruning; otherwise their branches "
+                                 "are pruned alike")
     allow_noop: bool = Field(False, description="accept a prune that removes nothing (otherwise the stage fails, exit 2)")
 
     @field_validator("ratio")
@@ -264,6 +274,10 @@ def run(cfg: Config, ctx) -> StageOutput:
     model = ctx.model.to(ctx.device).eval()
     example = ctx.example_inputs(1)
     before = ctx.stats()
+    rep_blocks = reparam.find_reparameterizable(model)
+    if cfg.reparameterize and not rep_blocks:
+        raise InputError("no module of the model has reparameterize() or switch_to_deploy()", field="reparameterize")
+    fused = reparam.reparameterize(model, example) if cfg.reparameterize else []
     out_shape = _output_signature(model, example)
     criterion = IMPORTANCES.get(cfg.importance, field="importance")
     calib = ctx.calibration_batches(cfg.calibration_batches) if (criterion.needs or criterion.calibrate) else []
@@ -286,7 +300,7 @@ def run(cfg: Config, ctx) -> StageOutput:
         measure = ((lambda m: count_macs(m, ctx.input_shape, ctx.device, example) / base) if key == "macs"
                    else (lambda m: count_params(m) / base))
 
-    gp, step_metrics, guard_hits, patched, skipped, timing = None, [], [], [], [], {}
+    gp, step_metrics, guard_hits, patched, skipped, timing, replaced = None, [], [], [], [], {}, []
     for step in range(cfg.steps):
         if cfg.target is not None:
             # iterative with a target: each step reaches its share of the budget on the current
@@ -305,6 +319,7 @@ def run(cfg: Config, ctx) -> StageOutput:
         calibrate(model, gp.pruner.importance)
         guard_hits += gp.step()
         patched += gp.patched
+        replaced += [c for c in gp.converted if c not in replaced]
         skipped += [dict(s, step=step + 1) for s in gp.skipped if dict(s, step=step + 1) not in skipped]
         gp.patched, gp.skipped = [], []
         for phase, seconds in gp.timing.items():
@@ -336,6 +351,12 @@ def run(cfg: Config, ctx) -> StageOutput:
         "unpruned_groups": skipped,
         "timing_s": {k: round(v, 3) for k, v in timing.items()},
     }
+    if fused:  # blocks fused before pruning (reparameterize: true)
+        metrics["reparameterized"] = fused
+    elif rep_blocks:  # their training-time branches were pruned alike, left unfused
+        metrics["reparameterizable"] = [n for n, _ in rep_blocks]
+    if replaced:  # nn.MultiheadAttention swapped for the split-projection form (whole-head pruning)
+        metrics["attention_replaced"] = replaced
     if gp.sites:
         metrics["attention"] = [{"module": s.name, "heads": s.heads, "head_dim": s.head_dim} for s in gp.sites]
     search = None

@@ -7,6 +7,9 @@ Two families are handled:
   stream), so heads cannot be dropped without changing the stream; what can be pruned is the
   embedding width, the same channels inside every head (``head_dim`` shrinks, head count stays).
   Torch-Pruning's MHA pruner updates ``embed_dim``/``head_dim``; we tell it the channel grouping.
+  For whole-head pruning each one is first replaced by :class:`SplitMultiheadAttention` (same
+  weights, same forward signature, separate q/k/v projections at an inner width of its own), which
+  then prunes like the second family.
 * Separate q/k/v Linears (Hugging Face ViT/Segformer style: ``q_proj``/``k_proj``/``v_proj`` or
   ``query``/``key``/``value``, with ``num_attention_heads``/``num_heads`` and ``head_dim``/
   ``attention_head_size``/``all_head_size``): whole heads and/or dims inside heads can be pruned;
@@ -18,6 +21,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ModelBreakError
@@ -116,3 +121,110 @@ def patch_config(model: nn.Module, sites: list[AttentionSite]) -> None:
         widths = {s.head_dim for s in qkv}
         if len(widths) == 1 and hasattr(cfg, "head_dim"):
             cfg.head_dim = widths.pop()
+
+
+# ---------------------------------------------------------------------------------------------
+# nn.MultiheadAttention with separate projections, so whole heads can go.
+
+class SplitMultiheadAttention(nn.Module):
+    """``nn.MultiheadAttention``'s forward (same arguments, same outputs) over separate ``q_proj``/
+    ``k_proj``/``v_proj`` Linears whose width is ``num_heads * head_dim``, independent of
+    ``embed_dim``: torch's own module computes the heads at the residual width, so it cannot lose a
+    head. Written out here (not a torch class) because no library module has both the MHA call
+    signature and an inner width of its own. ``scaling`` stays ``1/sqrt(original head_dim)``: the
+    surviving dot products are partial sums of the original ones (see the module docstring).
+    The ``in_proj_*``/``_qkv_same_embed_dim`` attributes steer ``nn.TransformerEncoderLayer`` off
+    its fused fast path, which reads the packed weights."""
+
+    _qkv_same_embed_dim = False
+    portable_replacement = "split_multihead_attention"  # model_io rebuilds it from the factory's MHA
+    in_proj_weight = None
+    in_proj_bias = None
+
+    def __init__(self, embed_dim: int, num_heads: int, kdim: int | None = None, vdim: int | None = None,
+                 bias: bool = True, dropout: float = 0.0, batch_first: bool = False):
+        super().__init__()
+        if embed_dim % num_heads:
+            raise ValueError(f"embed_dim {embed_dim} is not a multiple of num_heads {num_heads}")
+        self.embed_dim, self.num_heads, self.head_dim = embed_dim, num_heads, embed_dim // num_heads
+        self.kdim, self.vdim = kdim or embed_dim, vdim or embed_dim
+        self.dropout, self.batch_first = dropout, batch_first
+        self.scaling = self.head_dim ** -0.5
+        self.q_proj = nn.Linear(embed_dim, embed_dim, bias=bias)
+        self.k_proj = nn.Linear(self.kdim, embed_dim, bias=bias)
+        self.v_proj = nn.Linear(self.vdim, embed_dim, bias=bias)
+        self.out_proj = nn.Linear(embed_dim, embed_dim, bias=bias)
+
+    @classmethod
+    def from_torch(cls, mha: nn.MultiheadAttention) -> "SplitMultiheadAttention":
+        if mha.bias_k is not None or mha.add_zero_attn:
+            raise ValueError("add_bias_kv / add_zero_attn are not supported")
+        bias = mha.in_proj_bias is not None
+        new = cls(mha.embed_dim, mha.num_heads, mha.kdim, mha.vdim, bias=bias, dropout=mha.dropout,
+                  batch_first=mha.batch_first)
+        w = (mha.in_proj_weight.chunk(3) if mha._qkv_same_embed_dim
+             else (mha.q_proj_weight, mha.k_proj_weight, mha.v_proj_weight))
+        b = mha.in_proj_bias.chunk(3) if bias else (None, None, None)
+        with torch.no_grad():
+            for proj, wi, bi in zip((new.q_proj, new.k_proj, new.v_proj), w, b):
+                proj.weight.copy_(wi)
+                if bi is not None:
+                    proj.bias.copy_(bi)
+            new.out_proj.weight.copy_(mha.out_proj.weight)
+            if mha.out_proj.bias is not None:
+                new.out_proj.bias.copy_(mha.out_proj.bias)
+        return new.to(mha.out_proj.weight.device).train(mha.training)
+
+    def forward(self, query, key, value, key_padding_mask=None, need_weights: bool = True, attn_mask=None,
+                average_attn_weights: bool = True, is_causal: bool = False):
+        unbatched = query.dim() == 2
+        if unbatched:
+            query, key, value = query.unsqueeze(0), key.unsqueeze(0), value.unsqueeze(0)
+            if key_padding_mask is not None:
+                key_padding_mask = key_padding_mask.unsqueeze(0)
+        elif not self.batch_first:
+            query, key, value = query.transpose(0, 1), key.transpose(0, 1), value.transpose(0, 1)
+        n, tgt, src = query.shape[0], query.shape[1], key.shape[1]
+        q = self.q_proj(query).view(n, tgt, self.num_heads, -1).transpose(1, 2)
+        k = self.k_proj(key).view(n, src, self.num_heads, -1).transpose(1, 2)
+        v = self.v_proj(value).view(n, src, self.num_heads, -1).transpose(1, 2)
+        scores = torch.matmul(q, k.transpose(-2, -1)) * self.scaling
+        if attn_mask is None and is_causal:
+            attn_mask = torch.ones(tgt, src, dtype=torch.bool, device=query.device).triu(1)
+        for mask in (attn_mask, None if key_padding_mask is None else key_padding_mask[:, None, None, :]):
+            if mask is None:
+                continue
+            if mask.dim() == 3:
+                raise ValueError("a 3-D attn_mask (one per head) does not fit a model whose heads were pruned; "
+                                 "pass a 2-D mask")
+            scores = (scores.masked_fill(mask, float("-inf")) if mask.dtype == torch.bool
+                      else scores + mask.to(scores.dtype))
+        weights = F.dropout(scores.softmax(-1), self.dropout, self.training)
+        out = torch.matmul(weights, v).transpose(1, 2).reshape(n, tgt, -1)
+        out = self.out_proj(out)
+        if unbatched:
+            out, weights = out.squeeze(0), weights.squeeze(0)
+        elif not self.batch_first:
+            out = out.transpose(0, 1)
+        if not need_weights:
+            return out, None
+        return out, (weights.mean(-3) if average_attn_weights else weights)
+
+
+def split_multihead_attention(model: nn.Module) -> list[dict]:
+    """Replace every ``nn.MultiheadAttention`` of ``model`` (in place) by an equivalent
+    :class:`SplitMultiheadAttention`; returns what was replaced and what was left, with the reason."""
+    done = []
+    for name, mod in list(model.named_modules()):
+        if not isinstance(mod, nn.MultiheadAttention):
+            continue
+        try:
+            new = SplitMultiheadAttention.from_torch(mod)
+        except ValueError as exc:
+            done.append({"module": name, "replaced": False, "reason": str(exc)})
+            continue
+        parent_name, _, leaf = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, leaf, new)
+        done.append({"module": name, "replaced": True, "heads": new.num_heads})
+    return done

@@ -222,6 +222,8 @@ class GuardedPruner:
                  max_ratio: float = 1.0, reference: dict[str, tuple[int, int]] | None = None):
         self.model = model
         self.guards = guards or Guards()
+        # whole heads of nn.MultiheadAttention: replaced first by the split-projection equivalent
+        self.converted = (attention.split_multihead_attention(model) if heads_ratio > 0 else [])
         first, self.output_name = io_layers(model, example)
         modules = dict(model.named_modules())
         self.first_conv = modules.get(first) if first and self.guards.first_conv_max_ratio is not None else None
@@ -232,9 +234,8 @@ class GuardedPruner:
         self.sites = attention.find_attention(model)
         if heads_ratio > 0 and not any(s.kind == "qkv" for s in self.sites):
             where = ", ".join(s.name for s in self.sites) or "none found"
-            raise InputError("whole-head pruning needs attention with separate q/k/v projections "
-                             f"(attention modules: {where}); nn.MultiheadAttention packs q/k/v at the "
-                             "residual width, so only channels inside its heads can be pruned", field="heads.ratio")
+            raise InputError("whole-head pruning needs attention with separate q/k/v projections or "
+                             f"nn.MultiheadAttention (attention modules: {where})", field="heads.ratio")
         if scope == "per_layer":
             names = [n for n, m in model.named_modules() if isinstance(m, _WEIGHTED)]
             for pat in per_layer or {}:
@@ -252,6 +253,7 @@ class GuardedPruner:
         self.patched: list[dict] = []   # attributes forward reads that followed a pruned width
         self.skipped: list[dict] = []   # groups left unpruned, with the reason
         self.split_coupled: dict[str, int] = {}  # layers cut alike in each of n equal split parts
+        self._contested: dict = {}  # attributes two groups would patch differently (see step)
         t0 = time.perf_counter()
         self.expected_shape = _output_shape(model, example)
         self._names = {m: n for n, m in model.named_modules()}
@@ -296,6 +298,7 @@ class GuardedPruner:
         skipped_before = len(self.skipped)
         heads = [s.heads for s in self.sites]
         pending = self._run_groups(careful=False)
+        self._contested = self._contested_attributes(pending)
         ok, _ = self._runs(attention_patch=True)
         if not ok and any(pending):
             t0 = time.perf_counter()
@@ -385,7 +388,7 @@ class GuardedPruner:
                 group.prune()
                 after = tp_extensions.split_sizes(DG)
                 cands, _ = self._constant_candidates(group, widths, splits, after, cg)
-                pending.append(cands)
+                pending.append([(*c, self._names.get(root, "?")) for c in cands])
                 splits = after
                 self._tick("cut", t0)
                 continue
@@ -412,8 +415,12 @@ class GuardedPruner:
                 if not ok:
                     t0 = time.perf_counter()
                     cands, why = self._constant_candidates(group, widths, splits, tp_extensions.split_sizes(DG), cg)
+                    contested = [c for c in cands if (c[0], c[1]) in self._contested]
+                    cands = [c for c in cands if (c[0], c[1]) not in self._contested]
                     patches = self._apply_patches([cands])
                     self._tick("patch", t0)
+                    if contested and not (patches and self._runs()[0]):
+                        self._refuse_if_contested_needed(contested, snap)
                     if patches:
                         ok, err2 = self._runs()
                         if ok:
@@ -467,6 +474,39 @@ class GuardedPruner:
             self._tick("checks", t0)
         return ok, (None if ok else err)
 
+    @staticmethod
+    def _contested_attributes(pending: list[list[tuple]]) -> dict[tuple[str, str], tuple[Any, dict]]:
+        """Attributes that groups of the same old width would patch to different new widths:
+        ``(module, attribute) -> (old value, {new value: group root})``. Which pruned width such an
+        attribute follows cannot be told from its value."""
+        claims: dict[tuple[str, str], dict] = {}
+        olds: dict[tuple[str, str], Any] = {}
+        for cands in pending:
+            for owner, attr, old, new, root in cands:
+                key = (owner, attr)
+                claims.setdefault(key, {}).setdefault(tuple(new) if isinstance(new, list) else new, root)
+                olds[key] = old
+        return {k: (olds[k], v) for k, v in claims.items() if len(v) > 1}
+
+    def _refuse_if_contested_needed(self, contested: list[tuple], snap: "tp_extensions.Snapshot") -> None:
+        """The model runs only with a contested attribute patched: patching it would be a guess
+        at which width it follows, so refuse (the group is rolled back first, the model still runs)."""
+        saved = {(o, a): getattr(dict(self.model.named_modules())[o], a) for o, a, *_ in contested}
+        self._apply_patches([contested])
+        needed, _ = self._runs()
+        modules = dict(self.model.named_modules())
+        for (o, a), v in saved.items():
+            setattr(modules[o], a, v)
+        if not needed:
+            return
+        snap.restore()
+        owner, attr = contested[0][0], contested[0][1]
+        old, claims = self._contested[(owner, attr)]
+        cuts = ", ".join(f"{root} -> {new}" for new, root in sorted(claims.items(), key=lambda kv: str(kv[1])))
+        raise ModelBreakError(f"module {owner or '<model>'!r} attribute {attr!r} = {old} must follow a pruned width "
+                              f"for forward to run, but groups of width {old} are cut to different widths ({cuts}): "
+                              f"cannot tell which one it follows; list one of those layers in 'ignore'")
+
     def _constant_candidates(self, group, widths: dict[int, set[int]], splits_before: dict, splits_after: dict,
                              cg: int) -> tuple[list[tuple], str | None]:
         """Integer attributes forward may read that follow a width this group cuts.
@@ -518,7 +558,7 @@ class GuardedPruner:
         wanted: dict[tuple[str, str], set] = {}
         olds = {}
         for cands in per_group:
-            for owner, attr, old, new in cands:
+            for owner, attr, old, new, *_ in cands:
                 wanted.setdefault((owner, attr), set()).add(tuple(new) if isinstance(new, list) else new)
                 olds[(owner, attr)] = old
         modules = dict(self.model.named_modules())

@@ -6,7 +6,8 @@ compress chooses (compress.threads).
 One busy process (a Python loop) runs on the machine for the whole benchmark. Each measurement is a
 real ``compress run`` of recipes/quickstart.yaml cut to its first stage (the 20-epoch dense train),
 (``--epochs`` shortens it on a crowded machine), in a subprocess without OMP_NUM_THREADS: "default" passes ``--threads`` = torch's default for this
-machine (one per core), "chosen" passes nothing, so compress picks. The two alternate. A run past
+machine (one per core), "chosen" passes nothing, so compress picks, and "pinned 1" passes ``--threads 1``
+(what a run started beside a busy process advises). The three alternate. A run past
 ``--timeout`` seconds is stopped and counted as that many seconds. Writes benchmarks/results/threads.md.
 """
 from __future__ import annotations
@@ -72,7 +73,7 @@ def main() -> None:
     quickstart["stages"] = quickstart["stages"][:1]
     quickstart["stages"][0]["epochs"] = args.epochs
     quickstart["gates"] = {"max_accuracy_drop": None, "max_parity_error": None}
-    rows = {"default": [], "chosen": []}
+    rows = {"default": [], "chosen": [], "pinned": []}
     with tempfile.TemporaryDirectory() as tmp:
         recipe = Path(tmp) / "quickstart-train.yaml"
         recipe.write_text(yaml.safe_dump(quickstart, sort_keys=False))
@@ -83,6 +84,7 @@ def main() -> None:
             for _ in range(args.repeats):  # interleaved: both see the same machine state
                 rows["default"].append(_run(recipe, default, args.timeout, env))
                 rows["chosen"].append(_run(recipe, None, args.timeout, env))
+                rows["pinned"].append(_run(recipe, 1, args.timeout, env))
         finally:
             hog.terminate()
             hog.join()
@@ -93,19 +95,21 @@ def main() -> None:
     cmd = f"python benchmarks/threads.py --repeats {args.repeats} --timeout {args.timeout:g} --epochs {args.epochs}"
     lines = ["# Training threads beside a busy process", "", f"Command: `{cmd}`", "", machine_lines(m),
              f"- torch's default intra-op threads here: {default}; compress chose: {', '.join(map(str, chosen)) or '-'}",
-             f"- load average when done: {os.getloadavg()[0]:.1f} (other processes were running on this machine too)",
+             f"- load average when done: {os.getloadavg()[0]:.1f} (the busy process and the run itself count about 2 of it)",
              "", f"Each run: `compress run` of recipes/quickstart.yaml cut to its train stage ({args.epochs} epochs), with one "
-             "CPU-bound Python process running beside it the whole time. Default and chosen alternate. A run "
+             "CPU-bound Python process running beside it the whole time. Default, chosen and pinned alternate. A run "
              f"stopped at the {args.timeout:g} s limit counts as {args.timeout:g} s.", "",
              "| threads | runs | unfinished | median wall (s) | wall times (s) | train stage times (s) |",
              "|---|---|---|---|---|---|"]
     for k, v in rows.items():
         walls = ", ".join(f"{r['wall_s']:.1f}" for r in v)
         trains = ", ".join(f"{r['train_s']:.1f}" if r["train_s"] is not None else "-" for r in v)
-        label = f"default ({default})" if k == "default" else f"chosen ({', '.join(map(str, chosen)) or '-'})"
+        label = {"default": f"default ({default})", "chosen": f"chosen ({', '.join(map(str, chosen)) or '-'})",
+                 "pinned": "pinned (--threads 1)"}[k]
         lines.append(f"| {label} | {len(v)} | {unfinished[k]} | {med[k]:.1f} | {walls} | {trains} |")
     lines += ["", f"Median wall time: default {med['default']:.1f} s, chosen {med['chosen']:.1f} s "
-              f"({med['default'] / med['chosen']:.1f}x)."]
+              f"({med['default'] / med['chosen']:.2f}x), pinned to 1 thread {med['pinned']:.1f} s "
+              f"({med['default'] / med['pinned']:.2f}x)."]
     print(write_results("threads", "\n".join(lines) + "\n", {"machine": m, "command": cmd, "default_threads": default,
                                                              "rows": rows, "median_wall_s": med}))
 

@@ -12,23 +12,33 @@ from . import distributed as dist
 from .example_inputs import example_input
 
 
+def map_tensors(fn, inputs):
+    """``fn`` applied to every tensor of a batch's inputs (a tensor, a tuple/list/namedtuple or a dict
+    of tensors), the structure kept; anything else is returned as it is. The one walk over input
+    structures that moving, casting, slicing and repeating batches share."""
+    if isinstance(inputs, torch.Tensor):
+        return fn(inputs)
+    if isinstance(inputs, Mapping):
+        return {k: map_tensors(fn, v) for k, v in inputs.items()}
+    if isinstance(inputs, (tuple, list)):
+        parts = [map_tensors(fn, v) for v in inputs]
+        return type(inputs)(parts) if type(inputs) in (list, tuple) else type(inputs)(*parts)  # a namedtuple
+    return inputs
+
+
 def to_device(inputs, device, channels_last: bool = False, float_dtype: torch.dtype | None = None):
     """A batch's inputs (a tensor, a tuple/list/namedtuple or a dict of tensors) on ``device``;
     4-D float tensors NHWC when ``channels_last``; float tensors cast to ``float_dtype`` when given
     (token ids and masks keep their integer type)."""
-    if isinstance(inputs, torch.Tensor):
-        t = inputs.to(device)
+    def move(t: torch.Tensor) -> torch.Tensor:
+        t = t.to(device)
         if float_dtype is not None and t.is_floating_point():
             t = t.to(float_dtype)
         if channels_last and t.dim() == 4 and t.is_floating_point():
             t = t.contiguous(memory_format=torch.channels_last)
         return t
-    if isinstance(inputs, Mapping):
-        return {k: to_device(v, device, channels_last, float_dtype) for k, v in inputs.items()}
-    if isinstance(inputs, (tuple, list)):
-        moved = [to_device(v, device, channels_last, float_dtype) for v in inputs]
-        return type(inputs)(moved) if type(inputs) in (list, tuple) else type(inputs)(*moved)  # a namedtuple
-    return inputs
+
+    return map_tensors(move, inputs)
 
 
 def call_model(model: nn.Module, inputs):
@@ -43,26 +53,12 @@ def call_model(model: nn.Module, inputs):
 def slice_batch(inputs, start: int, stop: int):
     """Items ``start:stop`` of a batch's inputs (a tensor, a tuple/list/namedtuple or a dict of
     tensors, sliced along the batch dimension)."""
-    if isinstance(inputs, torch.Tensor):
-        return inputs[start:stop]
-    if isinstance(inputs, Mapping):
-        return {k: slice_batch(v, start, stop) for k, v in inputs.items()}
-    if isinstance(inputs, (tuple, list)):
-        parts = [slice_batch(v, start, stop) for v in inputs]
-        return type(inputs)(parts) if type(inputs) in (list, tuple) else type(inputs)(*parts)
-    return inputs
+    return map_tensors(lambda t: t[start:stop], inputs)
 
 
 def repeat_batch(inputs, batch_size: int):
     """A batch of ``batch_size`` made of a one-item batch's inputs (tensor, tuple or dict), repeated."""
-    if isinstance(inputs, torch.Tensor):
-        return inputs[:1].repeat(batch_size, *([1] * (inputs.dim() - 1)))
-    if isinstance(inputs, Mapping):
-        return {k: repeat_batch(v, batch_size) for k, v in inputs.items()}
-    if isinstance(inputs, (tuple, list)):
-        parts = [repeat_batch(v, batch_size) for v in inputs]
-        return type(inputs)(parts) if type(inputs) in (list, tuple) else type(inputs)(*parts)
-    return inputs
+    return map_tensors(lambda t: t[:1].repeat(batch_size, *([1] * (t.dim() - 1))), inputs)
 
 
 def batch_inputs(batch):

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from ..errors import ModelBreakError
-from ..metrics import logits_of
+from ..metrics import call_model, logits_of
 
 METHODS = ("reparameterize", "switch_to_deploy")  # the names model libraries use for the fusion
 MARK = "compress_reparameterized"  # set on each fused module: portable checkpoints fuse it again on load
@@ -42,12 +42,12 @@ def reparameterize(model: nn.Module, example, tolerance: float = 1e-4) -> list[d
         return []
     was = model.training
     model.eval()
-    before = logits_of(model(example)).float()
+    before = logits_of(call_model(model, example)).float()
     modules = dict(model.named_modules())
     for name, method in blocks:
         getattr(modules[name], method)()
         setattr(modules[name], MARK, method)
-    after = logits_of(model(example)).float()
+    after = logits_of(call_model(model, example)).float()
     model.train(was)
     err = float((after - before).abs().max()) / max(1.0, float(before.abs().max()))
     if not err <= tolerance:

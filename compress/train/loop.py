@@ -243,7 +243,6 @@ def train(model: nn.Module, loader, cfg, device: torch.device | str = "cpu", tea
           checkpointing: StepCheckpointing | None = None) -> TrainResult:
     """Train ``model`` in place for ``cfg.epochs`` epochs (or ``cfg.max_steps`` optimizer steps).
 
-
     ``start_step`` / ``optimizer_state`` resume a run at step k (late rewinding): the LR schedule,
     the epoch count and the optimizer moments continue from there. A loader with ``set_epoch``
     gets the epoch number first, so its data order can depend only on the epoch.

@@ -18,7 +18,7 @@ from compress.deploy import tensorrt as trb
 from compress.deploy.backends import BACKENDS
 from compress.deploy.onnx_io import check_sparsity, export_onnx, onnx_metrics, ort_session, parity
 from compress.metrics import ClassificationMeter
-from compress.deploy.quantize import export_int8_onnx, quantized_nodes
+from compress.deploy.quantize import export_int8_onnx, quantized_nodes, unquantized_inputs
 from compress.deploy.files import int8_onnx_beside
 from compress.errors import InputError
 from compress.recipe import validate_data
@@ -196,3 +196,72 @@ def test_deploy_guide_recipe_validates():
     kinds = [st.kind for st in r.stages]
     assert r.stages[kinds.index("tensorrt")].precision == "int8"
     assert r.stages[kinds.index("export")].onnx.int8.calibration == "entropy"
+
+
+def test_int8_calibrates_a_bert_on_token_ids_and_attention_mask(tmp_path):
+    """Several named inputs with their own dtypes: every one is fed to calibration as int64 (what
+    the graph takes); int8 goes to the MatMul/Gemm layers, the integer inputs stay unquantized."""
+    tf = pytest.importorskip("transformers")
+    from compress.deploy.onnx_io import input_arrays
+
+    torch.manual_seed(0)
+    cfg = tf.BertConfig(vocab_size=40, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                        intermediate_size=64, max_position_embeddings=16, num_labels=3)
+    model = tf.BertForSequenceClassification(cfg).eval()
+    g = torch.Generator().manual_seed(2)
+
+    def tokens(n):
+        mask = torch.ones(n, 10, dtype=torch.long)
+        mask[: n // 2, 7:] = 0  # half the rows padded
+        return {"input_ids": torch.randint(0, 40, (n, 10), generator=g), "attention_mask": mask}
+
+    fp32 = export_onnx(model, (10,), tmp_path / "bert.onnx", exporter="torchscript", example=tokens(2))
+    q = export_int8_onnx(fp32, tmp_path / "bert.int8.onnx", [tokens(8) for _ in range(3)])
+    graph = onnx.load(str(q)).graph
+    assert [(i.name, i.type.tensor_type.elem_type) for i in graph.input] == [
+        ("input_ids", onnx.TensorProto.INT64), ("attention_mask", onnx.TensorProto.INT64)]
+    assert unquantized_inputs(q) == {"input_ids": "int64", "attention_mask": "int64"}
+    layers = quantized_nodes(q)
+    assert layers["layers"] >= 6 and layers["int8_layers"] == layers["layers"]  # every MatMul/Gemm in int8
+    x = tokens(16)
+    p = parity(model, q, x)
+    assert p["parity_max_abs_error"] < 0.1 * p["parity_logit_scale"]
+    assert p["parity_top1_agreement"] >= 75.0
+    # the same batches as a tuple in graph order calibrate to the same file
+    again = export_int8_onnx(fp32, tmp_path / "again.onnx", [tuple(t for _, t in input_arrays(tokens(8)))])
+    assert quantized_nodes(again) == layers
+
+
+class _TwoFloatInputs(nn.Module):
+    """An image and a side vector (both float): both get activation ranges."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.side = nn.Linear(5, 8)
+        self.head = nn.Linear(8, 4)
+
+    def forward(self, image, side):
+        return self.head(self.conv(image).mean((2, 3)) + self.side(side))
+
+
+def test_int8_quantizes_every_float_input_of_a_tuple_model(tmp_path):
+    model = _TwoFloatInputs().eval()
+    g = torch.Generator().manual_seed(3)
+
+    def batch(n):
+        return torch.randn(n, 3, 8, 8, generator=g), torch.randn(n, 5, generator=g)
+
+    fp32 = export_onnx(model, (3, 8, 8), tmp_path / "two.onnx", exporter="torchscript", example=batch(2))
+    q = export_int8_onnx(fp32, tmp_path / "two.int8.onnx", [batch(8) for _ in range(3)])
+    graph = onnx.load(str(q)).graph
+    quantized = {n.input[0] for n in graph.node if n.op_type == "QuantizeLinear"}
+    assert {"input_0", "input_1"} <= quantized
+    assert unquantized_inputs(q) == {}
+    assert quantized_nodes(q) == {"int8_layers": 3, "layers": 3}
+    p = parity(model, q, batch(16))
+    assert p["parity_max_abs_error"] < 0.05 * p["parity_logit_scale"] + 1e-3
+    with pytest.raises(ValueError, match="1 input.*takes 2 .input_0, input_1"):
+        export_int8_onnx(fp32, tmp_path / "bad.onnx", [batch(4)[0]])
+    assert not (tmp_path / "bad.onnx").exists()

@@ -107,13 +107,18 @@ def test_dict_inputs_bert_classifier_trains_and_exports(tmp_path):
                    {"kind": "prune", "importance": "taylor", "ratio": 0.5, "ignore": ["classifier"],
                     "calibration_batches": 2},
                    {"kind": "sparsify", "pattern": "2:4", "method": "sparsegpt", "calibration_batches": 2},
-                   {"kind": "export", "parity_samples": 8}],
-        "gates": {"max_accuracy_drop": None, "max_parity_error": 1e-3},
+                   # int8 calibrates on the same dict batches; the token ids and mask stay int64
+                   {"kind": "export", "parity_samples": 8, "onnx": {"int8": {"calibration_batches": 2}}}],
+        "gates": {"max_accuracy_drop": None, "max_parity_error": 1e-3, "max_int8_accuracy_drop": 10.0},
     }
     res, run = _run(tmp_path, recipe)
     assert res.returncode == 0, res.stderr
     s = json.loads((run / "summary.json").read_text())
     assert s["export"]["parity_max_abs_error"] < 1e-3 and s["final"]["macs"] > 0
+    q = s["export"]["int8_quantized_layers"]
+    assert q["int8_layers"] == q["layers"] > 0
+    assert s["export"]["int8_unquantized_inputs"] == {"input_ids": "int64", "attention_mask": "int64"}
+    assert any(r["gate"] == "max_int8_accuracy_drop" and r["passed"] for r in s["gates"]["results"])
     prune, sparsify = s["stages"][1], s["stages"][2]
     assert prune["importance"] == "taylor" and prune["params_after"] < prune["params_before"]
     assert sparsify["method"] == "sparsegpt" and sparsify["sparsity_in_sparsified_layers"] == 0.5

@@ -15,6 +15,12 @@ A 2:4 weight stays 2:4 after this: with zero point 0 a zero weight quantizes to 
 ``check_sparsity`` (which follows DequantizeLinear back to the int8 initializer) still sees the
 pattern and TensorRT can pick its sparse int8 kernels.
 
+Calibration feeds every graph input, by position as the export wrote them (a tensor, a tuple or a
+dict of inputs, e.g. a BERT's ``input_ids`` + ``attention_mask``), each cast to the graph's own
+element type. Only float activations get ranges: integer inputs (token ids, masks) reach the
+graph's Gather/Cast/Add nodes, which are not quantized, so they stay integer; the int8 report names
+them (``unquantized_inputs``).
+
 The same file runs on ONNX Runtime's CPU provider (QDQ pairs become int8 kernels there), which is
 how the tests and the ``onnxruntime_int8`` benchmark backend measure it without a GPU.
 """
@@ -26,22 +32,47 @@ import logging
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Sequence
 
 import numpy as np
 
-# recipe name -> ONNX Runtime's CalibrationMethod member
-from .onnx_io import save_onnx
+from .inputs import InputSpec, read_inputs
+from .onnx_io import input_arrays, save_onnx
 
+# recipe name -> ONNX Runtime's CalibrationMethod member
 CALIBRATION_METHODS = {"minmax": "MinMax", "entropy": "Entropy", "percentile": "Percentile"}
 QUANTIZED_OPS = ("Conv", "Gemm", "MatMul")
 
 
-class _Batches:
-    """ONNX Runtime's CalibrationDataReader protocol over a list of input arrays."""
+def calibration_feed(specs: Sequence[InputSpec], inputs) -> dict[str, np.ndarray]:
+    """ONNX Runtime's feed for one calibration batch: ``inputs`` is an array or tensor (one-input
+    model), a tuple/list of them or a dict (several inputs, in the graph's input order, as
+    :func:`~compress.deploy.onnx_io.input_arrays` orders them for export), each cast to its graph
+    input's element type (int64 token ids stay int64, float inputs become float32)."""
+    parts = [inputs] if isinstance(inputs, np.ndarray) else [a for _, a in input_arrays(inputs)]
+    if len(parts) != len(specs):
+        names = ", ".join(s.name for s in specs)
+        raise ValueError(f"int8 calibration batch has {len(parts)} input(s); the ONNX graph takes "
+                         f"{len(specs)} ({names})")
+    feed = {}
+    for spec, a in zip(specs, parts):
+        a = a.detach().cpu().numpy() if hasattr(a, "detach") else np.asarray(a)
+        feed[spec.name] = np.ascontiguousarray(a, dtype=spec.dtype)
+    return feed
 
-    def __init__(self, input_name: str, arrays: Iterable[np.ndarray]):
-        self._it = iter([{input_name: np.ascontiguousarray(a, dtype=np.float32)} for a in arrays])
+
+def unquantized_inputs(path: str | Path) -> dict[str, str]:
+    """The graph inputs int8 does not apply to (integer or boolean: token ids, attention masks), by
+    name, with their element type: they stay as they are, and the layers after them that are
+    quantized read float activations computed from them."""
+    return {s.name: str(s.dtype) for s in read_inputs(path) if not np.issubdtype(s.dtype, np.floating)}
+
+
+class _Batches:
+    """ONNX Runtime's CalibrationDataReader protocol over a list of prepared feeds."""
+
+    def __init__(self, feeds: list[dict[str, np.ndarray]]):
+        self._it = iter(feeds)
 
     def get_next(self):
         return next(self._it, None)
@@ -63,10 +94,11 @@ def _quiet():
         root.setLevel(level)
 
 
-def export_int8_onnx(src: str | Path, dst: str | Path, calibration: Iterable[np.ndarray],
+def export_int8_onnx(src: str | Path, dst: str | Path, calibration: Iterable,
                      method: str = "minmax", per_channel: bool = True) -> Path:
     """Write ``dst``: ``src`` with int8 Q/DQ around every Conv/Gemm/MatMul, activation ranges from
-    ``calibration`` (arrays shaped like the model input). Atomic: ``dst`` appears complete or not
+    ``calibration`` (batches of model inputs: an array or tensor for a one-input model, a tuple or
+    dict of them for several; see :func:`calibration_feed`). Atomic: ``dst`` appears complete or not
     at all; the weights go to ``<dst>.data`` when ``src`` keeps its own weights externally."""
     import onnx
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
@@ -75,17 +107,17 @@ def export_int8_onnx(src: str | Path, dst: str | Path, calibration: Iterable[np.
     if method not in CALIBRATION_METHODS:
         raise ValueError(f"unknown calibration method {method!r} (known: {', '.join(CALIBRATION_METHODS)})")
     src, dst = Path(src), Path(dst)
-    arrays = list(calibration)
-    if not arrays:
+    specs = read_inputs(src)
+    feeds = [calibration_feed(specs, inputs) for inputs in calibration]
+    if not feeds:
         raise ValueError("int8 calibration needs at least one batch")
-    input_name = onnx.load(str(src), load_external_data=False).graph.input[0].name
     external = (src.parent / (src.name + ".data")).exists()
     calib = getattr(CalibrationMethod, CALIBRATION_METHODS[method])
     tmpdir = tempfile.mkdtemp(dir=dst.parent, prefix=".int8-")
     try:
         tmp = Path(tmpdir) / dst.name
         with _quiet():
-            quantize_static(str(src), str(tmp), _Batches(input_name, arrays), quant_format=QuantFormat.QDQ,
+            quantize_static(str(src), str(tmp), _Batches(feeds), quant_format=QuantFormat.QDQ,
                             per_channel=per_channel, activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
                             op_types_to_quantize=list(QUANTIZED_OPS), calibrate_method=calib,
                             use_external_data_format=external,

@@ -69,6 +69,10 @@ def render(summary: dict) -> str:
                          f"(ONNX Runtime, test split), top-1 agreement with torch fp32 "
                          f"{_fmt(exp.get('int8_parity_top1_agreement'))}%, {q.get('int8_layers', 0)} of "
                          f"{q.get('layers', 0)} Conv/Gemm/MatMul in int8, 2:4 kept in {sp8.get('sparse_layers', 0)}")
+            kept = exp.get("int8_unquantized_inputs") or {}
+            if kept:
+                lines.append("  (integer inputs left unquantized: "
+                             + ", ".join(f"`{k}` {v}" for k, v in kept.items()) + ")")
     if summary.get("benchmark"):
         lines += ["", "## Latency (median of interleaved runs, ms)", "", *latency_table(summary["benchmark"])]
     if summary.get("benchmark"):

@@ -13,8 +13,8 @@ from ..config import Strict
 from .base import StageConfig
 from ..deploy.onnx_io import (check_sparsity, export_fp16_onnx, export_pt2, onnx_export, onnx_metrics, parity,
                               torch_logits)
-from ..metrics import to_device
-from ..deploy.quantize import export_int8_onnx, quantized_nodes
+from ..metrics import batch_inputs, to_device
+from ..deploy.quantize import export_int8_onnx, quantized_nodes, unquantized_inputs
 from ..progress import log
 from ..deploy.files import COMPRESSED_ONNX, DENSE_ONNX, EXTERNAL_DATA_SUFFIX, onnx_sibling
 from ..deploy.files import PT2 as PT2_FILE
@@ -125,7 +125,8 @@ def export_files(cfg: Config, ctx, out_dir) -> tuple[OnnxFiles, dict]:
         if dense is not None:
             files.dense_fp16 = rel(export_fp16_onnx(dense, onnx_sibling(dense, "fp16")))
     if o.int8 is not None:
-        calib = [xb.cpu().numpy() for xb, _ in ctx.calibration_batches(o.int8.calibration_batches)]
+        # every input of the batch (tensor, tuple or dict: token ids + attention mask), on the CPU
+        calib = [to_device(batch_inputs(b), "cpu") for b in ctx.calibration_batches(o.int8.calibration_batches)]
         kw8 = dict(method=o.int8.calibration, per_channel=o.int8.per_channel)
         files.int8 = rel(export_int8_onnx(compressed, onnx_sibling(compressed, "int8"), calib, **kw8))
         if dense is not None:
@@ -149,14 +150,20 @@ def _fp16_parity(ctx, path, x, ref) -> dict:
 
 def _int8_report(ctx, path, x, ref) -> dict:
     """int8 file vs torch fp32: parity on the validation inputs, accuracy on the whole test split
-    (ONNX Runtime CPU), how many layers run in int8 and whether 2:4 survived quantization."""
+    (ONNX Runtime CPU), how many layers run in int8, which inputs int8 does not apply to (integer
+    token ids, masks: they stay integer) and whether 2:4 survived quantization."""
     p = parity(ctx.model, path, x, reference=ref)
+    kept = unquantized_inputs(path)
+    if kept:
+        log("export: int8 leaves the integer input(s) " + ", ".join(f"{k} ({v})" for k, v in kept.items())
+            + " unquantized; the quantized layers read float activations computed from them")
     sp = check_sparsity(path)
     primary = ctx.objective.primary
     score = onnx_metrics(path, ctx.eval_loader(), ctx.objective.meter())[primary]
     return {"int8_" + k: v for k, v in p.items() if k != "parity_samples"} | {
         f"int8_{primary}": score,
         "int8_quantized_layers": quantized_nodes(path),
+        "int8_unquantized_inputs": kept,
         "int8_sparsity_2_4": {"sparse_layers": sp["sparse_layers"], "total_layers": sp["total_layers"]}}
 
 

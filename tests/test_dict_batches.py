@@ -105,3 +105,36 @@ def test_torch_benchmark_backend_runs_a_dict_input_model():
     run = BACKENDS.get("torch")(None, model, None, 4, {"example": one, "threads": 1})
     run()
     assert seen and all(s == (["attention_mask", "input_ids"], 4) for s in seen)
+
+
+class _TokenBN(nn.Module):
+    """Token ids + mask -> mean embedding -> Linear -> BatchNorm1d -> Linear."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.emb, self.fc1, self.bn, self.fc2 = nn.Embedding(20, 8), nn.Linear(8, 16), nn.BatchNorm1d(16), nn.Linear(16, 3)
+
+    def features(self, input_ids, attention_mask):
+        m = attention_mask.unsqueeze(-1).float()
+        return self.fc1((self.emb(input_ids) * m).sum(1) / m.sum(1))
+
+    def forward(self, input_ids, attention_mask):
+        return self.fc2(torch.relu(self.bn(self.features(input_ids, attention_mask))))
+
+
+def test_search_batchnorm_recalibration_takes_dict_and_tuple_batches():
+    from compress.search.candidates import recalibrate_batchnorm
+
+    as_dict, as_tuple = _batches()
+    stats = {}
+    for form, batches in (("dict", as_dict), ("tuple", as_tuple)):
+        model = _TokenBN()
+        recalibrate_batchnorm(model, batches, batches=2, device="cpu")
+        assert not model.training and model.bn.momentum == 0.1
+        stats[form] = model.bn.running_mean.clone()
+    with torch.no_grad():  # cumulative average of the two batches' means (momentum None)
+        model = _TokenBN()
+        expected = torch.stack([model.features(**x).mean(0) for x, _ in as_dict]).mean(0)
+    assert torch.allclose(stats["dict"], expected, atol=1e-6)
+    assert torch.equal(stats["dict"], stats["tuple"])

@@ -19,7 +19,7 @@ from ..deploy.timing import time_interleaved
 from .latency_table import LatencyPredictor
 from ..data import make_loader
 from ..example_inputs import example_input
-from ..metrics import count_macs, count_params, evaluate
+from ..metrics import batch_inputs, call_model, count_macs, count_params, evaluate, to_device
 from ..deploy.onnx_io import export_onnx
 
 
@@ -105,10 +105,10 @@ def recalibrate_batchnorm(model: nn.Module, loader, batches: int, device) -> Non
         bn.reset_running_stats()
         bn.momentum = None  # cumulative average over the batches below
     model.train()
-    for i, (xb, _) in enumerate(loader):
+    for i, batch in enumerate(loader):
         if i >= batches:
             break
-        model(xb.to(device))
+        call_model(model, to_device(batch_inputs(batch), device))  # a tensor, tuple or dict of inputs
     for bn in bns:
         bn.momentum = 0.1
     model.eval()

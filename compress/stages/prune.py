@@ -37,7 +37,7 @@ from __future__ import annotations
 import copy
 import time
 from pathlib import Path
-from typing import ClassVar, Literal, Optional, Union
+from typing import TYPE_CHECKING, ClassVar, Literal, Optional, Union
 
 import torch
 from pydantic import Field, field_validator, model_validator
@@ -45,19 +45,21 @@ from pydantic import Field, field_validator, model_validator
 from ..train.config import OptimizerConfig
 from .base import StageConfig
 from ..config import Strict, require_exactly_one
-from ..structured import pruner, reparam
-from ..structured.criteria import IMPORTANCES, calibrate as calibrate_criterion
 from ..metrics import call_model, count_macs, count_params, logits_of
 from .artifacts import MASKS, TEACHER
 from .base import StageOutput, register_stage
-from ..structured.early_bird import EarlyBird, train_until_early_bird
+from .criteria_names import CRITERION_NAMES
 from .finetune import FinetuneBlock, finetune
-from ..deploy.timing import BackendUnavailable
 from ..errors import EnvironmentFailure, GateError, InputError
 from ..io import atomic_write_json
 from ..progress import log
 from .. import paths
-from ..search.latency_target import LatencySetup, fit_latency
+
+# Torch-Pruning (and, through its op counter, timm -> torchvision -> torch._dynamo where timm is
+# installed: seconds of imports) is imported by the functions that prune, not here: validating a
+# recipe reads this module for its Config and must not pay for it.
+if TYPE_CHECKING:
+    from ..structured import pruner
 
 
 class GuardsConfig(Strict):
@@ -177,8 +179,8 @@ class Config(StageConfig):
     @field_validator("importance")
     @classmethod
     def _importance(cls, v: str) -> str:
-        if v not in IMPORTANCES:
-            raise ValueError(f"unknown criterion {v!r} (known: {', '.join(IMPORTANCES.names())})")
+        if v not in CRITERION_NAMES:
+            raise ValueError(f"unknown criterion {v!r} (known: {', '.join(sorted(CRITERION_NAMES))})")
         return v
 
     @model_validator(mode="after")
@@ -217,6 +219,8 @@ class Config(StageConfig):
         return self
 
     def resolved_guards(self) -> pruner.Guards:
+        from ..structured import pruner
+
         g = self.guards.model_dump()
         if "round_to" not in self.guards.model_fields_set and "round_to" in self.model_fields_set:
             g["round_to"] = self.round_to  # the older top-level spelling
@@ -238,6 +242,8 @@ def _output_signature(model, x):
 def _nothing_pruned(cfg: Config, ctx, model, example, kw: dict, ratio, skipped: list[dict] = ()) -> str:
     """Why a prune removed nothing; raises InputError (exit 2) naming the field unless
     ``allow_noop: true``, else logs and returns the reason."""
+    from ..structured import pruner
+
     output = pruner.io_layers(model, example)[1]
     ignore = list(cfg.ignore or []) + ([output] if kw["guards"].classifier and output else [])
     groups = pruner.describe_groups(model, example, ignore)
@@ -263,6 +269,10 @@ def _nothing_pruned(cfg: Config, ctx, model, example, kw: dict, ratio, skipped: 
 @register_stage("prune", Config)
 def run(cfg: Config, ctx) -> StageOutput:
     """Remove whole channels (and the coupled channels of every dependent layer), within the guards."""
+    from ..structured import pruner, reparam
+    from ..structured.criteria import IMPORTANCES, calibrate as calibrate_criterion
+    from ..structured.early_bird import EarlyBird, train_until_early_bird
+
     early_bird = None
     if cfg.when == "early_bird":
         eb = cfg.early_bird
@@ -378,6 +388,10 @@ def _prune_to_latency(cfg: Config, ctx, model, example, before: dict, out_shape,
                       kw: dict) -> StageOutput:
     """``target: {latency: f}``: the latency allocator on the target backend, measured end to end
     interleaved with the dense model; a model that still misses after the re-fits fails the stage (exit 3)."""
+    from ..deploy.timing import BackendUnavailable
+    from ..search.latency_target import LatencySetup, fit_latency
+    from ..structured import pruner
+
     t = cfg.target
     setup = LatencySetup(backend=t.backend or "onnxruntime", batch_size=t.batch_size or 1, threads=t.threads or 1,
                          tolerance=t.tolerance, refits=t.refits, grid_points=t.grid_points)

@@ -17,24 +17,30 @@ from pydantic import field_validator
 from ..deploy.backends import BACKENDS
 from ..errors import InputError
 from ..search.config import SearchConfig
-from ..search.procedure import SearchInputs, run_search
-from ..structured.criteria import IMPORTANCES
 from .artifacts import MASKS
 from .base import StageConfig, StageOutput, register_stage
+from .criteria_names import CRITERION_NAMES
 
 
 class Config(SearchConfig, StageConfig):  # this base order keeps kind and optional first in the schema
     kind: Literal["search"] = "search"
     changes_structure: ClassVar[bool] = True
 
-    @field_validator("backend", "importance")
+    @field_validator("backend")
     @classmethod
-    def _registered(cls, v: str, info) -> str:
-        registry = BACKENDS if info.field_name == "backend" else IMPORTANCES
+    def _registered(cls, v: str) -> str:
         try:
-            registry.get(v)
+            BACKENDS.get(v)
         except InputError as exc:  # the registry's own one-line message, as a field error
             raise ValueError(str(exc)) from None
+        return v
+
+    @field_validator("importance")
+    @classmethod
+    def _criterion(cls, v: str) -> str:
+        # the names only: the criteria (Torch-Pruning) are imported when the search runs
+        if v not in CRITERION_NAMES:
+            raise ValueError(f"unknown importance {v!r} (known: {', '.join(sorted(CRITERION_NAMES))})")
         return v
 
     def conflicts(self) -> dict[str, str]:
@@ -45,6 +51,8 @@ class Config(SearchConfig, StageConfig):  # this base order keeps kind and optio
 @register_stage("search", Config)
 def run(cfg: Config, ctx) -> StageOutput:
     """Search per-group pruning ratios for the best accuracy within a latency (or MACs) budget."""
+    from ..search.procedure import SearchInputs, run_search  # Torch-Pruning, Optuna: only to run
+
     out = run_search(cfg, SearchInputs(
         model=ctx.model, teacher=ctx.dense, data=ctx.data, input_shape=ctx.input_shape, batch_size=ctx.batch_size,
         seed=ctx.seed, run_dir=Path(ctx.run_dir), stage_dir=Path(ctx.stage_dir), run_name=ctx.run_name,

@@ -17,6 +17,7 @@ import argparse
 import copy
 import json
 from importlib import metadata
+import os
 import sys
 import tempfile
 import time
@@ -36,9 +37,11 @@ from compress.io import atomic_write_json, atomic_write_text  # noqa: E402
 from compress.model_io import build_model  # noqa: E402
 from compress.deploy.onnx_io import export_onnx  # noqa: E402
 from compress.train.loop import train  # noqa: E402
-from compress.data import DataBundle, build_data  # noqa: E402
-from compress.recipe import validate_data  # noqa: E402
+from compress.config import ModelConfig  # noqa: E402
+from compress.data import DataBundle, DataConfig, TensorImages, build_data  # noqa: E402
 from compress.stages import STAGES, StageContext  # noqa: E402
+from compress.tasks import build_objective  # noqa: E402
+from compress.tasks.config import TaskConfig  # noqa: E402
 from compress.stages.base import seed_everything  # noqa: E402
 from compress.structured import criteria  # noqa: E402
 
@@ -62,25 +65,25 @@ def latency(dense: nn.Module, pruned: nn.Module, input_shape, workdir: Path, bat
             "speedup": t["dense"]["p50"] / t["pruned"]["p50"]}
 
 
-def context(recipe: dict, data: DataBundle, model: nn.Module, run_dir: Path) -> StageContext:
-    return StageContext(recipe=validate_data(recipe), run_dir=run_dir, device=torch.device("cpu"), data=data,
-                        model=model, index=1)
+def context(name: str, seed: int, data: DataBundle, model: nn.Module, model_spec: ModelConfig, batch_size: int,
+            run_dir: Path, task: str = "classification") -> StageContext:
+    """The context the runner gives a stage: here the stages run one by one on a model built here."""
+    return StageContext(run_dir=run_dir, device=torch.device("cpu"), data=data, model=model, run_name=name,
+                        run_seed=seed, model_spec=model_spec, batch_size=batch_size, index=1, stage_dir=run_dir,
+                        objective=build_objective(TaskConfig(name=task)))
 
 
 # ---------------------------------------------------------------- part 1: MNIST CNN
 
 def mnist_part(args, workdir: Path) -> dict:
-    recipe = {"name": "criteria-bench", "seed": args.seed, "device": "cpu",
-              "model": {"factory": "small_cnn", "kwargs": {"num_classes": 10, "in_channels": 1, "width": args.width},
-                        "input_shape": [1, 28, 28]},
-              "data": {"dataset": args.dataset, "root": args.data_root, "batch_size": 128,
-                       "limit_train": args.limit_train, "limit_test": args.limit_test},
-              "stages": []}
-    rec = validate_data(recipe)
-    data = build_data(rec.data, (1, 28, 28), rec.seed)
+    spec = ModelConfig(factory="small_cnn", kwargs={"num_classes": 10, "in_channels": 1, "width": args.width},
+                       input_shape=[1, 28, 28])
+    data_cfg = DataConfig(dataset=args.dataset, root=args.data_root, batch_size=128, limit_train=args.limit_train,
+                          limit_test=args.limit_test)
+    data = build_data(data_cfg, (1, 28, 28), args.seed)
     seed_everything(args.seed)
-    model = build_model("small_cnn", recipe["model"]["kwargs"])
-    ctx = context(recipe, data, model, workdir)
+    model = build_model("small_cnn", spec.kwargs)
+    ctx = context("criteria-bench", args.seed, data, model, spec, data_cfg.batch_size, workdir)
     t0 = time.perf_counter()
     run_stage("train", ctx, epochs=args.epochs, warmup_epochs=0.5,
               optimizer={"name": "sgd", "lr": 0.05, "momentum": 0.9, "weight_decay": 5e-4, "schedule": "cosine"})
@@ -164,17 +167,16 @@ def segformer_part(args, workdir: Path) -> dict:
     seed_everything(args.seed)
     xtr, ytr = synthetic_segmentation(args.seg_train, size, classes, args.seed)
     xte, yte = synthetic_segmentation(args.seg_test, size, classes, args.seed + 1)
-    data = DataBundle(xtr, ytr, xte, yte, classes)
+    data = DataBundle(TensorImages(xtr, ytr), TensorImages(xte, yte), classes, name="synthetic rectangles")
     model = SegWrapper(SegformerForSemanticSegmentation(cfg))
-    # the recipe only supplies seed/batch size/input shape to the stage context; the model is built here
-    recipe = {"name": "segformer-bench", "seed": args.seed, "device": "cpu",
-              "model": {"factory": "small_cnn", "input_shape": [3, size, size]},
-              "data": {"dataset": "synthetic", "batch_size": 32}, "stages": []}
-    ctx = context(recipe, data, model, workdir)
+    # the model is built here; the spec only tells the stages the input shape
+    spec = ModelConfig(factory="segformer-bench:built-here", input_shape=[3, size, size])
+    ctx = context("segformer-bench", args.seed, data, model, spec, 32, workdir, task="segmentation")
     t0 = time.perf_counter()
     train_cfg = STAGES.get("train").config.model_validate(
         {"kind": "train", "epochs": args.seg_epochs, "optimizer": {"name": "adamw", "lr": 3e-3, "schedule": "cosine"}})
-    train(model, ctx.train_loader(), train_cfg, "cpu", description="train segformer")
+    train(model, ctx.train_loader(), train_cfg, "cpu", description="train segformer",
+          objective=ctx.training_objective)
     dense = copy.deepcopy(model).eval()
     dense_miou = miou(dense, xte, yte, classes)
     out = {"dense_miou": dense_miou, "train_seconds": time.perf_counter() - t0, "rows": [],
@@ -248,7 +250,10 @@ def render(args, info: dict, mnist: dict | None, seg: dict | None, seconds: floa
          f"Command: `nice -n 10 python benchmarks/criteria.py {' '.join(sys.argv[1:])}`  ",
          f"Machine: {info['cpu']}, {info['cores']} cores (shared with other jobs; torch and ONNX Runtime use 1 thread)  ",
          f"Date: {info['date']}; python {info['python']}, torch {info['torch']}, onnxruntime {info['onnxruntime']}, "
-         f"torch-pruning {info['torch_pruning']}; total runtime {seconds / 60:.1f} min", ""]
+         f"torch-pruning {info['torch_pruning']}; total runtime {seconds / 60:.1f} min  ",
+         f"Load average (1 min) at start {info['load_start']:.1f}, at end {info['load_end']:.1f}"
+         + (": wall-clock numbers are upper bounds (other processes were running)"
+            if max(info["load_start"], info["load_end"]) > 1.5 else ""), ""]
     if mnist:
         d = mnist["dense_stats"]
         L += ["## MNIST, small_cnn", "",
@@ -311,7 +316,6 @@ def render(args, info: dict, mnist: dict | None, seg: dict | None, seconds: floa
                 L.append(f"- {crit}, {when}: " + (f"{b['speedup']:.2f}x at {b['ratio']:.0%} removed (mIoU {b[key]:.2f})"
                                                  if b else "no ratio within 1 point"))
         L.append("")
-    L += ["## Discussion", "", "DISCUSSION_PLACEHOLDER", ""]
     return "\n".join(L)
 
 
@@ -343,11 +347,12 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     start = time.perf_counter()
-    info = machine()
+    info = {**machine(), "load_start": os.getloadavg()[0]}
     with tempfile.TemporaryDirectory() as tmp:
         mnist = None if args.skip_mnist else mnist_part(args, Path(tmp))
         seg = None if args.skip_segformer else segformer_part(args, Path(tmp))
     seconds = time.perf_counter() - start
+    info["load_end"] = os.getloadavg()[0]
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out.with_suffix(".json"), {"args": vars(args), "machine": info, "mnist": mnist, "segformer": seg,

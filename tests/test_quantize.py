@@ -227,9 +227,15 @@ def test_int8_calibrates_a_bert_on_token_ids_and_attention_mask(tmp_path):
     p = parity(model, q, x)
     assert p["parity_max_abs_error"] < 0.1 * p["parity_logit_scale"]
     assert p["parity_top1_agreement"] >= 75.0
-    # the same batches as a tuple in graph order calibrate to the same file
-    again = export_int8_onnx(fp32, tmp_path / "again.onnx", [tuple(t for _, t in input_arrays(tokens(8)))])
-    assert quantized_nodes(again) == layers
+    # by name whatever the dict's order, by position for a tuple: the same feeds, the same file
+    calib = [tokens(8)]
+    ranges = {}
+    for name, batches in (("dict", calib), ("reversed", [dict(reversed(list(b.items()))) for b in calib]),
+                          ("tuple", [tuple(t for _, t in input_arrays(b)) for b in calib])):
+        again = export_int8_onnx(fp32, tmp_path / f"{name}.onnx", batches)
+        ranges[name] = sorted(float(numpy_helper.to_array(t)) for t in onnx.load(str(again)).graph.initializer
+                              if t.name.endswith("_scale") and not t.dims)
+    assert ranges["dict"] == ranges["reversed"] == ranges["tuple"] and ranges["dict"]
 
 
 class _TwoFloatInputs(nn.Module):

@@ -32,6 +32,7 @@ import logging
 import shutil
 import tempfile
 from pathlib import Path
+from collections.abc import Mapping
 from typing import Iterable, Sequence
 
 import numpy as np
@@ -46,14 +47,17 @@ QUANTIZED_OPS = ("Conv", "Gemm", "MatMul")
 
 def calibration_feed(specs: Sequence[InputSpec], inputs) -> dict[str, np.ndarray]:
     """ONNX Runtime's feed for one calibration batch: ``inputs`` is an array or tensor (one-input
-    model), a tuple/list of them or a dict (several inputs, in the graph's input order, as
-    :func:`~compress.deploy.onnx_io.input_arrays` orders them for export), each cast to its graph
-    input's element type (int64 token ids stay int64, float inputs become float32)."""
-    parts = [inputs] if isinstance(inputs, np.ndarray) else [a for _, a in input_arrays(inputs)]
+    model), a tuple/list of them or a dict (several inputs: a dict keyed by the graph's input names
+    by name, anything else by position, the order :func:`~compress.deploy.onnx_io.input_arrays`
+    gives them for export), each cast to its graph input's element type (int64 token ids stay int64, float inputs become float32)."""
+    names = [s.name for s in specs]
+    if isinstance(inputs, Mapping) and set(map(str, inputs)) == set(names):
+        parts = [inputs[n] for n in names]  # the graph's names: matched by name, whatever the dict's order
+    else:
+        parts = [inputs] if isinstance(inputs, np.ndarray) else [a for _, a in input_arrays(inputs)]
     if len(parts) != len(specs):
-        names = ", ".join(s.name for s in specs)
         raise ValueError(f"int8 calibration batch has {len(parts)} input(s); the ONNX graph takes "
-                         f"{len(specs)} ({names})")
+                         f"{len(specs)} ({', '.join(names)})")
     feed = {}
     for spec, a in zip(specs, parts):
         a = a.detach().cpu().numpy() if hasattr(a, "detach") else np.asarray(a)

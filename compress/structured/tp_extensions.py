@@ -16,6 +16,16 @@ reproductions in ``tests/test_prune_coverage_classes.py``:
   axis; reshapes that fold channels into heads): indices of one axis are mapped onto another
   (``index 384 ... size 196``).
 
+* **Reshapes of token/head axes taken for channel flattens** (windowed attention: the scores
+  ``(B, heads, N, N)``, the relative-position bias ``(N*N, heads)``): Torch-Pruning 1.6 checks a
+  reshape's input shape through ``grad_fn._saved_self_sizes``, which torch 2 renamed to
+  ``_saved_self_sym_sizes``, so the check never runs and every reshape whose neighbours' inferred
+  channel counts differ gets a flatten mapping. On Swin those couple the heads to the channels
+  with a stride; the mappings sit on a cycle, so each pass multiplies the indices by the stride
+  and enumerating the groups of swin_t did not end in minutes (and the groups were wrong).
+  :func:`reshape_index_mapping` installs a flatten mapping only where the reshape's real input
+  shape shows it merges the channel axis with the axes after it (or splits it).
+
 Rather than patching Torch-Pruning's source, this module (1) keeps a graph-build step that fails
 from failing the whole analysis (the op simply gets no index mapping: its channels are treated as
 coupled one-to-one, which the forward check after pruning then confirms or refuses), and (2) gives
@@ -38,11 +48,89 @@ _GUARDED_UPDATERS = ("update_reshape_index_mapping", "update_concat_index_mappin
 GRAPH_WARNINGS: list[str] = []  # what the guarded updaters swallowed, most recent last (bounded)
 
 
+def _input_sizes(node) -> tuple[int, ...] | None:
+    """The shape of a reshape op's input, as autograd saved it (torch 2: ``_saved_self_sym_sizes``)."""
+    for attr in ("_saved_self_sym_sizes", "_saved_self_sizes"):
+        sizes = getattr(node.grad_fn, attr, None)
+        if sizes is not None:
+            try:
+                return tuple(int(s) for s in sizes)
+            except (TypeError, ValueError):  # symbolic sizes: no shape to check against
+                return None
+    return None
+
+
+def _reshape_is_channel_flatten(sizes: tuple[int, ...] | None, c_in: int, c_out: int) -> bool:
+    """Whether a reshape with input shape ``sizes`` can map ``c_in`` channels to ``c_out`` by
+    flattening (``c_out = c_in * s``: the channel axis and the axes after it, of product ``s``, are
+    merged, as ``(B, C, H, W) -> (B, C*H*W)``) or by splitting (``c_in = c_out * s``: the channel
+    axis is cut into ``(c_out, s)``). Which input axis is the channel axis is not recorded, so any
+    axis past the batch axis of the right size qualifies; what this rules out is the reshape whose
+    input has no such axis: attention scores ``(B, heads, N, N)`` where heads were taken for
+    channels and ``N*N`` is not the stride, the bias table ``(N*N, heads)``."""
+    if sizes is None or len(sizes) <= 1:  # no shape recorded, or a 1-D tensor: Torch-Pruning's own rule
+        return True
+    if c_out > c_in:
+        stride = c_out // c_in
+        return any(sizes[k] == c_in and math.prod(sizes[k + 1:]) == stride for k in range(1, len(sizes)))
+    return any(sizes[k] == c_in for k in range(1, len(sizes)))
+
+
+def reshape_index_mapping(graph, node) -> None:
+    """Replacement for Torch-Pruning's ``update_reshape_index_mapping`` (same channel inference,
+    same :class:`_FlattenIndexMapping`), that installs the mapping only when the reshape's real input
+    shape fits it (:func:`_reshape_is_channel_flatten`). Written here, not in Torch-Pruning's tree,
+    because its own check reads an autograd attribute that torch 2 no longer has (see the module
+    docstring); a reshape left without a mapping couples its channels one-to-one, which the forward
+    check after each cut confirms or refuses."""
+    if node.type != tp.ops.OPTYPE.RESHAPE:
+        return
+    infer = tp.dependency.shape_infer
+    limit = tp.dependency.constants.MAX_RECURSION_DEPTH
+
+    def first_known(nodes, fn):
+        for n in nodes:
+            depth = [0]
+            ch = fn(graph, n, depth)
+            if depth[0] > limit:
+                return None
+            if ch is not None:
+                return ch
+        return None
+
+    c_out = first_known(node.outputs, infer.infer_in_channels_recursively)
+    c_in = first_known(node.inputs, infer.infer_out_channels_recursively)
+    if not c_out or not c_in or c_out == c_in:
+        return
+    if max(c_in, c_out) % min(c_in, c_out):
+        return
+    if not _reshape_is_channel_flatten(_input_sizes(node), c_in, c_out):
+        GRAPH_WARNINGS.append(f"reshape {node.name}: input {_input_sizes(node)} does not flatten {c_in} channels "
+                              f"into {c_out}: no index mapping")
+        del GRAPH_WARNINGS[:-50]
+        return
+    mapping = tp.dependency.index_mapping._FlattenIndexMapping
+    if c_out > c_in:  # the input's channels are the major factor of the output's
+        narrow, stride = node.inputs, c_out // c_in
+    else:  # the output's channels are the major factor of the input's
+        narrow, stride = node.outputs, c_in // c_out
+    for other in narrow:
+        for dep in node.dependencies:
+            if dep.target == other:
+                dep.index_mapping[0] = mapping(stride=stride, reverse=True)
+        for dep in other.dependencies:
+            if dep.target == node:
+                dep.index_mapping[0] = mapping(stride=stride, reverse=False)
+
+
 def install_graph_guards() -> None:
     """Make each of Torch-Pruning's index-mapping updaters fail soft: an op whose mapping cannot be
     computed keeps the default (one-to-one) mapping instead of aborting the graph build. Idempotent;
-    it changes behaviour only where Torch-Pruning would have raised."""
+    it changes behaviour only where Torch-Pruning would have raised. The reshape updater is first
+    replaced by :func:`reshape_index_mapping`."""
     mod = tp.dependency.index_mapping
+    if not getattr(mod.update_reshape_index_mapping, "_compress_guarded", False):
+        mod.update_reshape_index_mapping = reshape_index_mapping
     for name in _GUARDED_UPDATERS:
         fn = getattr(mod, name, None)
         if fn is None or getattr(fn, "_compress_guarded", False):
@@ -59,7 +147,72 @@ def install_graph_guards() -> None:
         functools.update_wrapper(guarded, fn)
         guarded._compress_guarded = True
         setattr(mod, name, guarded)
+    if not getattr(mod.update_index_mapping, "_compress_guarded", False):
+        mod.update_index_mapping = _skip_when_unchanged(mod.update_index_mapping)
     _guard_group_building(tp.dependency.DependencyGraph)
+
+
+def _simple_attrs(obj) -> tuple:
+    return tuple((k, v) for k, v in vars(obj).items()
+                 if isinstance(v, (int, float, str, tuple, list)) and not k.startswith("_"))
+
+
+def graph_widths(graph) -> tuple:
+    """Everything the index mappings are computed from: the parameter shapes and the int/size
+    attributes (``out_features``, ``normalized_shape``, a concat's or split's sizes) of every node."""
+    key = []
+    for node in graph.module2node.values():
+        m = node.module
+        if isinstance(m, nn.Parameter):
+            key.append(tuple(m.shape))
+        elif isinstance(m, nn.Module):
+            key.append((tuple(tuple(p.shape) for p in m._parameters.values() if p is not None),
+                        _simple_attrs(m)))
+        else:
+            key.append(None)
+    return tuple(key)
+
+
+def _skip_when_unchanged(update):
+    """Torch-Pruning recomputes every index mapping of the graph each time it builds a group
+    (``get_pruning_group``), with shape inference that walks back through the graph from every
+    reshape/concat/expand node: on swin_t (about 2,000 nodes) one update takes 1-2 s, and a pruning
+    step builds a few hundred groups. The mappings are a function of the layer widths and op
+    sizes only, so an update is skipped while :func:`graph_widths` is what it was at the graph's
+    last update (a cut, or a rolled-back cut, changes it and the next group recomputes). During
+    an update no width changes, so the graph's per-node channel look-ups, which the shape inference
+    repeats about a hundred times per node, are memoised for its duration (same call tree, same
+    results: only the look-ups are cached, not the depth-limited recursion)."""
+
+    @functools.wraps(update)
+    def update_index_mapping(graph):
+        key = graph_widths(graph)
+        if graph.__dict__.get("_compress_widths") == key:
+            return None
+        for name in ("get_out_channels", "get_in_channels"):
+            graph.__dict__[name] = _memoised(getattr(graph, name))
+        try:
+            result = update(graph)
+        finally:
+            graph.__dict__.pop("get_out_channels", None)
+            graph.__dict__.pop("get_in_channels", None)
+        graph.__dict__["_compress_widths"] = key
+        return result
+
+    update_index_mapping._compress_guarded = True
+    return update_index_mapping
+
+
+def _memoised(lookup):
+    cache: dict[int, Any] = {}
+
+    def cached(module_or_node):
+        k = id(module_or_node)
+        if k not in cache:
+            cache[k] = lookup(module_or_node)
+        return cache[k]
+
+    return cached
 
 
 def _guard_group_building(cls) -> None:

@@ -19,7 +19,8 @@ reproductions in ``tests/test_prune_coverage_classes.py``:
 * **Reshapes of token/head axes taken for channel flattens** (windowed attention: the scores
   ``(B, heads, N, N)``, the relative-position bias ``(N*N, heads)``): Torch-Pruning 1.6 checks a
   reshape's input shape through ``grad_fn._saved_self_sizes``, which torch 2 renamed to
-  ``_saved_self_sym_sizes``, so the check never runs and every reshape whose neighbours' inferred
+  ``_saved_self_sym_sizes``, so the check never runs and, in a model where no ``nn.Linear`` sees a
+  3-D input (its switch for turning reshape mappings off), every reshape whose neighbours' inferred
   channel counts differ gets a flatten mapping. On Swin those couple the heads to the channels
   with a stride; the mappings sit on a cycle, so each pass multiplies the indices by the stride
   and enumerating the groups of swin_t did not end in minutes (and the groups were wrong).
@@ -39,8 +40,10 @@ import functools
 import math
 from typing import Any
 
+import torch
 import torch_pruning as tp
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 _GUARDED_UPDATERS = ("update_reshape_index_mapping", "update_concat_index_mapping", "update_split_index_mapping",
                      "update_unbind_index_mapping", "update_expand_index_mapping", "update_slice_index_mapping",
@@ -60,31 +63,61 @@ def _input_sizes(node) -> tuple[int, ...] | None:
     return None
 
 
-def _reshape_is_channel_flatten(sizes: tuple[int, ...] | None, c_in: int, c_out: int) -> bool:
-    """Whether a reshape with input shape ``sizes`` can map ``c_in`` channels to ``c_out`` by
-    flattening (``c_out = c_in * s``: the channel axis and the axes after it, of product ``s``, are
-    merged, as ``(B, C, H, W) -> (B, C*H*W)``) or by splitting (``c_in = c_out * s``: the channel
-    axis is cut into ``(c_out, s)``). Which input axis is the channel axis is not recorded, so any
-    axis past the batch axis of the right size qualifies; what this rules out is the reshape whose
-    input has no such axis: attention scores ``(B, heads, N, N)`` where heads were taken for
-    channels and ``N*N`` is not the stride, the bias table ``(N*N, heads)``."""
+def _reshape_is_channel_flatten(sizes: tuple[int, ...] | None, out: tuple[int, ...] | None,
+                                c_in: int, c_out: int) -> bool:
+    """Whether a reshape from shape ``sizes`` to shape ``out`` maps ``c_in`` channels to ``c_out``
+    the way a flatten mapping says: channel ``c`` of the narrower side is the block
+    ``[c*s, (c+1)*s)`` of the wider one. That holds when the channel axis keeps its place and
+    everything before it (``out[:k] == sizes[:k]``) and is merged with the axes after it (flatten,
+    ``(B, C, H, W) -> (B, C*H*W)``) or split into ``(c_out, s)`` (unflatten), the channels being the
+    major factor. It does not hold for attention scores ``(B, heads, N, N)`` whose heads were taken
+    for channels, for the bias table ``(N*N, heads)``, nor for a fused q/k/v projection reshaped to
+    ``(B, N, 3, heads, head_dim)`` (there channel ``c`` of q is row ``c``, not rows ``3c..3c+2``).
+    Without the output shape (not recorded), only the input side is checked."""
     if sizes is None or len(sizes) <= 1:  # no shape recorded, or a 1-D tensor: Torch-Pruning's own rule
         return True
-    if c_out > c_in:
-        stride = c_out // c_in
-        return any(sizes[k] == c_in and math.prod(sizes[k + 1:]) == stride for k in range(1, len(sizes)))
-    return any(sizes[k] == c_in for k in range(1, len(sizes)))
+    for k in range(1, len(sizes)):
+        if sizes[k] != c_in:
+            continue
+        if out is not None:
+            if len(out) > k and tuple(out[:k]) == tuple(sizes[:k]) and out[k] == c_out:
+                return True
+            continue
+        if c_out < c_in or math.prod(sizes[k + 1:]) == c_out // c_in:
+            return True
+    return False
+
+
+_RESHAPE_GRAD_FNS = ("view", "reshape", "flatten", "alias")
+
+
+class _ReshapeOutputShapes(TorchFunctionMode):
+    """Records the output shape of every view/reshape while Torch-Pruning traces the model (autograd
+    saves only a reshape's input shape), keyed by the output's ``grad_fn``, the object the graph's
+    reshape node holds."""
+
+    def __init__(self, store: dict):
+        super().__init__()
+        self.store = store
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        result = func(*args, **(kwargs or {}))
+        fn = getattr(result, "grad_fn", None) if isinstance(result, torch.Tensor) else None
+        if fn is not None and any(k in fn.name().lower() for k in _RESHAPE_GRAD_FNS):
+            self.store[fn] = tuple(result.shape)
+        return result
 
 
 def reshape_index_mapping(graph, node) -> None:
-    """Replacement for Torch-Pruning's ``update_reshape_index_mapping`` (same channel inference,
-    same :class:`_FlattenIndexMapping`), that installs the mapping only when the reshape's real input
-    shape fits it (:func:`_reshape_is_channel_flatten`). Written here, not in Torch-Pruning's tree,
+    """Replacement for Torch-Pruning's ``update_reshape_index_mapping`` (same switch, same channel
+    inference, same :class:`_FlattenIndexMapping`), that installs the mapping only when the
+    reshape's real shapes fit it (:func:`_reshape_is_channel_flatten`): it installs a subset of the
+    mappings Torch-Pruning would. Written here, not in Torch-Pruning's tree,
     because its own check reads an autograd attribute that torch 2 no longer has (see the module
     docstring); a reshape left without a mapping couples its channels one-to-one, which the forward
     check after each cut confirms or refuses."""
-    if node.type != tp.ops.OPTYPE.RESHAPE:
-        return
+    if node.type != tp.ops.OPTYPE.RESHAPE or not getattr(graph, "_2d_4d", True):
+        return  # Torch-Pruning's own switch: no reshape mappings once a Linear saw a 3-D input
     infer = tp.dependency.shape_infer
     limit = tp.dependency.constants.MAX_RECURSION_DEPTH
 
@@ -104,9 +137,10 @@ def reshape_index_mapping(graph, node) -> None:
         return
     if max(c_in, c_out) % min(c_in, c_out):
         return
-    if not _reshape_is_channel_flatten(_input_sizes(node), c_in, c_out):
-        GRAPH_WARNINGS.append(f"reshape {node.name}: input {_input_sizes(node)} does not flatten {c_in} channels "
-                              f"into {c_out}: no index mapping")
+    out = graph.__dict__.get("_compress_reshape_out", {}).get(node.grad_fn)
+    if not _reshape_is_channel_flatten(_input_sizes(node), out, c_in, c_out):
+        GRAPH_WARNINGS.append(f"reshape {node.name}: {_input_sizes(node)} -> {out} does not map {c_in} channels "
+                              f"to {c_out}: no index mapping")
         del GRAPH_WARNINGS[:-50]
         return
     mapping = tp.dependency.index_mapping._FlattenIndexMapping
@@ -129,6 +163,7 @@ def install_graph_guards() -> None:
     it changes behaviour only where Torch-Pruning would have raised. The reshape updater is first
     replaced by :func:`reshape_index_mapping`."""
     mod = tp.dependency.index_mapping
+    _record_reshape_shapes(tp.dependency.DependencyGraph)
     if not getattr(mod.update_reshape_index_mapping, "_compress_guarded", False):
         mod.update_reshape_index_mapping = reshape_index_mapping
     for name in _GUARDED_UPDATERS:
@@ -213,6 +248,23 @@ def _memoised(lookup):
         return cache[k]
 
     return cached
+
+
+def _record_reshape_shapes(cls) -> None:
+    """``build_dependency`` traces the model with :class:`_ReshapeOutputShapes` active, so
+    :func:`reshape_index_mapping` sees both shapes of every reshape."""
+    build = cls.build_dependency
+    if getattr(build, "_compress_guarded", False):
+        return
+
+    @functools.wraps(build)
+    def build_dependency(self, *args, **kwargs):
+        store = self.__dict__.setdefault("_compress_reshape_out", {})
+        with _ReshapeOutputShapes(store):
+            return build(self, *args, **kwargs)
+
+    build_dependency._compress_guarded = True
+    cls.build_dependency = build_dependency
 
 
 def _guard_group_building(cls) -> None:

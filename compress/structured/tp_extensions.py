@@ -267,6 +267,65 @@ def _record_reshape_shapes(cls) -> None:
     cls.build_dependency = build_dependency
 
 
+def propagate_group(DG, module: nn.Module, pruning_fn, idxs) -> "tp.dependency.Group":
+    """``DependencyGraph.get_pruning_group`` with each index propagated once per layer.
+
+    Torch-Pruning walks the dependencies depth-first and re-propagates a layer whenever it is
+    reached with an index list it has not seen as a whole (indices and the root indices they came
+    from); where concats, slices and residual additions meet (ReXNet's partial residual
+    ``x[:, :c] + shortcut`` in every block), the same layer is reached with ever new combinations and
+    the walk grows combinatorially (rexnet_100: one group had 19,000 entries for 31 layers and
+    did not finish in minutes). Every index mapping acts index by index (offsets, filters,
+    strides), and the group it builds is merged per layer afterwards, so propagating only the
+    indices a layer has not received yet gives the same indices per layer: each (layer, index)
+    is visited once. Where one index is reached from two root indices, the first one reached is
+    kept, as Torch-Pruning's merge does."""
+    if module not in DG.module2node:
+        raise ValueError(f"module {module} is not in the dependency graph")
+    if isinstance(module, tp.ops.TORCH_CONV) and module.groups == module.out_channels > 1:
+        pruning_fn = tp.pruner.function.prune_depthwise_conv_out_channels
+    if isinstance(idxs, int):
+        idxs = [idxs]
+    hybrid = tp._helpers._HybridIndex
+    start = [hybrid(idx=i, root_idx=i) for i in idxs]
+    tp.dependency.index_mapping.update_index_mapping(DG)
+    root = DG.module2node[module]
+    walk = [(tp.dependency.Dependency(pruning_fn, pruning_fn, source=root, target=root), start)]
+    reached: dict[tuple, set[int]] = {(root, pruning_fn): {i.idx for i in start}}
+    stack = [(root, pruning_fn, start)]
+    while stack:
+        node, fn, current = stack.pop()
+        for dep in node.dependencies:
+            if not dep.is_triggered_by(fn):
+                continue
+            mapped = current
+            for mapping in dep.index_mapping:
+                if mapping is not None:
+                    mapped = mapping(mapped)
+            seen = reached.setdefault((dep.target, dep.handler), set())
+            fresh = []
+            for i in mapped:
+                if i.idx not in seen:
+                    seen.add(i.idx)
+                    fresh.append(i)
+            if fresh:
+                walk.append((dep, fresh))
+                stack.append((dep.target, dep.handler, fresh))
+    merged = tp.dependency.Group()
+    ignored = {id(p) for p in DG.ignored_params}
+    for dep, found in walk:
+        if isinstance(dep.target.module, nn.Parameter) and id(dep.target.module) in ignored:
+            continue
+        merged.add_and_merge(dep, found)
+    merged._DG = DG
+    for k in range(len(merged)):
+        dep, found = merged[k]
+        item = tp._helpers.GroupItem(dep, [i.idx for i in found])
+        item.root_idxs = [i.root_idx for i in found]
+        merged[k] = item
+    return merged
+
+
 def _guard_group_building(cls) -> None:
     """A group whose index propagation fails (a mapping with stale offsets, an index past a layer's
     width) comes back empty and is recorded in ``graph.group_failures`` as (root module, reason);
@@ -279,7 +338,7 @@ def _guard_group_building(cls) -> None:
     @functools.wraps(build)
     def get_pruning_group(self, module, pruning_fn, idxs):
         try:
-            return build(self, module, pruning_fn, idxs)
+            return propagate_group(self, module, pruning_fn, idxs)
         except Exception as exc:  # any error inside Torch-Pruning's propagation: skip this group
             failures = self.__dict__.setdefault("group_failures", [])
             failures.append((module, f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"))

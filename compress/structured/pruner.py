@@ -297,17 +297,18 @@ class GuardedPruner:
         self._tick("snapshot", t0)
         skipped_before = len(self.skipped)
         heads = [s.heads for s in self.sites]
+        self._cut_failed = None
         pending = self._run_groups(careful=False)
         self._contested = self._contested_attributes(pending)
-        ok, _ = self._runs(attention_patch=True)
-        if not ok and any(pending):
+        ok = self._cut_failed is None and self._runs(attention_patch=True)[0]
+        if not ok and self._cut_failed is None and any(pending):
             t0 = time.perf_counter()
             patches = self._apply_patches(pending)
             self._tick("patch", t0)
             ok, _ = self._runs()
             if ok:
                 self.patched += patches
-        if not ok and self._output_moved():
+        if not ok and self._cut_failed is None and self._output_moved():
             # the model runs but its output changed shape: the output layer itself was cut (the
             # classifier guard is off); that is the recipe's doing, refused as before, not undone
             check_model_runs(self.model, self.example, self.expected_shape, self.output_name,
@@ -385,7 +386,12 @@ class GuardedPruner:
                 cg = max(1, tp_compat.channel_groups(self.pruner, group))
                 if before_prune is not None:
                     before_prune(group)
-                group.prune()
+                try:
+                    group.prune()
+                except Exception as exc:  # Torch-Pruning's own cut fails (a concat of unknown sizes):
+                    self._cut_failed = _one_line(exc)  # the step is redone group by group
+                    self._tick("cut", t0)
+                    break
                 after = tp_extensions.split_sizes(DG)
                 cands, _ = self._constant_candidates(group, widths, splits, after, cg)
                 pending.append([(*c, self._names.get(root, "?")) for c in cands])

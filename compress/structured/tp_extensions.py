@@ -15,7 +15,6 @@ reproductions in ``tests/test_prune_coverage_classes.py``:
 * **Index mappings over the wrong axis** (token-mixing Linears of MLP-mixers act on the patch
   axis; reshapes that fold channels into heads): indices of one axis are mapped onto another
   (``index 384 ... size 196``).
-
 * **Reshapes of token/head axes taken for channel flattens** (windowed attention: the scores
   ``(B, heads, N, N)``, the relative-position bias ``(N*N, heads)``): Torch-Pruning 1.6 checks a
   reshape's input shape through ``grad_fn._saved_self_sizes``, which torch 2 renamed to
@@ -24,8 +23,13 @@ reproductions in ``tests/test_prune_coverage_classes.py``:
   channel counts differ gets a flatten mapping. On Swin those couple the heads to the channels
   with a stride; the mappings sit on a cycle, so each pass multiplies the indices by the stride
   and enumerating the groups of swin_t did not end in minutes (and the groups were wrong).
-  :func:`reshape_index_mapping` installs a flatten mapping only where the reshape's real input
-  shape shows it merges the channel axis with the axes after it (or splits it).
+  :func:`reshape_index_mapping` installs a flatten mapping only where the reshape's input and
+  output shapes (the latter recorded while the graph is traced) show it merges the channel axis
+  with the axes after it, or splits it into (channels, rest).
+* **A walk that grows combinatorially and repeats itself**: :func:`propagate_group` (each
+  (layer, index) visited once; ReXNet) and :func:`_skip_when_unchanged` (index mappings recomputed
+  only when a width changed; Torch-Pruning recomputes all of them for every group it builds).
+  Tests: ``tests/test_prune_graph_walk.py``.
 
 Rather than patching Torch-Pruning's source, this module (1) keeps a graph-build step that fails
 from failing the whole analysis (the op simply gets no index mapping: its channels are treated as

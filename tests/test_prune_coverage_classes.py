@@ -219,34 +219,54 @@ def test_multihead_attention_embed_dim_and_head_dim_stay_consistent():
 
 class _SharedWidthAttribute(nn.Module):
     """Two branches of the same width feed one module whose forward reshapes one of them with an
-    attribute holding that width (a bias-like constant): the value alone cannot say which branch it follows."""
+    attribute holding that width (a bias-like constant): the value alone cannot say which branch it
+    follows; forward can, when only one branch's new width lets it run."""
 
-    def __init__(self):
+    def __init__(self, weak_a: int = 24, weak_b: int = 0, reshape: bool = False):
         super().__init__()
-        self.width = 32
+        self.width, self.reshape = 32, reshape
         self.a = nn.Linear(16, 32)
         self.b = nn.Linear(16, 32)
         self.head = nn.Linear(64, 4)
-        with torch.no_grad():  # a: 24 weak rows, b: even rows, so a global ranking cuts them differently
-            self.a.weight[:24].mul_(1e-3)
-            self.a.bias[:24].mul_(1e-3)
-            self.head.weight[:, :24].mul_(1e-3)
-            self.b.weight.copy_(torch.randn(32, 16).sign() * 0.2 + torch.linspace(0, 0.01, 32)[:, None])
+        with torch.no_grad():  # weak rows steer the global ranking to cut a and b differently
+            self.a.weight[:weak_a].mul_(1e-3)
+            self.a.bias[:weak_a].mul_(1e-3)
+            self.head.weight[:, :weak_a].mul_(1e-3)
+            if weak_b:
+                self.b.weight[:weak_b].mul_(1e-3)
+                self.b.bias[:weak_b].mul_(1e-3)
+                self.head.weight[:, 32:32 + weak_b].mul_(1e-3)
+            else:
+                self.b.weight.copy_(torch.randn(32, 16).sign() * 0.2 + torch.linspace(0, 0.01, 32)[:, None])
 
     def forward(self, x):
-        a = self.a(x) + x.new_zeros(self.width)  # broadcasts only while width is a's width
+        if self.reshape:  # runs with any width that divides a's
+            a = self.a(x).view(x.shape[0], -1, self.width).flatten(1)
+        else:
+            a = self.a(x) + x.new_zeros(self.width)  # broadcasts only while width is a's width
         return self.head(torch.cat([a, self.b(x)], 1))
 
 
-def test_attribute_matching_two_differently_cut_widths_is_refused_naming_it():
+def test_attribute_matching_two_differently_cut_widths_follows_the_one_forward_runs_with():
     m = _SharedWidthAttribute()
     x = torch.randn(2, 16)
     gp = pruning.GuardedPruner(m, x, tp.importance.GroupMagnitudeImportance(p=2), ratio=0.5, scope="global",
                                guards=pruning.Guards(round_to=None, min_channels=None))
-    with pytest.raises(ModelBreakError, match=r"module '<model>' attribute 'width' = 32 .*a -> .*b -> "):
+    gp.step()
+    assert m.width == m.a.out_features < 32 and m.b.out_features not in (32, m.a.out_features)
+    assert [(p["attribute"], p["new"], "resolved" in p) for p in gp.patched] == [("width", m.a.out_features, True)]
+    assert m(x).shape == (2, 4)
+
+
+def test_attribute_forward_runs_with_under_two_cut_widths_is_refused_naming_it():
+    m = _SharedWidthAttribute(weak_a=8, weak_b=24, reshape=True)  # a -> 24, b -> 8: both divide a's width
+    x = torch.randn(2, 16)
+    gp = pruning.GuardedPruner(m, x, tp.importance.GroupMagnitudeImportance(p=2), ratio=0.5, scope="global",
+                               guards=pruning.Guards(round_to=None, min_channels=None))
+    with pytest.raises(ModelBreakError, match=r"module '<model>' attribute 'width' = 32 .*a -> 24, b -> 8.*more than one"):
         gp.step()
     assert m.width == 32 and m(x).shape == (2, 4)  # nothing guessed, and the model still runs
-    m = _SharedWidthAttribute()  # the advice works: with b left whole, width follows a alone
+    m = _SharedWidthAttribute(weak_a=8, weak_b=24, reshape=True)  # the advice works: b left whole
     gp = pruning.GuardedPruner(m, x, tp.importance.GroupMagnitudeImportance(p=2), ratio=0.5, scope="global",
                                ignore=["b"], guards=pruning.Guards(round_to=None, min_channels=None))
     gp.step()

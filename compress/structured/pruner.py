@@ -297,17 +297,18 @@ class GuardedPruner:
         self._tick("snapshot", t0)
         skipped_before = len(self.skipped)
         heads = [s.heads for s in self.sites]
+        self._cut_failed = None
         pending = self._run_groups(careful=False)
         self._contested = self._contested_attributes(pending)
-        ok, _ = self._runs(attention_patch=True)
-        if not ok and any(pending):
+        ok = self._cut_failed is None and self._runs(attention_patch=True)[0]
+        if not ok and self._cut_failed is None and any(pending):
             t0 = time.perf_counter()
             patches = self._apply_patches(pending)
             self._tick("patch", t0)
             ok, _ = self._runs()
             if ok:
                 self.patched += patches
-        if not ok and self._output_moved():
+        if not ok and self._cut_failed is None and self._output_moved():
             # the model runs but its output changed shape: the output layer itself was cut (the
             # classifier guard is off); that is the recipe's doing, refused as before, not undone
             check_model_runs(self.model, self.example, self.expected_shape, self.output_name,
@@ -385,7 +386,12 @@ class GuardedPruner:
                 cg = max(1, tp_compat.channel_groups(self.pruner, group))
                 if before_prune is not None:
                     before_prune(group)
-                group.prune()
+                try:
+                    group.prune()
+                except Exception as exc:  # Torch-Pruning's own cut fails (a concat of unknown sizes):
+                    self._cut_failed = _one_line(exc)  # the step is redone group by group
+                    self._tick("cut", t0)
+                    break
                 after = tp_extensions.split_sizes(DG)
                 cands, _ = self._constant_candidates(group, widths, splits, after, cg)
                 pending.append([(*c, self._names.get(root, "?")) for c in cands])
@@ -420,7 +426,10 @@ class GuardedPruner:
                     patches = self._apply_patches([cands])
                     self._tick("patch", t0)
                     if contested and not (patches and self._runs()[0]):
-                        self._refuse_if_contested_needed(contested, snap)
+                        resolved = self._resolve_contested(contested, snap)
+                        if resolved is not None:
+                            self.patched += patches + resolved
+                            continue
                     if patches:
                         ok, err2 = self._runs()
                         if ok:
@@ -488,24 +497,49 @@ class GuardedPruner:
                 olds[key] = old
         return {k: (olds[k], v) for k, v in claims.items() if len(v) > 1}
 
-    def _refuse_if_contested_needed(self, contested: list[tuple], snap: "tp_extensions.Snapshot") -> None:
-        """The model runs only with a contested attribute patched: patching it would be a guess
-        at which width it follows, so refuse (the group is rolled back first, the model still runs)."""
-        saved = {(o, a): getattr(dict(self.model.named_modules())[o], a) for o, a, *_ in contested}
-        self._apply_patches([contested])
-        needed, _ = self._runs()
+    def _resolve_contested(self, contested: list[tuple], snap: "tp_extensions.Snapshot") -> list[dict] | None:
+        """A contested attribute (two groups of its old width are cut to different widths) that
+        forward needs patched after this group's cut. When the model runs with this group's value
+        and with none of the other groups' values, the attribute follows this group: it is patched
+        and reported (Res2Net's ``width``, read by ``torch.split`` of the layer this group cuts,
+        while the branch convs of the same old width are cut differently). When forward does not
+        need it, None. When another group's value runs too, which width it follows cannot be told:
+        refuse (the group is rolled back first, the model still runs)."""
         modules = dict(self.model.named_modules())
-        for (o, a), v in saved.items():
-            setattr(modules[o], a, v)
+        saved = {(o, a): getattr(modules[o], a) for o, a, *_ in contested}
+
+        def revert():
+            for (o, a), v in saved.items():
+                setattr(modules[o], a, v)
+
+        patches = self._apply_patches([contested])
+        needed, _ = self._runs()
         if not needed:
-            return
+            revert()
+            return None
+        others_run = []
+        for owner, attr, old, new, *_ in contested:
+            mine = getattr(modules[owner], attr)
+            for value in self._contested[(owner, attr)][1]:
+                if value == (tuple(new) if isinstance(new, list) else new):
+                    continue
+                setattr(modules[owner], attr, type(old)(value) if isinstance(old, (list, tuple)) else value)
+                if self._runs()[0]:
+                    others_run.append(value)
+                setattr(modules[owner], attr, mine)
+        if not others_run:
+            for patch in patches:
+                patch["resolved"] = "forward runs with this group's width and with no other group's"
+            return patches
+        revert()
         snap.restore()
         owner, attr = contested[0][0], contested[0][1]
         old, claims = self._contested[(owner, attr)]
         cuts = ", ".join(f"{root} -> {new}" for new, root in sorted(claims.items(), key=lambda kv: str(kv[1])))
         raise ModelBreakError(f"module {owner or '<model>'!r} attribute {attr!r} = {old} must follow a pruned width "
-                              f"for forward to run, but groups of width {old} are cut to different widths ({cuts}): "
-                              f"cannot tell which one it follows; list one of those layers in 'ignore'")
+                              f"for forward to run, but groups of width {old} are cut to different widths ({cuts}) "
+                              f"and forward runs with more than one of them: cannot tell which one it follows; "
+                              f"list one of those layers in 'ignore'")
 
     def _constant_candidates(self, group, widths: dict[int, set[int]], splits_before: dict, splits_after: dict,
                              cg: int) -> tuple[list[tuple], str | None]:

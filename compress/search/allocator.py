@@ -56,10 +56,13 @@ class ChannelGroup:
     widths: list[int]              # allowed kept widths, descending, the first is ``dense``
     scores: list[float]            # per-channel importance, ascending (the cheapest channels first)
     members: list[str] = field(default_factory=list)   # "layer.in" / "layer.out" sides it cuts
+    # True: ``scores`` are already per-channel costs in the order the pruner removes the channels (a
+    # measured sensitivity curve, :mod:`compress.search.sensitivity`), kept as they are, not sorted
+    ordered: bool = False
     _cum: list[float] = field(default_factory=list, repr=False)
 
     def __post_init__(self):
-        self.scores = sorted(float(s) for s in self.scores)
+        self.scores = [float(s) for s in self.scores] if self.ordered else sorted(float(s) for s in self.scores)
         self._cum = [0.0]
         for s in self.scores:
             self._cum.append(self._cum[-1] + s)

@@ -281,7 +281,8 @@ class Search:
             t = self._measure({"dense": self.dense, "allocated": m})
             return t["dense"]["p50"], t["allocated"]["p50"]
 
-        seed = allocate_for_search(self.pruner, b.predictor, self.cfg.budget, measure, self.cfg.latency_tolerance)
+        seed = allocate_for_search(self.pruner, b.predictor, self.cfg.budget, measure, self.cfg.latency_tolerance,
+                                   cost=self.cfg.allocator_cost, log=log)
         a = seed.fit.last
         log(f"  allocator: {a.measured_ratio:.3f} x dense measured ({a.predicted_ratio:.3f} predicted) after "
             f"{len(seed.fit.attempts)} measurement(s)")

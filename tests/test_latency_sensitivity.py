@@ -1,0 +1,118 @@
+"""The latency allocator's measured cost (``target: {latency: ..., cost: sensitivity}``): the curve
+through the measured loss increases, the widths probed, the BN-re-estimated calibration loss, the
+allocator spending the cut on the group the loss does not depend on, and the prune stage end to end."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import tiny_recipe
+from torch import nn
+
+from compress.search.allocator import (
+    ChannelGroup,
+    LayerLatency,
+    allocate,
+    allowed_widths,
+)
+from compress.search.sensitivity import (
+    calibration_loss,
+    curve_costs,
+    measured_groups,
+    probe_widths,
+)
+
+torch.set_num_threads(1)
+
+
+def test_curve_costs_pass_through_the_measured_points_never_decreasing():
+    # 8 channels; measured at 6, 4 and 2 kept: +0.2, +0.1 (a dip: noise, held at 0.2), +1.0
+    costs = curve_costs(8, {6: 0.2, 4: 0.1, 2: 1.0})
+    cum = [sum(costs[:k]) for k in range(9)]
+    assert cum == pytest.approx([0, 0.1, 0.2, 0.2, 0.2, 0.6, 1.0, 1.0, 1.0])
+    assert curve_costs(4, {2: -0.3}) == pytest.approx([0, 0, 0, 0])   # a loss that fell is no cost
+    g = ChannelGroup("g", 8, [8, 6, 4, 2], costs, ordered=True)      # kept in removal order, not sorted
+    assert g.removal_cost(8, 6) == pytest.approx(0.2) and g.removal_cost(4, 2) == pytest.approx(0.8)
+
+
+def test_probe_widths_spread_from_dense_to_the_floor():
+    g = ChannelGroup("g", 64, allowed_widths(64, 8, 8), [1.0] * 64)
+    assert probe_widths(g, 3) == [48, 24, 8]
+    assert probe_widths(g, 1) == [8]
+    assert probe_widths(ChannelGroup("h", 16, [16, 8], [1.0] * 16), 3) == [8]
+    assert probe_widths(ChannelGroup("k", 8, [8], [1.0] * 8), 3) == []
+
+
+class _Narrowed(nn.Module):
+    """What an injected ``narrow`` returns: a module that only remembers the widths it was given."""
+
+    def __init__(self, widths):
+        super().__init__()
+        self.widths = widths
+
+
+def test_the_allocator_spends_the_cut_where_the_measured_loss_does_not_grow():
+    # two groups whose importance scores say "a" is cheaper to cut; the measured loss says the opposite
+    groups = [ChannelGroup("a", 32, allowed_widths(32, 8, 8), [0.1] * 32, ["x.out"]),
+              ChannelGroup("b", 32, allowed_widths(32, 8, 8), [1.0] * 32, ["y.out"])]
+    lat = LayerLatency({"x": (None, 0, 3, 32), "y": (None, 1, 3, 32)}, lambda n, ci, co: co / 32)
+    assert allocate(groups, lat, 1.5).widths == [16, 32]   # by importance: "a" is cut
+
+    def loss_of(m):  # the loss grows steeply with a's cut and barely with b's
+        wa, wb = m.widths
+        return 1.0 + 2.0 * (32 - wa) / 32 + 0.01 * (32 - wb) / 32
+
+    measured, report = measured_groups(groups, _Narrowed, loss_of, points=3)
+    assert report["dense_loss"] == pytest.approx(1.0)
+    assert report["groups"]["a"] == {24: pytest.approx(0.5), 16: pytest.approx(1.0), 8: pytest.approx(1.5)}
+    assert allocate(measured, lat, 1.5).widths == [32, 16]  # measured: "b" is cut instead
+
+
+def test_calibration_loss_reestimates_batchnorm_on_a_copy():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Flatten(), nn.Linear(4 * 6 * 6, 3)).eval()
+    before = model[1].running_mean.clone()
+    batches = [(torch.randn(8, 3, 8, 8) * 3 + 1, torch.randint(0, 3, (8,))) for _ in range(2)]
+    got = calibration_loss(model, batches, "cpu")
+    assert torch.equal(model[1].running_mean, before) and not model.training   # the model is left as is
+    ref = __import__("copy").deepcopy(model)
+    ref[1].reset_running_stats()
+    ref[1].momentum = None
+    ref.train()
+    with torch.no_grad():
+        for xb, _ in batches:
+            ref(xb)
+        ref.eval()
+        want = sum(float(nn.functional.cross_entropy(ref(x), y)) for x, y in batches) / 2
+    assert got == pytest.approx(want)
+
+
+def test_a_cost_on_a_macs_target_is_an_input_error():
+    from pydantic import ValidationError
+
+    from compress.stages.prune import TargetConfig
+
+    with pytest.raises(ValidationError, match="cost only apply to a latency target"):
+        TargetConfig(macs=0.5, cost="sensitivity")
+    assert TargetConfig(latency=0.5, cost="sensitivity").sensitivity_points == 3
+
+
+def test_prune_to_a_latency_target_with_the_measured_cost(write_recipe, tmp_path, one_thread):
+    from conftest import cli
+
+    r = tiny_recipe()
+    r["stages"] = [{"kind": "train", "epochs": 1, "optimizer": {"name": "sgd", "lr": 0.1}},
+                   {"kind": "prune", "importance": "l2", "calibration_batches": 2,
+                    "target": {"latency": 0.7, "tolerance": 0.5, "refits": 1, "cost": "sensitivity",
+                               "sensitivity_points": 2}},
+                   {"kind": "benchmark", "batch_sizes": [8], "iters": 20, "rounds": 2, "warmup": 2}]
+    out = tmp_path / "run"
+    res = cli("run", str(write_recipe(r)), "--out", str(out))
+    assert res.returncode == 0, res.stderr
+    fit = json.loads((out / "stages" / "01-prune" / "latency_fit.json").read_text())
+    sens = fit["sensitivity"]
+    assert sens["dense_loss"] > 0 and set(sens["groups"]) == set(fit["dense_widths"])
+    probed = [w for g in sens["groups"].values() for w in g]
+    assert probed and all(int(w) < fit["dense_widths"][g] for g, ws in sens["groups"].items() for w in ws)
+    assert fit["within_budget"] and any(w < fit["dense_widths"][g] for g, w in fit["widths"].items())

@@ -255,6 +255,126 @@ def part_accuracy(args) -> dict:
     return out
 
 
+def _load_trained(args, name: str):
+    """The dense model ``name`` trained (or loaded from the cache) exactly as ``--part accuracy`` does."""
+    from compress.zoo import MODELS
+
+    factory, kwargs, ds, epochs, lr = ACCURACY_MODELS[name]
+    epochs = _per_model(args.epochs, name, epochs)
+    if name == "fashion_cnn":
+        kwargs, epochs = {**kwargs, "width": args.fashion_width}, args.fashion_epochs
+    per_class = _per_model(args.cifar_per_class, name, 500)
+    data, src = (fashion(Path(args.data_root), args.fashion_train, 2000) if ds == "fashion"
+                 else cifar10(Path(args.data_root), per_class, args.cifar_test_per_class))
+    torch.manual_seed(0)
+    model = MODELS.get(factory)(**kwargs)
+    augment = ds == "cifar10"
+    key = f"{factory}|{sorted(kwargs.items())}|{src}|{len(data.train)}|{epochs}|{lr}|{augment}"
+    dense_acc, train_s, ckpt = trained(name, model, data, epochs, lr, augment, key, Path(args.checkpoints))
+    return model.eval(), data, src, dense_acc, train_s, ckpt, epochs
+
+
+def calibration_batches(data, n: int, batch: int = 64, seed: int = 7) -> list:
+    """``n`` fixed, un-augmented training batches (the prune stage's ``calibration_batches``)."""
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.randperm(len(data.train), generator=g)[: n * batch].tolist()
+    items = [data.train[i] for i in idx]
+    return [(torch.stack([x for x, _ in items[k:k + batch]]), torch.tensor([int(y) for _, y in items[k:k + batch]]))
+            for k in range(0, len(items), batch)]
+
+
+def part_costs(args) -> dict:
+    """The allocator's accuracy cost compared before any fine-tune: per cost, allocate for 0.5x and 0.33x of
+    the dense model's *predicted* latency (batch 1 table), prune, re-estimate BatchNorm on training batches,
+    and report held-out test accuracy; uniform and global (Torch-Pruning's L2 ranking) bisected on the same
+    table for reference."""
+    from compress.structured import pruner
+    from compress.structured.criteria import IMPORTANCES, calibrate as calibrate_criterion
+    from compress.search.allocator import allocate, channel_groups, layer_latency, ratios_for
+    from compress.search.candidates import Pruner, bisect_ratio, evaluate_on, recalibrate_batchnorm
+    from compress.search.latency_target import per_layer_block
+    from compress.search.latency_table import LatencyPredictor, LatencyTable
+    from compress.search.sensitivity import calibration_loss, measured_groups
+
+    name = args.models.split(",")[0]
+    model, data, src, dense_acc, _, _, _ = _load_trained(args, name)
+    shape = data.input_shape
+    ex = torch.randn(1, *shape)
+    calib = calibration_batches(data, args.calibration_batches)
+    bn_batches = calibration_batches(data, 10, seed=11)
+    guards = pruner.Guards()
+    first, output = pruner.io_layers(model, ex)
+    ref = pruner.channel_counts(model, ex)
+    work = Path(tempfile.mkdtemp(prefix="latalloc-costs-"))
+    out = {"model": name, "data": src, "dense_test_accuracy": dense_acc, "load_start": os.getloadavg(), "rows": [],
+           "calibration": f"{args.calibration_batches} x 64 training images", "bn": "10 x 64 training images"}
+
+    def bn_test_acc(m) -> float:
+        m = copy.deepcopy(m)
+        recalibrate_batchnorm(m, bn_batches, 10, "cpu")
+        return evaluate_on(m, data.test, "cpu")["accuracy"]
+
+    def groups_for(criterion: str):
+        crit = IMPORTANCES.get(criterion)
+        imp = crit.build()
+        calibrate_criterion(crit, imp, model, calib if (crit.needs or crit.calibrate) else [], "cpu")
+        gs = channel_groups(model, ex, imp, [output], round_to=guards.round_to, min_floor=guards.floor,
+                            first_conv=first, first_conv_max_ratio=guards.first_conv_max_ratio, max_ratio=0.9)
+        model.zero_grad(set_to_none=True)
+
+        def apply(widths):
+            m = copy.deepcopy(model)
+            block = per_layer_block(m, gs, ratios_for(gs, widths))
+            if not block:
+                return m
+            imp2 = crit.build()
+            gp = pruner.GuardedPruner(m, ex, imp2, ratio=0.0, per_layer=block, scope="per_layer", guards=guards,
+                                      max_ratio=1.0, reference=ref)
+            calibrate_criterion(crit, imp2, m, calib if (crit.needs or crit.calibrate) else [], "cpu")
+            gp.step()
+            m.zero_grad(set_to_none=True)
+            return m.eval()
+        return gs, apply
+
+    table = LatencyTable(work / "table.json", "onnxruntime", 1, 1)
+    l2_groups, _ = groups_for("l2")
+    predictor = LatencyPredictor(model, shape, table, {m for g in l2_groups for m in g.members}, (0.25, 0.5, 0.75, 1.0),
+                                 guards.round_to, 8)
+    t0 = time.perf_counter()
+    predictor.warm(model)
+    print(f"[costs] latency table: {len(table.layers)} entries ({time.perf_counter() - t0:.0f} s)", flush=True)
+    dense_pred = predictor.layers_ms(model)
+    base = Pruner(model, shape, "l2", 8, None, 0.9)
+    for budget in args.cost_budgets:
+        for scope in ("uniform", "global"):
+            r, _ = bisect_ratio(lambda r: predictor.layers_ms(base.prune(scope, r)) / dense_pred, budget, 0.9)
+            m = base.prune(scope, r)
+            out["rows"].append({"cost": f"{scope} (l2)", "budget": budget, "predicted": predictor.layers_ms(m) / dense_pred,
+                                "bn_test_accuracy": bn_test_acc(m), "ratio": r, "widths": base.widths(m)})
+            print(f"[costs] {out['rows'][-1]}", flush=True)
+    variants = [("importance l2", "l2", False), ("importance taylor", "taylor", False),
+                ("sensitivity (l2 order)", "l2", True), ("sensitivity (taylor order)", "taylor", True)]
+    for label, criterion, sensitive in variants:
+        t0 = time.perf_counter()
+        gs, apply = groups_for(criterion)
+        report = None
+        if sensitive:
+            gs, report = measured_groups(gs, apply, lambda m: calibration_loss(m, calib, "cpu"), args.sensitivity_points)
+        setup_s = time.perf_counter() - t0
+        lat = layer_latency(gs, predictor)
+        for budget in args.cost_budgets:
+            a = allocate(gs, lat, budget * dense_pred)
+            m = apply(a.widths)
+            out["rows"].append({"cost": label, "budget": budget, "predicted": a.predicted_ms / dense_pred,
+                                "bn_test_accuracy": bn_test_acc(m), "widths": a.widths, "setup_seconds": setup_s,
+                                **({"sensitivity": report} if report and budget == args.cost_budgets[0] else {})})
+            print(f"[costs] {label} {budget}: predicted {a.predicted_ms / dense_pred:.3f}, "
+                  f"{out['rows'][-1]['bn_test_accuracy']:.2f} %, widths {a.widths} ({setup_s:.0f} s setup)", flush=True)
+    out["load_end"] = os.getloadavg()
+    atomic_write_json(Path(args.out_dir) / "latency_allocation_costs.json", out)
+    return out
+
+
 def part_efficiency(args) -> dict:
     import torchvision
 
@@ -391,7 +511,7 @@ def render(results_dir: Path) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--data-root", default="/work/shared/datasets")
-    ap.add_argument("--part", choices=["accuracy", "efficiency", "render"], required=True)
+    ap.add_argument("--part", choices=["accuracy", "costs", "efficiency", "render"], required=True)
     ap.add_argument("--models", default="fashion_cnn,resnet20,mobilenet_v2_cifar")
     ap.add_argument("--large", default="resnet50,mobilenet_v2")
     ap.add_argument("--fashion-train", type=int, default=12000)
@@ -408,6 +528,9 @@ def main() -> None:
     ap.add_argument("--finetune-steps", type=int, default=60)
     ap.add_argument("--iters", type=int, default=60)
     ap.add_argument("--large-iters", type=int, default=30)
+    ap.add_argument("--calibration-batches", type=int, default=8, help="batches of 64 for taylor and sensitivity")
+    ap.add_argument("--sensitivity-points", type=int, default=3)
+    ap.add_argument("--cost-budgets", type=lambda v: [float(x) for x in v.split(",")], default=[0.5, 0.33])
     ap.add_argument("--out-dir", default=str(Path(__file__).parent / "results"))
     args = ap.parse_args()
     if args.part == "render":
@@ -415,7 +538,7 @@ def main() -> None:
         return
     torch.set_num_threads(1)
     t0 = time.perf_counter()
-    res = part_accuracy(args) if args.part == "accuracy" else part_efficiency(args)
+    res = {"accuracy": part_accuracy, "costs": part_costs, "efficiency": part_efficiency}[args.part](args)
     from benchmarks.common import machine
 
     res.update({"machine": machine(), "command": " ".join(sys.argv), "seconds": time.perf_counter() - t0})

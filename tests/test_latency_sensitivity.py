@@ -98,14 +98,14 @@ def test_a_cost_on_a_macs_target_is_an_input_error():
     assert TargetConfig(latency=0.5, cost="sensitivity").sensitivity_points == 3
 
 
-def test_prune_to_a_latency_target_with_the_measured_cost(write_recipe, tmp_path, one_thread):
+def test_prune_to_a_latency_target_with_the_measured_cost_and_the_per_group_refit(write_recipe, tmp_path, one_thread):
     from conftest import cli
 
     r = tiny_recipe()
     r["stages"] = [{"kind": "train", "epochs": 1, "optimizer": {"name": "sgd", "lr": 0.1}},
                    {"kind": "prune", "importance": "l2", "calibration_batches": 2,
                     "target": {"latency": 0.7, "tolerance": 0.5, "refits": 1, "cost": "sensitivity",
-                               "sensitivity_points": 2}},
+                               "sensitivity_points": 2, "refit_groups": True}},
                    {"kind": "benchmark", "batch_sizes": [8], "iters": 20, "rounds": 2, "warmup": 2}]
     out = tmp_path / "run"
     res = cli("run", str(write_recipe(r)), "--out", str(out))
@@ -116,3 +116,46 @@ def test_prune_to_a_latency_target_with_the_measured_cost(write_recipe, tmp_path
     probed = [w for g in sens["groups"].values() for w in g]
     assert probed and all(int(w) < fit["dense_widths"][g] for g, ws in sens["groups"].items() for w in ws)
     assert fit["within_budget"] and any(w < fit["dense_widths"][g] for g, w in fit["widths"].items())
+    # the per-group re-fit measured the groups the table says save at least 1 % each, factors clamped
+    assert all(0.25 <= r["factor"] <= 4.0 and r["width"] < fit["dense_widths"][g]
+               for g, r in fit["group_refit"].items())
+
+
+def test_per_group_refit_moves_the_cut_to_where_the_backend_has_the_latency():
+    """The injected table says layers x (group a) and y (group b) save alike; the "backend" (a known
+    function of the widths) saves 1.5x the table's saving on a and 0.5x on b. One interleaved
+    measurement of each group narrowed alone finds those factors, and the allocator, which cut b
+    (cheaper by importance) on the table alone, cuts a instead and lands within the limit as measured."""
+    from compress.search.allocator import corrected, group_factors
+
+    groups = [ChannelGroup("a", 32, allowed_widths(32, 8, 8), [2.0] * 32, ["x.out"]),
+              ChannelGroup("b", 32, allowed_widths(32, 8, 8), [1.0] * 32, ["y.out"]),
+              ChannelGroup("c", 32, allowed_widths(32, 8, 8), [1.0] * 32, ["z.out"])]
+    table = {"x": lambda co: co / 32, "y": lambda co: co / 32, "z": lambda co: 0.001 * co / 32}
+    lat = LayerLatency({"x": (None, 0, 3, 32), "y": (None, 1, 3, 32), "z": (None, 2, 3, 32)},
+                       lambda n, ci, co: table[n](co))
+
+    def backend_ms(widths):
+        wa, wb, wc = widths
+        return (1 - 1.5 * (1 - wa / 32)) + (1 - 0.5 * (1 - wb / 32)) + 0.001 * wc / 32
+
+    measured_calls = []
+
+    def measure(models):
+        measured_calls.append(sorted(models))
+        return {"dense": backend_ms([32, 32, 32]), **{k: backend_ms(m.widths) for k, m in models.items()}}
+
+    factors, report = group_factors(groups, lat, _Narrowed, measure)
+    assert measured_calls == [["g0", "g1"]]          # one interleaved run; c saves < 1 % by the table: not probed
+    assert factors == {0: pytest.approx(1.5), 1: pytest.approx(0.5)}
+    assert report["a"]["width"] == 16 and report["b"]["factor"] == pytest.approx(0.5)
+    fixed = corrected(lat, factors)
+    assert fixed.total([32, 32, 32]) == pytest.approx(lat.total([32, 32, 32]))   # dense unchanged
+    for w in ([16, 32, 32], [32, 8, 32], [24, 16, 32]):
+        assert fixed.total(w) == pytest.approx(backend_ms(w))
+
+    limit = 1.51
+    on_table = allocate(groups, lat, limit).widths
+    on_refit = allocate(groups, fixed, limit).widths
+    assert on_table == [32, 16, 32] and backend_ms(on_table) > limit * 1.1
+    assert on_refit == [16, 32, 32] and backend_ms(on_refit) <= limit

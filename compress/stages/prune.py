@@ -101,13 +101,15 @@ class TargetConfig(Strict):
         "importance", description="latency: the allocator's accuracy cost: the importance criterion's scores, or "
                                   "the measured loss increase of each group narrowed alone (calibration_batches)")
     sensitivity_points: int = Field(3, ge=1, le=16, description="latency, cost sensitivity: widths probed per group")
+    refit_groups: bool = Field(False, description="latency: re-fit the table per group first (each group narrowed "
+                                                  "alone, measured end to end interleaved with dense)")
 
     @model_validator(mode="after")
     def _one(self):
         require_exactly_one(self, "macs", "params", "latency")
         if self.latency is None:
             extra = [f for f in ("backend", "batch_size", "threads") if getattr(self, f) is not None]
-            extra += [f for f in ("cost", "sensitivity_points") if f in self.model_fields_set]
+            extra += [f for f in ("cost", "sensitivity_points", "refit_groups") if f in self.model_fields_set]
             if extra:
                 raise ValueError(f"{', '.join(extra)} only apply to a latency target")
         elif self.backend is not None:
@@ -385,7 +387,7 @@ def _prune_to_latency(cfg: Config, ctx, model, example, before: dict, out_shape,
     interleaved with the dense model; a model that still misses after the re-fits fails the stage (exit 3)."""
     t = cfg.target
     setup = LatencySetup(backend=t.backend or "onnxruntime", batch_size=t.batch_size or 1, threads=t.threads or 1,
-                         tolerance=t.tolerance, refits=t.refits, grid_points=t.grid_points)
+                         tolerance=t.tolerance, refits=t.refits, grid_points=t.grid_points, refit_groups=t.refit_groups)
     try:
         fit = fit_latency(model, ctx.input_shape, example, build_importance, calibrate, budget=t.latency,
                           setup=setup, guards=kw["guards"], ignore=cfg.ignore, max_ratio=cfg.max_ratio,

@@ -225,7 +225,8 @@ def part_accuracy(args) -> dict:
                     budget=budget, budget_metric="latency", trials=args.trials, top_k=1, batch_size=batch,
                     threads=1, max_ratio=0.9, grid=[0.25, 0.5, 0.75, 1.0], latency_tolerance=0.05,
                     proxy={"bn_batches": 5, "val_size": 500},
-                    measure={"warmup": 3, "iters": args.iters, "rounds": 6},
+                    measure={"warmup": 3, "iters": args.iters, "rounds": 6}, importance=args.importance,
+                    allocator_cost=args.allocator_cost, allocator_refit_groups=args.refit_groups,
                     finetune={"epochs": 1, "max_steps": args.finetune_steps, "batch_size": 64,
                               "optimizer": {"name": "sgd", "lr": 0.01, "momentum": 0.9},
                               "distill": {"alpha": 0.7, "temperature": 4.0}})
@@ -235,10 +236,11 @@ def part_accuracy(args) -> dict:
                 res = run_search(cfg, SearchInputs(
                     model=model, teacher=model, data=data, input_shape=shape, batch_size=64, seed=0, run_dir=work,
                     stage_dir=sdir, run_name=f"{name}-b{batch}-{budget}", device="cpu",
-                    calibration=[]))
+                    calibration=calibration_batches(data, args.calibration_batches)))
                 r = res.result
                 rows = [{k: row.get(k) for k in ("name", "macs", "params", "predicted_ms", "measured_ms",
-                                                 "test_accuracy", "val_accuracy", "widths", "group_ratios", "ratio")}
+                                                 "test_accuracy", "val_accuracy", "widths", "group_ratios", "ratio",
+                                                 "group_refit", "allocator_attempts")}
                         for row in r["rows"]]
                 entry["runs"].append({"batch_size": batch, "budget": budget, "chosen": r["chosen"],
                                       "within_budget": r["within_budget"], "seconds": time.perf_counter() - t0,
@@ -249,6 +251,9 @@ def part_accuracy(args) -> dict:
                 atomic_write_json(out_path, {**out, "models": {**out["models"], name: entry}})
         entry["load_end"] = os.getloadavg()
         entry["conditions"] = {"settings": args.settings, "trials": args.trials, "finetune_steps": args.finetune_steps,
+                               "importance": args.importance, "allocator_cost": args.allocator_cost,
+                               "allocator_refit_groups": args.refit_groups,
+                               "calibration_batches": args.calibration_batches,
                                "finetune_batch": 64, "measure_iters": args.iters, "threads": 1,
                                "backend": "onnxruntime (CPU)", "command": " ".join(sys.argv)}
         out["models"][name] = entry
@@ -372,6 +377,73 @@ def part_costs(args) -> dict:
                   f"{out['rows'][-1]['bn_test_accuracy']:.2f} %, widths {a.widths} ({setup_s:.0f} s setup)", flush=True)
     out["load_end"] = os.getloadavg()
     atomic_write_json(Path(args.out_dir) / "latency_allocation_costs.json", out)
+    return out
+
+
+def part_refit(args) -> dict:
+    """Does the per-group re-fit of the latency table change the allocator's choice? For each batch size:
+    allocate for 0.5x and 0.33x of the table's dense latency with the plain table and with the per-group
+    corrected one (cost: the L2 importance), and time dense and every allocation in one interleaved run."""
+    from compress.structured import pruner
+    from compress.structured.criteria import IMPORTANCES
+    from compress.search.allocator import allocate, channel_groups, corrected, group_factors, layer_latency, ratios_for
+    from compress.search.candidates import measure_models
+    from compress.search.latency_target import per_layer_block
+    from compress.search.latency_table import LatencyPredictor, LatencyTable
+
+    name = args.models.split(",")[0]
+    model, data, src, *_ = _load_trained(args, name)
+    shape = data.input_shape
+    ex = torch.randn(1, *shape)
+    guards = pruner.Guards()
+    first, output = pruner.io_layers(model, ex)
+    ref = pruner.channel_counts(model, ex)
+    imp = IMPORTANCES.get("l2").build()
+    gs = channel_groups(model, ex, imp, [output], round_to=8, min_floor=guards.floor, first_conv=first,
+                        first_conv_max_ratio=guards.first_conv_max_ratio, max_ratio=0.9)
+    work = Path(tempfile.mkdtemp(prefix="latalloc-refit-"))
+
+    def apply(widths):
+        m = copy.deepcopy(model)
+        block = per_layer_block(m, gs, ratios_for(gs, widths))
+        if block:
+            pruner.GuardedPruner(m, ex, IMPORTANCES.get("l2").build(), ratio=0.0, per_layer=block, scope="per_layer",
+                                 guards=guards, max_ratio=1.0, reference=ref).step()
+        return m.eval()
+
+    out = {"model": name, "data": src, "load_start": os.getloadavg(), "runs": []}
+    for batch in args.refit_batches:
+        table = LatencyTable(work / "table.json", "onnxruntime", batch, 1)
+        predictor = LatencyPredictor(model, shape, table, {m for g in gs for m in g.members}, (0.25, 0.5, 0.75, 1.0),
+                                     8, 8)
+        predictor.warm(model)
+        lat = layer_latency(gs, predictor)
+
+        def measure_many(models, batch=batch):
+            t = measure_models({"dense": model, **models}, shape, work / f"b{batch}", "onnxruntime", batch, 1, 3,
+                               args.iters, 6)
+            return {k: v["p50"] for k, v in t.items()}
+        t0 = time.perf_counter()
+        factors, report = group_factors(gs, lat, apply, measure_many)
+        refit_s = time.perf_counter() - t0
+        fixed = corrected(lat, factors)
+        dense_pred = lat.total([g.dense for g in gs])
+        allocs = {}
+        for budget in args.cost_budgets:
+            allocs[f"table@{budget}"] = allocate(gs, lat, budget * dense_pred)
+            allocs[f"refit@{budget}"] = allocate(gs, fixed, budget * dense_pred)
+        ms = measure_many({k: apply(a.widths) for k, a in allocs.items()})
+        run = {"batch_size": batch, "group_refit": report, "refit_seconds": refit_s, "dense_ms": ms["dense"],
+               "allocations": {k: {"widths": a.widths, "predicted_ratio": a.predicted_ms / dense_pred,
+                                   "measured_ratio": ms[k] / ms["dense"]} for k, a in allocs.items()}}
+        out["runs"].append(run)
+        print(f"[refit] batch {batch}: factors " + ", ".join(f"{k} {v['factor']:.2f}" for k, v in report['groups'].items()) + f" (level {report['level']})",
+              flush=True)
+        for k, v in run["allocations"].items():
+            print(f"[refit] batch {batch} {k}: predicted {v['predicted_ratio']:.3f}, measured {v['measured_ratio']:.3f}"
+                  f", widths {v['widths']}", flush=True)
+    out["load_end"] = os.getloadavg()
+    atomic_write_json(Path(args.out_dir) / "latency_allocation_refit.json", out)
     return out
 
 
@@ -511,7 +583,7 @@ def render(results_dir: Path) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--data-root", default="/work/shared/datasets")
-    ap.add_argument("--part", choices=["accuracy", "costs", "efficiency", "render"], required=True)
+    ap.add_argument("--part", choices=["accuracy", "costs", "refit", "efficiency", "render"], required=True)
     ap.add_argument("--models", default="fashion_cnn,resnet20,mobilenet_v2_cifar")
     ap.add_argument("--large", default="resnet50,mobilenet_v2")
     ap.add_argument("--fashion-train", type=int, default=12000)
@@ -529,7 +601,11 @@ def main() -> None:
     ap.add_argument("--iters", type=int, default=60)
     ap.add_argument("--large-iters", type=int, default=30)
     ap.add_argument("--calibration-batches", type=int, default=8, help="batches of 64 for taylor and sensitivity")
+    ap.add_argument("--importance", default="l2", help="the search's criterion (baselines and allocator)")
+    ap.add_argument("--allocator-cost", default="importance", choices=["importance", "sensitivity"])
+    ap.add_argument("--refit-groups", action="store_true", help="per-group re-fit of the allocator's table")
     ap.add_argument("--sensitivity-points", type=int, default=3)
+    ap.add_argument("--refit-batches", type=lambda v: [int(x) for x in v.split(",")], default=[1, 32])
     ap.add_argument("--cost-budgets", type=lambda v: [float(x) for x in v.split(",")], default=[0.5, 0.33])
     ap.add_argument("--out-dir", default=str(Path(__file__).parent / "results"))
     args = ap.parse_args()
@@ -538,7 +614,8 @@ def main() -> None:
         return
     torch.set_num_threads(1)
     t0 = time.perf_counter()
-    res = {"accuracy": part_accuracy, "costs": part_costs, "efficiency": part_efficiency}[args.part](args)
+    res = {"accuracy": part_accuracy, "costs": part_costs, "refit": part_refit,
+           "efficiency": part_efficiency}[args.part](args)
     from benchmarks.common import machine
 
     res.update({"machine": machine(), "command": " ".join(sys.argv), "seconds": time.perf_counter() - t0})

@@ -118,7 +118,7 @@ def test_prune_to_a_latency_target_with_the_measured_cost_and_the_per_group_refi
     assert fit["within_budget"] and any(w < fit["dense_widths"][g] for g, w in fit["widths"].items())
     # the per-group re-fit measured the groups the table says save at least 1 % each, factors clamped
     assert all(0.25 <= r["factor"] <= 4.0 and r["width"] < fit["dense_widths"][g]
-               for g, r in fit["group_refit"].items())
+               for g, r in fit["group_refit"]["groups"].items())
 
 
 def test_per_group_refit_moves_the_cut_to_where_the_backend_has_the_latency():
@@ -148,7 +148,12 @@ def test_per_group_refit_moves_the_cut_to_where_the_backend_has_the_latency():
     factors, report = group_factors(groups, lat, _Narrowed, measure)
     assert measured_calls == [["g0", "g1"]]          # one interleaved run; c saves < 1 % by the table: not probed
     assert factors == {0: pytest.approx(1.5), 1: pytest.approx(0.5)}
-    assert report["a"]["width"] == 16 and report["b"]["factor"] == pytest.approx(0.5)
+    assert report["groups"]["a"]["width"] == 16 and report["groups"]["b"]["factor"] == pytest.approx(0.5)
+    # a backend that saves twice what the table says everywhere: the level is the end-to-end re-fit's job,
+    # the factors only move savings between groups
+    doubled, rep2 = group_factors(groups, lat, _Narrowed, lambda models: {
+        "dense": 2.0, **{k: 2.0 - 2 * (backend_ms([32, 32, 32]) - backend_ms(m.widths)) for k, m in models.items()}})
+    assert doubled == {0: pytest.approx(1.5), 1: pytest.approx(0.5)} and rep2["level"] == pytest.approx(2.0, rel=1e-3)
     fixed = corrected(lat, factors)
     assert fixed.total([32, 32, 32]) == pytest.approx(lat.total([32, 32, 32]))   # dense unchanged
     for w in ([16, 32, 32], [32, 8, 32], [24, 16, 32]):

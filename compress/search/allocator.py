@@ -150,7 +150,8 @@ def group_factors(groups: Sequence[ChannelGroup], latency: LayerLatency,
     """Per-group re-fit of the latency table: narrow each group alone to :func:`probe_width`, time all of
     them end to end *in one interleaved run* with the dense model (``measure(models) -> {name: ms}``, the
     dense model under ``"dense"``), and return each group's factor = measured saving / the table's
-    saving (both as fractions of dense), clamped to ``clamp``. A group whose table saving is under
+    saving (both as fractions of dense), relative to the same ratio over all probed groups (so the
+    factors move savings between groups and leave their sum), clamped to ``clamp``. A group whose table saving is under
     ``min_saving`` of dense keeps factor 1: its measured saving would be mostly timing noise.
 
     Why: one global measured/predicted factor cannot fix a table whose *distribution* is wrong (what an
@@ -174,14 +175,24 @@ def group_factors(groups: Sequence[ChannelGroup], latency: LayerLatency,
         probes[key] = (gi, w, predicted)
         models[key] = narrow(widths)
     factors: dict[int, float] = {}
-    report: dict = {}
+    report: dict = {"level": None, "groups": {}}
     if models:
         ms = measure(models)
+        saved = {key: 1.0 - ms[key] / ms["dense"] for key in probes}
+        # only the distribution is corrected here: the factors are relative to the overall measured/table
+        # ratio of the savings (the level is fit_to_budget's end-to-end re-fit's job; uncorrected, a table
+        # that under-predicts every saving 3x would make every deep cut look free, linear extrapolation
+        # of the factor past the probe width driving layer times to zero)
+        level = sum(saved.values()) / sum(p for _, _, p in probes.values())
+        report = {"level": round(level, 4), "groups": {}}
+        if level <= 0:
+            report["skipped"] = "the groups narrowed alone measured no saving in all"
+            return {}, report
         for key, (gi, w, predicted) in probes.items():
-            saved = 1.0 - ms[key] / ms["dense"]
-            factors[gi] = min(clamp[1], max(clamp[0], saved / predicted))
-            report[groups[gi].name] = {"width": w, "table_saving": round(predicted, 4),
-                                       "measured_saving": round(saved, 4), "factor": round(factors[gi], 3)}
+            factors[gi] = min(clamp[1], max(clamp[0], saved[key] / predicted / level))
+            report["groups"][groups[gi].name] = {"width": w, "table_saving": round(predicted, 4),
+                                                 "measured_saving": round(saved[key], 4),
+                                                 "factor": round(factors[gi], 3)}
     return factors, report
 
 

@@ -150,7 +150,7 @@ def fit_latency(model: nn.Module, input_shape, example: torch.Tensor, build_impo
     if setup.refit_groups:
         factors, group_refit = group_factors(groups, latency, apply, measure_many)
         latency = corrected(latency, factors)
-        log("  per-group re-fit: " + ", ".join(f"{k} x{v['factor']:.2f}" for k, v in group_refit.items()))
+        log("  per-group re-fit: " + ", ".join(f"{k} x{v['factor']:.2f}" for k, v in group_refit["groups"].items()))
 
     def measure(m: nn.Module) -> tuple[float, float]:
         t = measure_models({"dense": model, "pruned": m}, input_shape, work_dir, setup.backend, setup.batch_size,
@@ -225,7 +225,7 @@ def allocate_for_search(search_pruner, predictor: LatencyPredictor, budget: floa
     if measure_many is not None:
         factors, group_refit = group_factors(groups, latency, prune, measure_many)
         latency = corrected(latency, factors)
-        log("  per-group re-fit: " + ", ".join(f"{k} x{v['factor']:.2f}" for k, v in group_refit.items()))
+        log("  per-group re-fit: " + ", ".join(f"{k} x{v['factor']:.2f}" for k, v in group_refit["groups"].items()))
     result = fit_to_budget(groups, latency, budget, prune, measure, tolerance, refits)
     return SearchSeed(result, to_search_order(result.last.widths),
                       {g.name: w for g, w in zip(groups, result.last.widths)}, group_refit)

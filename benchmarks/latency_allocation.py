@@ -566,6 +566,27 @@ def render(results_dir: Path) -> str:
                     lines.append(f"| {r['name']} | {r['measured_ms']:.3f} | {r['measured_ms'] / d['measured_ms']:.3f} | "
                                  f"{r['macs']:,} | {r.get('test_accuracy') or 0:.2f} | {widths} |")
                 lines.append("")
+    costs = results_dir / "latency_allocation_costs.json"
+    if costs.exists():
+        data = json.loads(costs.read_text())
+        lines += [f"Allocator costs on {data['model']} ({data['data']}; dense {data['dense_test_accuracy']:.2f} %), "
+                  "no fine-tune, BatchNorm re-estimated, held-out test accuracy:", "",
+                  "| cost | budget (x dense, table) | predicted | BN-re-estimated test acc % | widths |",
+                  "|---|---:|---:|---:|---|"]
+        for r in data["rows"]:
+            lines.append(f"| {r['cost']} | {r['budget']} | {r['predicted']:.3f} | {r['bn_test_accuracy']:.2f} | "
+                         f"{' '.join(str(w) for w in r['widths'])} |")
+        lines.append("")
+    refit = results_dir / "latency_allocation_refit.json"
+    if refit.exists():
+        data = json.loads(refit.read_text())
+        lines += [f"Per-group re-fit on {data['model']} (L2 cost):", "",
+                  "| batch | allocation | predicted | measured (x dense, interleaved) | widths |", "|---:|---|---:|---:|---|"]
+        for run in data["runs"]:
+            for k, a in run["allocations"].items():
+                lines.append(f"| {run['batch_size']} | {k} | {a['predicted_ratio']:.3f} | {a['measured_ratio']:.3f} | "
+                             f"{' '.join(str(w) for w in a['widths'])} |")
+        lines.append("")
     eff = results_dir / "latency_allocation_efficiency.json"
     if eff.exists():
         data = json.loads(eff.read_text())

@@ -514,7 +514,8 @@ def goal_verdict(run: dict) -> dict:
     rows = {r["name"]: r for r in run["rows"]}
     base = max((rows[k] for k in ("uniform", "global") if k in rows),
                key=lambda r: (r.get("test_accuracy") or 0, -r["measured_ms"]))
-    out = {"baseline": base["name"], "baseline_ms": base["measured_ms"], "baseline_acc": base.get("test_accuracy")}
+    out = {"baseline": base["name"], "baseline_ms": base["measured_ms"], "baseline_acc": base.get("test_accuracy"),
+           "baseline_ratio": base["measured_ms"] / run["rows"][0]["measured_ms"]}
     best = None
     limit = run["budget"] * 1.05 * run["rows"][0]["measured_ms"]
     for r in run["rows"]:
@@ -536,15 +537,18 @@ def render(results_dir: Path) -> str:
     acc = results_dir / "latency_allocation_accuracy.json"
     if acc.exists():
         data = json.loads(acc.read_text())
-        lines += ["| model | batch | budget | better baseline (ms, acc %) | best of allocated/searched | "
+        lines += ["| model | batch | budget | better baseline (x dense, acc %) | best of allocated/searched (x dense, acc %) | "
                   "latency vs baseline | accuracy vs baseline | goal met? |", "|---|---:|---:|---|---|---:|---:|---|"]
         for name, e in data["models"].items():
             for run in e["runs"]:
                 v = goal_verdict(run)
                 b = v["best"] or {"name": "none within budget", "latency_saving": float("nan"),
                                   "accuracy_gain": float("nan"), "met": False}
+                rows = {r["name"]: r for r in run["rows"]}
+                best = (f"{b['name']} ({rows[b['name']]['measured_ms'] / run['rows'][0]['measured_ms']:.3f}, "
+                        f"{rows[b['name']].get('test_accuracy') or 0:.2f})" if b["name"] in rows else b["name"])
                 lines.append(f"| {name} | {run['batch_size']} | {run['budget']} | {v['baseline']} "
-                             f"({v['baseline_ms']:.3f}, {v['baseline_acc']:.2f}) | {b['name']} | "
+                             f"({v['baseline_ratio']:.3f}, {v['baseline_acc']:.2f}) | {best} | "
                              f"{-100 * b['latency_saving']:+.1f} % | {b['accuracy_gain']:+.2f} pt | "
                              f"{'yes' if b['met'] else 'no'} |")
         lines.append("")

@@ -164,3 +164,33 @@ def test_per_group_refit_moves_the_cut_to_where_the_backend_has_the_latency():
     on_refit = allocate(groups, fixed, limit).widths
     assert on_table == [32, 16, 32] and backend_ms(on_table) > limit * 1.1
     assert on_refit == [16, 32, 32] and backend_ms(on_refit) <= limit
+
+
+def test_the_search_allocator_takes_the_measured_cost_and_the_per_group_refit(tmp_path):
+    """``allocator_cost: sensitivity`` and ``allocator_refit_groups`` in the search: the allocator's groups
+    carry measured curves (the search pruner's calibration batches) and the table is re-fit per group."""
+    from compress.search.candidates import Pruner, measure_models
+    from compress.search.latency_table import LatencyPredictor, LatencyTable
+    from compress.search.latency_target import allocate_for_search
+    from compress.zoo import MODELS
+
+    torch.manual_seed(0)
+    dense = MODELS.get("small_cnn")(num_classes=4, in_channels=1, width=16).eval()
+    shape = (1, 16, 16)
+    calib = [(torch.randn(16, *shape), torch.randint(0, 4, (16,))) for _ in range(2)]
+    pruner = Pruner(dense, shape, "l2", 8, None, 0.8, calib)
+    table = LatencyTable(tmp_path / "table.json", "onnxruntime", 1, 1)
+    predictor = LatencyPredictor(dense, shape, table, pruner.prunable, (0.5, 1.0), 8)
+    predictor.warm(dense)
+
+    def measure_many(models):
+        t = measure_models({"dense": dense, **models}, shape, tmp_path / "onnx", "onnxruntime", 1, 1, 1, 6, 2)
+        return {k: v["p50"] for k, v in t.items()}
+
+    lines = []
+    seed = allocate_for_search(pruner, predictor, 0.6, lambda m: (lambda t: (t["dense"], t["m"]))(
+        measure_many({"m": m})), tolerance=1.0, refits=0, cost="sensitivity", sensitivity_points=1,
+        log=lines.append, measure_many=measure_many)
+    assert any(line.startswith("  sensitivity ") for line in lines)
+    assert seed.group_refit is not None and "level" in seed.group_refit
+    assert len(seed.group_ratios) == len(pruner.groups) and seed.fit.attempts

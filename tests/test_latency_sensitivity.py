@@ -187,10 +187,13 @@ def test_the_search_allocator_takes_the_measured_cost_and_the_per_group_refit(tm
         t = measure_models({"dense": dense, **models}, shape, tmp_path / "onnx", "onnxruntime", 1, 1, 1, 6, 2)
         return {k: v["p50"] for k, v in t.items()}
 
+    def measure(m):
+        t = measure_many({"m": m})
+        return t["dense"], t["m"]
+
     lines = []
-    seed = allocate_for_search(pruner, predictor, 0.6, lambda m: (lambda t: (t["dense"], t["m"]))(
-        measure_many({"m": m})), tolerance=1.0, refits=0, cost="sensitivity", sensitivity_points=1,
-        log=lines.append, measure_many=measure_many)
+    seed = allocate_for_search(pruner, predictor, 0.6, measure, tolerance=1.0, refits=0, cost="sensitivity",
+                               sensitivity_points=1, log=lines.append, measure_many=measure_many)
     assert any(line.startswith("  sensitivity ") for line in lines)
     assert seed.group_refit is not None and "level" in seed.group_refit
     assert len(seed.group_ratios) == len(pruner.groups) and seed.fit.attempts

@@ -225,7 +225,8 @@ def part_accuracy(args) -> dict:
                     budget=budget, budget_metric="latency", trials=args.trials, top_k=1, batch_size=batch,
                     threads=1, max_ratio=0.9, grid=[0.25, 0.5, 0.75, 1.0], latency_tolerance=0.05,
                     proxy={"bn_batches": 5, "val_size": 500},
-                    measure={"warmup": 3, "iters": args.iters, "rounds": 6},
+                    measure={"warmup": 3, "iters": args.iters, "rounds": 6}, importance=args.importance,
+                    allocator_cost=args.allocator_cost, allocator_refit_groups=args.refit_groups,
                     finetune={"epochs": 1, "max_steps": args.finetune_steps, "batch_size": 64,
                               "optimizer": {"name": "sgd", "lr": 0.01, "momentum": 0.9},
                               "distill": {"alpha": 0.7, "temperature": 4.0}})
@@ -235,10 +236,11 @@ def part_accuracy(args) -> dict:
                 res = run_search(cfg, SearchInputs(
                     model=model, teacher=model, data=data, input_shape=shape, batch_size=64, seed=0, run_dir=work,
                     stage_dir=sdir, run_name=f"{name}-b{batch}-{budget}", device="cpu",
-                    calibration=[]))
+                    calibration=calibration_batches(data, args.calibration_batches)))
                 r = res.result
                 rows = [{k: row.get(k) for k in ("name", "macs", "params", "predicted_ms", "measured_ms",
-                                                 "test_accuracy", "val_accuracy", "widths", "group_ratios", "ratio")}
+                                                 "test_accuracy", "val_accuracy", "widths", "group_ratios", "ratio",
+                                                 "group_refit", "allocator_attempts")}
                         for row in r["rows"]]
                 entry["runs"].append({"batch_size": batch, "budget": budget, "chosen": r["chosen"],
                                       "within_budget": r["within_budget"], "seconds": time.perf_counter() - t0,
@@ -249,9 +251,199 @@ def part_accuracy(args) -> dict:
                 atomic_write_json(out_path, {**out, "models": {**out["models"], name: entry}})
         entry["load_end"] = os.getloadavg()
         entry["conditions"] = {"settings": args.settings, "trials": args.trials, "finetune_steps": args.finetune_steps,
+                               "importance": args.importance, "allocator_cost": args.allocator_cost,
+                               "allocator_refit_groups": args.refit_groups,
+                               "calibration_batches": args.calibration_batches,
                                "finetune_batch": 64, "measure_iters": args.iters, "threads": 1,
                                "backend": "onnxruntime (CPU)", "command": " ".join(sys.argv)}
         out["models"][name] = entry
+    return out
+
+
+def _load_trained(args, name: str):
+    """The dense model ``name`` trained (or loaded from the cache) exactly as ``--part accuracy`` does."""
+    from compress.zoo import MODELS
+
+    factory, kwargs, ds, epochs, lr = ACCURACY_MODELS[name]
+    epochs = _per_model(args.epochs, name, epochs)
+    if name == "fashion_cnn":
+        kwargs, epochs = {**kwargs, "width": args.fashion_width}, args.fashion_epochs
+    per_class = _per_model(args.cifar_per_class, name, 500)
+    data, src = (fashion(Path(args.data_root), args.fashion_train, 2000) if ds == "fashion"
+                 else cifar10(Path(args.data_root), per_class, args.cifar_test_per_class))
+    torch.manual_seed(0)
+    model = MODELS.get(factory)(**kwargs)
+    augment = ds == "cifar10"
+    key = f"{factory}|{sorted(kwargs.items())}|{src}|{len(data.train)}|{epochs}|{lr}|{augment}"
+    dense_acc, train_s, ckpt = trained(name, model, data, epochs, lr, augment, key, Path(args.checkpoints))
+    return model.eval(), data, src, dense_acc, train_s, ckpt, epochs
+
+
+def calibration_batches(data, n: int, batch: int = 64, seed: int = 7) -> list:
+    """``n`` fixed, un-augmented training batches (the prune stage's ``calibration_batches``)."""
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.randperm(len(data.train), generator=g)[: n * batch].tolist()
+    items = [data.train[i] for i in idx]
+    return [(torch.stack([x for x, _ in items[k:k + batch]]), torch.tensor([int(y) for _, y in items[k:k + batch]]))
+            for k in range(0, len(items), batch)]
+
+
+def part_costs(args) -> dict:
+    """The allocator's accuracy cost compared before any fine-tune: per cost, allocate for 0.5x and 0.33x of
+    the dense model's *predicted* latency (batch 1 table), prune, re-estimate BatchNorm on training batches,
+    and report held-out test accuracy; uniform and global (Torch-Pruning's L2 ranking) bisected on the same
+    table for reference."""
+    from compress.structured import pruner
+    from compress.structured.criteria import IMPORTANCES, calibrate as calibrate_criterion
+    from compress.search.allocator import allocate, channel_groups, layer_latency, ratios_for
+    from compress.search.candidates import Pruner, bisect_ratio, evaluate_on, recalibrate_batchnorm
+    from compress.search.latency_target import per_layer_block
+    from compress.search.latency_table import LatencyPredictor, LatencyTable
+    from compress.search.sensitivity import calibration_loss, measured_groups
+
+    name = args.models.split(",")[0]
+    model, data, src, dense_acc, _, _, _ = _load_trained(args, name)
+    shape = data.input_shape
+    ex = torch.randn(1, *shape)
+    calib = calibration_batches(data, args.calibration_batches)
+    bn_batches = calibration_batches(data, 10, seed=11)
+    guards = pruner.Guards()
+    first, output = pruner.io_layers(model, ex)
+    ref = pruner.channel_counts(model, ex)
+    work = Path(tempfile.mkdtemp(prefix="latalloc-costs-"))
+    out = {"model": name, "data": src, "dense_test_accuracy": dense_acc, "load_start": os.getloadavg(), "rows": [],
+           "calibration": f"{args.calibration_batches} x 64 training images", "bn": "10 x 64 training images"}
+
+    def bn_test_acc(m) -> float:
+        m = copy.deepcopy(m)
+        recalibrate_batchnorm(m, bn_batches, 10, "cpu")
+        return evaluate_on(m, data.test, "cpu")["accuracy"]
+
+    def groups_for(criterion: str):
+        crit = IMPORTANCES.get(criterion)
+        imp = crit.build()
+        calibrate_criterion(crit, imp, model, calib if (crit.needs or crit.calibrate) else [], "cpu")
+        gs = channel_groups(model, ex, imp, [output], round_to=guards.round_to, min_floor=guards.floor,
+                            first_conv=first, first_conv_max_ratio=guards.first_conv_max_ratio, max_ratio=0.9)
+        model.zero_grad(set_to_none=True)
+
+        def apply(widths):
+            m = copy.deepcopy(model)
+            block = per_layer_block(m, gs, ratios_for(gs, widths))
+            if not block:
+                return m
+            imp2 = crit.build()
+            gp = pruner.GuardedPruner(m, ex, imp2, ratio=0.0, per_layer=block, scope="per_layer", guards=guards,
+                                      max_ratio=1.0, reference=ref)
+            calibrate_criterion(crit, imp2, m, calib if (crit.needs or crit.calibrate) else [], "cpu")
+            gp.step()
+            m.zero_grad(set_to_none=True)
+            return m.eval()
+        return gs, apply
+
+    table = LatencyTable(work / "table.json", "onnxruntime", 1, 1)
+    l2_groups, _ = groups_for("l2")
+    predictor = LatencyPredictor(model, shape, table, {m for g in l2_groups for m in g.members}, (0.25, 0.5, 0.75, 1.0),
+                                 guards.round_to, 8)
+    t0 = time.perf_counter()
+    predictor.warm(model)
+    print(f"[costs] latency table: {len(table.layers)} entries ({time.perf_counter() - t0:.0f} s)", flush=True)
+    dense_pred = predictor.layers_ms(model)
+    base = Pruner(model, shape, "l2", 8, None, 0.9)
+    for budget in args.cost_budgets:
+        for scope in ("uniform", "global"):
+            r, _ = bisect_ratio(lambda r: predictor.layers_ms(base.prune(scope, r)) / dense_pred, budget, 0.9)
+            m = base.prune(scope, r)
+            out["rows"].append({"cost": f"{scope} (l2)", "budget": budget, "predicted": predictor.layers_ms(m) / dense_pred,
+                                "bn_test_accuracy": bn_test_acc(m), "ratio": r, "widths": base.widths(m)})
+            print(f"[costs] {out['rows'][-1]}", flush=True)
+    variants = [("importance l2", "l2", False), ("importance taylor", "taylor", False),
+                ("sensitivity (l2 order)", "l2", True), ("sensitivity (taylor order)", "taylor", True)]
+    for label, criterion, sensitive in variants:
+        t0 = time.perf_counter()
+        gs, apply = groups_for(criterion)
+        report = None
+        if sensitive:
+            gs, report = measured_groups(gs, apply, lambda m: calibration_loss(m, calib, "cpu"), args.sensitivity_points)
+        setup_s = time.perf_counter() - t0
+        lat = layer_latency(gs, predictor)
+        for budget in args.cost_budgets:
+            a = allocate(gs, lat, budget * dense_pred)
+            m = apply(a.widths)
+            out["rows"].append({"cost": label, "budget": budget, "predicted": a.predicted_ms / dense_pred,
+                                "bn_test_accuracy": bn_test_acc(m), "widths": a.widths, "setup_seconds": setup_s,
+                                **({"sensitivity": report} if report and budget == args.cost_budgets[0] else {})})
+            print(f"[costs] {label} {budget}: predicted {a.predicted_ms / dense_pred:.3f}, "
+                  f"{out['rows'][-1]['bn_test_accuracy']:.2f} %, widths {a.widths} ({setup_s:.0f} s setup)", flush=True)
+    out["load_end"] = os.getloadavg()
+    atomic_write_json(Path(args.out_dir) / "latency_allocation_costs.json", out)
+    return out
+
+
+def part_refit(args) -> dict:
+    """Does the per-group re-fit of the latency table change the allocator's choice? For each batch size:
+    allocate for 0.5x and 0.33x of the table's dense latency with the plain table and with the per-group
+    corrected one (cost: the L2 importance), and time dense and every allocation in one interleaved run."""
+    from compress.structured import pruner
+    from compress.structured.criteria import IMPORTANCES
+    from compress.search.allocator import allocate, channel_groups, corrected, group_factors, layer_latency, ratios_for
+    from compress.search.candidates import measure_models
+    from compress.search.latency_target import per_layer_block
+    from compress.search.latency_table import LatencyPredictor, LatencyTable
+
+    name = args.models.split(",")[0]
+    model, data, src, *_ = _load_trained(args, name)
+    shape = data.input_shape
+    ex = torch.randn(1, *shape)
+    guards = pruner.Guards()
+    first, output = pruner.io_layers(model, ex)
+    ref = pruner.channel_counts(model, ex)
+    imp = IMPORTANCES.get("l2").build()
+    gs = channel_groups(model, ex, imp, [output], round_to=8, min_floor=guards.floor, first_conv=first,
+                        first_conv_max_ratio=guards.first_conv_max_ratio, max_ratio=0.9)
+    work = Path(tempfile.mkdtemp(prefix="latalloc-refit-"))
+
+    def apply(widths):
+        m = copy.deepcopy(model)
+        block = per_layer_block(m, gs, ratios_for(gs, widths))
+        if block:
+            pruner.GuardedPruner(m, ex, IMPORTANCES.get("l2").build(), ratio=0.0, per_layer=block, scope="per_layer",
+                                 guards=guards, max_ratio=1.0, reference=ref).step()
+        return m.eval()
+
+    out = {"model": name, "data": src, "load_start": os.getloadavg(), "runs": []}
+    for batch in args.refit_batches:
+        table = LatencyTable(work / "table.json", "onnxruntime", batch, 1)
+        predictor = LatencyPredictor(model, shape, table, {m for g in gs for m in g.members}, (0.25, 0.5, 0.75, 1.0),
+                                     8, 8)
+        predictor.warm(model)
+        lat = layer_latency(gs, predictor)
+
+        def measure_many(models, batch=batch):
+            t = measure_models({"dense": model, **models}, shape, work / f"b{batch}", "onnxruntime", batch, 1, 3,
+                               args.iters, 6)
+            return {k: v["p50"] for k, v in t.items()}
+        t0 = time.perf_counter()
+        factors, report = group_factors(gs, lat, apply, measure_many)
+        refit_s = time.perf_counter() - t0
+        fixed = corrected(lat, factors)
+        dense_pred = lat.total([g.dense for g in gs])
+        allocs = {}
+        for budget in args.cost_budgets:
+            allocs[f"table@{budget}"] = allocate(gs, lat, budget * dense_pred)
+            allocs[f"refit@{budget}"] = allocate(gs, fixed, budget * dense_pred)
+        ms = measure_many({k: apply(a.widths) for k, a in allocs.items()})
+        run = {"batch_size": batch, "group_refit": report, "refit_seconds": refit_s, "dense_ms": ms["dense"],
+               "allocations": {k: {"widths": a.widths, "predicted_ratio": a.predicted_ms / dense_pred,
+                                   "measured_ratio": ms[k] / ms["dense"]} for k, a in allocs.items()}}
+        out["runs"].append(run)
+        print(f"[refit] batch {batch}: factors " + ", ".join(f"{k} {v['factor']:.2f}" for k, v in report['groups'].items()) + f" (level {report['level']})",
+              flush=True)
+        for k, v in run["allocations"].items():
+            print(f"[refit] batch {batch} {k}: predicted {v['predicted_ratio']:.3f}, measured {v['measured_ratio']:.3f}"
+                  f", widths {v['widths']}", flush=True)
+    out["load_end"] = os.getloadavg()
+    atomic_write_json(Path(args.out_dir) / "latency_allocation_refit.json", out)
     return out
 
 
@@ -322,7 +514,8 @@ def goal_verdict(run: dict) -> dict:
     rows = {r["name"]: r for r in run["rows"]}
     base = max((rows[k] for k in ("uniform", "global") if k in rows),
                key=lambda r: (r.get("test_accuracy") or 0, -r["measured_ms"]))
-    out = {"baseline": base["name"], "baseline_ms": base["measured_ms"], "baseline_acc": base.get("test_accuracy")}
+    out = {"baseline": base["name"], "baseline_ms": base["measured_ms"], "baseline_acc": base.get("test_accuracy"),
+           "baseline_ratio": base["measured_ms"] / run["rows"][0]["measured_ms"]}
     best = None
     limit = run["budget"] * 1.05 * run["rows"][0]["measured_ms"]
     for r in run["rows"]:
@@ -344,15 +537,18 @@ def render(results_dir: Path) -> str:
     acc = results_dir / "latency_allocation_accuracy.json"
     if acc.exists():
         data = json.loads(acc.read_text())
-        lines += ["| model | batch | budget | better baseline (ms, acc %) | best of allocated/searched | "
+        lines += ["| model | batch | budget | better baseline (x dense, acc %) | best of allocated/searched (x dense, acc %) | "
                   "latency vs baseline | accuracy vs baseline | goal met? |", "|---|---:|---:|---|---|---:|---:|---|"]
         for name, e in data["models"].items():
             for run in e["runs"]:
                 v = goal_verdict(run)
                 b = v["best"] or {"name": "none within budget", "latency_saving": float("nan"),
                                   "accuracy_gain": float("nan"), "met": False}
+                rows = {r["name"]: r for r in run["rows"]}
+                best = (f"{b['name']} ({rows[b['name']]['measured_ms'] / run['rows'][0]['measured_ms']:.3f}, "
+                        f"{rows[b['name']].get('test_accuracy') or 0:.2f})" if b["name"] in rows else b["name"])
                 lines.append(f"| {name} | {run['batch_size']} | {run['budget']} | {v['baseline']} "
-                             f"({v['baseline_ms']:.3f}, {v['baseline_acc']:.2f}) | {b['name']} | "
+                             f"({v['baseline_ratio']:.3f}, {v['baseline_acc']:.2f}) | {best} | "
                              f"{-100 * b['latency_saving']:+.1f} % | {b['accuracy_gain']:+.2f} pt | "
                              f"{'yes' if b['met'] else 'no'} |")
         lines.append("")
@@ -374,6 +570,27 @@ def render(results_dir: Path) -> str:
                     lines.append(f"| {r['name']} | {r['measured_ms']:.3f} | {r['measured_ms'] / d['measured_ms']:.3f} | "
                                  f"{r['macs']:,} | {r.get('test_accuracy') or 0:.2f} | {widths} |")
                 lines.append("")
+    costs = results_dir / "latency_allocation_costs.json"
+    if costs.exists():
+        data = json.loads(costs.read_text())
+        lines += [f"Allocator costs on {data['model']} ({data['data']}; dense {data['dense_test_accuracy']:.2f} %), "
+                  "no fine-tune, BatchNorm re-estimated, held-out test accuracy:", "",
+                  "| cost | budget (x dense, table) | predicted | BN-re-estimated test acc % | widths |",
+                  "|---|---:|---:|---:|---|"]
+        for r in data["rows"]:
+            lines.append(f"| {r['cost']} | {r['budget']} | {r['predicted']:.3f} | {r['bn_test_accuracy']:.2f} | "
+                         f"{' '.join(str(w) for w in r['widths'])} |")
+        lines.append("")
+    refit = results_dir / "latency_allocation_refit.json"
+    if refit.exists():
+        data = json.loads(refit.read_text())
+        lines += [f"Per-group re-fit on {data['model']} (L2 cost):", "",
+                  "| batch | allocation | predicted | measured (x dense, interleaved) | widths |", "|---:|---|---:|---:|---|"]
+        for run in data["runs"]:
+            for k, a in run["allocations"].items():
+                lines.append(f"| {run['batch_size']} | {k} | {a['predicted_ratio']:.3f} | {a['measured_ratio']:.3f} | "
+                             f"{' '.join(str(w) for w in a['widths'])} |")
+        lines.append("")
     eff = results_dir / "latency_allocation_efficiency.json"
     if eff.exists():
         data = json.loads(eff.read_text())
@@ -391,7 +608,7 @@ def render(results_dir: Path) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--data-root", default="/work/shared/datasets")
-    ap.add_argument("--part", choices=["accuracy", "efficiency", "render"], required=True)
+    ap.add_argument("--part", choices=["accuracy", "costs", "refit", "efficiency", "render"], required=True)
     ap.add_argument("--models", default="fashion_cnn,resnet20,mobilenet_v2_cifar")
     ap.add_argument("--large", default="resnet50,mobilenet_v2")
     ap.add_argument("--fashion-train", type=int, default=12000)
@@ -408,6 +625,13 @@ def main() -> None:
     ap.add_argument("--finetune-steps", type=int, default=60)
     ap.add_argument("--iters", type=int, default=60)
     ap.add_argument("--large-iters", type=int, default=30)
+    ap.add_argument("--calibration-batches", type=int, default=8, help="batches of 64 for taylor and sensitivity")
+    ap.add_argument("--importance", default="l2", help="the search's criterion (baselines and allocator)")
+    ap.add_argument("--allocator-cost", default="importance", choices=["importance", "sensitivity"])
+    ap.add_argument("--refit-groups", action="store_true", help="per-group re-fit of the allocator's table")
+    ap.add_argument("--sensitivity-points", type=int, default=3)
+    ap.add_argument("--refit-batches", type=lambda v: [int(x) for x in v.split(",")], default=[1, 32])
+    ap.add_argument("--cost-budgets", type=lambda v: [float(x) for x in v.split(",")], default=[0.5, 0.33])
     ap.add_argument("--out-dir", default=str(Path(__file__).parent / "results"))
     args = ap.parse_args()
     if args.part == "render":
@@ -415,7 +639,8 @@ def main() -> None:
         return
     torch.set_num_threads(1)
     t0 = time.perf_counter()
-    res = part_accuracy(args) if args.part == "accuracy" else part_efficiency(args)
+    res = {"accuracy": part_accuracy, "costs": part_costs, "refit": part_refit,
+           "efficiency": part_efficiency}[args.part](args)
     from benchmarks.common import machine
 
     res.update({"machine": machine(), "command": " ".join(sys.argv), "seconds": time.perf_counter() - t0})

@@ -56,10 +56,13 @@ class ChannelGroup:
     widths: list[int]              # allowed kept widths, descending, the first is ``dense``
     scores: list[float]            # per-channel importance, ascending (the cheapest channels first)
     members: list[str] = field(default_factory=list)   # "layer.in" / "layer.out" sides it cuts
+    # True: ``scores`` are already per-channel costs in the order the pruner removes the channels (a
+    # measured sensitivity curve, :mod:`compress.search.sensitivity`), kept as they are, not sorted
+    ordered: bool = False
     _cum: list[float] = field(default_factory=list, repr=False)
 
     def __post_init__(self):
-        self.scores = sorted(float(s) for s in self.scores)
+        self.scores = [float(s) for s in self.scores] if self.ordered else sorted(float(s) for s in self.scores)
         self._cum = [0.0]
         for s in self.scores:
             self._cum.append(self._cum[-1] + s)
@@ -117,6 +120,80 @@ class LayerLatency:
         moved[group] = new_width
         after = sum(self.layer(n, moved) for n in names)
         return self.scale * (after - before)
+
+
+def corrected(latency: LayerLatency, factors: dict[int, float]) -> LayerLatency:
+    """``latency`` with each group's *saving* scaled by its end-to-end factor (:func:`group_factors`):
+    a layer's time at narrowed widths is ``dense - f * (dense - table)``, ``f`` the factor of the group
+    narrowed on it (the geometric mean when both its sides are narrowed), so the dense total is
+    unchanged and the distribution of the savings over the groups follows the measurement."""
+    def cost(name: str, ci: int, co: int) -> float:
+        gi, go, dci, dco = latency.layers[name]
+        raw, dense = latency.cost(name, ci, co), latency.cost(name, dci, dco)
+        narrowed = {g for g, w, d in ((gi, ci, dci), (go, co, dco)) if g is not None and w < d}
+        f = math.prod(factors.get(g, 1.0) for g in narrowed) ** (1.0 / len(narrowed)) if narrowed else 1.0
+        return max(0.0, dense - f * (dense - raw))
+    return LayerLatency(latency.layers, cost, latency.depthwise, latency.scale)
+
+
+def probe_width(group: ChannelGroup) -> int:
+    """The allowed width nearest half the dense width (the narrower on a tie): where one group's
+    end-to-end saving is large enough to measure and still in the range the allocator uses."""
+    lower = [w for w in group.widths if w < group.dense]
+    return min(lower, key=lambda w: (abs(w - group.dense / 2), w)) if lower else group.dense
+
+
+def group_factors(groups: Sequence[ChannelGroup], latency: LayerLatency,
+                  narrow: Callable[[list[int]], nn.Module],
+                  measure: Callable[[dict[str, nn.Module]], dict[str, float]],
+                  clamp: tuple[float, float] = (0.25, 4.0), min_saving: float = 0.01) -> tuple[dict[int, float], dict]:
+    """Per-group re-fit of the latency table: narrow each group alone to :func:`probe_width`, time all of
+    them end to end *in one interleaved run* with the dense model (``measure(models) -> {name: ms}``, the
+    dense model under ``"dense"``), and return each group's factor = measured saving / the table's
+    saving (both as fractions of dense), relative to the same ratio over all probed groups (so the
+    factors move savings between groups and leave their sum), clamped to ``clamp``. A group whose table saving is under
+    ``min_saving`` of dense keeps factor 1: its measured saving would be mostly timing noise.
+
+    Why: one global measured/predicted factor cannot fix a table whose *distribution* is wrong (what an
+    isolated-layer table misses -- layout reorders, fusions, memory traffic -- is not spread over the
+    layers in proportion to their isolated times), and the allocator then spends the cut where the
+    table, not the backend, has the latency."""
+    dense_widths = [g.dense for g in groups]
+    dense_pred = latency.total(dense_widths)
+    probes: dict[str, tuple[int, int, float]] = {}
+    models: dict[str, nn.Module] = {}
+    for gi, g in enumerate(groups):
+        w = probe_width(g)
+        if w >= g.dense:
+            continue
+        widths = list(dense_widths)
+        widths[gi] = w
+        predicted = 1.0 - latency.total(widths) / dense_pred
+        if predicted < min_saving:
+            continue
+        key = f"g{gi}"
+        probes[key] = (gi, w, predicted)
+        models[key] = narrow(widths)
+    factors: dict[int, float] = {}
+    report: dict = {"level": None, "groups": {}}
+    if models:
+        ms = measure(models)
+        saved = {key: 1.0 - ms[key] / ms["dense"] for key in probes}
+        # only the distribution is corrected here: the factors are relative to the overall measured/table
+        # ratio of the savings (the level is fit_to_budget's end-to-end re-fit's job; uncorrected, a table
+        # that under-predicts every saving 3x would make every deep cut look free, linear extrapolation
+        # of the factor past the probe width driving layer times to zero)
+        level = sum(saved.values()) / sum(p for _, _, p in probes.values())
+        report = {"level": round(level, 4), "groups": {}}
+        if level <= 0:
+            report["skipped"] = "the groups narrowed alone measured no saving in all"
+            return {}, report
+        for key, (gi, w, predicted) in probes.items():
+            factors[gi] = min(clamp[1], max(clamp[0], saved[key] / predicted / level))
+            report["groups"][groups[gi].name] = {"width": w, "table_saving": round(predicted, 4),
+                                                 "measured_saving": round(saved[key], 4),
+                                                 "factor": round(factors[gi], 3)}
+    return factors, report
 
 
 @dataclass

@@ -59,6 +59,12 @@ class SearchConfig(Strict):
         description="the same fine-tune for uniform, global and the top candidates; null skips it")
     measure: MeasureConfig = Field(default_factory=MeasureConfig)
     latency_tolerance: float = Field(0.05, ge=0, description="measured latency may exceed the budget by this fraction")
+    allocator_cost: Literal["importance", "sensitivity"] = Field(
+        "importance", description="the latency allocator's accuracy cost: the importance criterion's scores, or "
+                                  "the measured loss increase of each group narrowed alone (4 calibration batches)")
+    allocator_refit_groups: bool = Field(
+        False, description="re-fit the latency table per group before allocating: each group narrowed alone to "
+                           "half its width, measured end to end interleaved with dense, its saving corrected")
     apply: bool = Field(True, description="leave the chosen model in the pipeline")
 
     @field_validator("grid")

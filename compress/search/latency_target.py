@@ -6,15 +6,26 @@ from __future__ import annotations
 import copy
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Sequence
 
 import torch
 from torch import nn
 
 from ..structured import pruner as structured
-from .allocator import ChannelGroup, FitResult, LayerLatency, channel_groups, fit_to_budget, layer_latency, ratios_for
+from .allocator import (
+    ChannelGroup,
+    FitResult,
+    LayerLatency,
+    channel_groups,
+    corrected,
+    fit_to_budget,
+    group_factors,
+    layer_latency,
+    ratios_for,
+)
 from .candidates import measure_models
 from .latency_table import LatencyPredictor, LatencyTable
+from .sensitivity import calibration_loss, measured_groups
 
 
 @dataclass
@@ -29,6 +40,7 @@ class LatencySetup:
     grid_points: int = 8          # per layer side: every width round_to allows when at most this many
     grid: tuple[float, ...] = (0.25, 0.5, 0.75, 1.0)
     lookahead: int = 4
+    refit_groups: bool = False    # per-group re-fit of the table before allocating (allocator.group_factors)
     warmup: int = 5
     iters: int = 60
     rounds: int = 6
@@ -42,6 +54,8 @@ class LatencyFit:
     predictor: LatencyPredictor
     table: LatencyTable
     per_layer: dict[str, float]   # the chosen widths as a ``per_layer`` ratios block (paste to rebuild)
+    sensitivity: dict | None = None  # cost ``sensitivity``: the measured loss increase per group and width
+    group_refit: dict | None = None  # refit_groups: per group, the table's and the measured saving and the factor
 
     def summary(self) -> dict:
         r = self.result
@@ -59,6 +73,8 @@ class LatencyFit:
             "per_layer": self.per_layer,
             # groups cut to the narrowest width the guards allow (min_channels, first conv, max_ratio, round_to)
             "at_guard_floor": [g.name for g, w in zip(self.groups, last.widths) if w == g.widths[-1] < g.dense],
+            **({"sensitivity": self.sensitivity} if self.sensitivity is not None else {}),
+            **({"group_refit": self.group_refit} if self.group_refit is not None else {}),
         }
 
 
@@ -80,9 +96,14 @@ def fit_latency(model: nn.Module, input_shape, example: torch.Tensor, build_impo
                 calibrate: Callable[[nn.Module, object], None], *, budget: float, setup: LatencySetup,
                 guards: structured.Guards, ignore: list[str] | None, max_ratio: float, table_path: Path,
                 work_dir: Path, reference: dict | None = None, log: Callable[[str], None] = lambda s: None,
-                ) -> LatencyFit:
+                cost: str = "importance", batches: Sequence = (), loss: Callable | None = None,
+                sensitivity_points: int = 3) -> LatencyFit:
     """Allocate channels for ``budget`` x dense latency on ``setup.backend``, prune a copy of ``model`` with
-    the guarded pruner, measure it interleaved with ``model``, re-fit while it misses. ``model`` is left as is."""
+    the guarded pruner, measure it interleaved with ``model``, re-fit while it misses. ``model`` is left as is.
+
+    ``cost``: ``importance`` (the criterion's scores, :func:`compress.search.allocator.removal_costs`) or
+    ``sensitivity`` (each group narrowed alone to ``sensitivity_points`` widths, the task's ``loss`` on
+    ``batches`` after BatchNorm re-estimation, :mod:`compress.search.sensitivity`)."""
     model = model.eval()
     first, output = structured.io_layers(model, example)
     patterns = list(ignore or []) + ([output] if guards.classifier and output else [])
@@ -99,7 +120,6 @@ def fit_latency(model: nn.Module, input_shape, example: torch.Tensor, build_impo
     predictor.warm(model)
     log(f"  latency table ({setup.backend}, batch {setup.batch_size}): {len(table.layers)} entries, "
         f"{table.measured - measured_before} measured now")
-    latency = layer_latency(groups, predictor)
     kw = {"scope": "per_layer", "ignore": ignore, "guards": guards, "max_ratio": 1.0,
           "reference": reference or structured.channel_counts(model, example)}
 
@@ -115,6 +135,23 @@ def fit_latency(model: nn.Module, input_shape, example: torch.Tensor, build_impo
         m.zero_grad(set_to_none=True)
         return m.eval()
 
+    sensitivity = None
+    if cost == "sensitivity":
+        groups, sensitivity = measured_groups(
+            groups, apply, lambda m: calibration_loss(m, batches, _device_of(model), loss), sensitivity_points, log)
+    latency = layer_latency(groups, predictor)
+
+    def measure_many(models: dict[str, nn.Module]) -> dict[str, float]:
+        t = measure_models({"dense": model, **models}, input_shape, work_dir, setup.backend, setup.batch_size,
+                           setup.threads, setup.warmup, setup.iters, setup.rounds)
+        return {k: v["p50"] for k, v in t.items()}
+
+    group_refit = None
+    if setup.refit_groups:
+        factors, group_refit = group_factors(groups, latency, apply, measure_many)
+        latency = corrected(latency, factors)
+        log("  per-group re-fit: " + ", ".join(f"{k} x{v['factor']:.2f}" for k, v in group_refit["groups"].items()))
+
     def measure(m: nn.Module) -> tuple[float, float]:
         t = measure_models({"dense": model, "pruned": m}, input_shape, work_dir, setup.backend, setup.batch_size,
                            setup.threads, setup.warmup, setup.iters, setup.rounds)
@@ -125,7 +162,11 @@ def fit_latency(model: nn.Module, input_shape, example: torch.Tensor, build_impo
     result = fit_to_budget(groups, latency, budget, apply, measure, setup.tolerance, setup.refits, setup.lookahead)
     table.save()
     block = per_layer_block(model, groups, ratios_for(groups, result.last.widths))
-    return LatencyFit(result, groups, latency, predictor, table, block)
+    return LatencyFit(result, groups, latency, predictor, table, block, sensitivity, group_refit)
+
+
+def _device_of(model: nn.Module) -> torch.device:
+    return next(model.parameters(), torch.empty(0)).device
 
 
 @dataclass
@@ -136,14 +177,20 @@ class SearchSeed:
     fit: FitResult
     group_ratios: list[float]
     widths: dict[str, int]
+    group_refit: dict | None = None
 
 
 def allocate_for_search(search_pruner, predictor: LatencyPredictor, budget: float,
                         measure: Callable[[nn.Module], tuple[float, float]], tolerance: float,
-                        refits: int = 3) -> SearchSeed:
+                        refits: int = 3, cost: str = "importance", sensitivity_points: int = 3,
+                        log: Callable[[str], None] = lambda s: None,
+                        measure_many: Callable[[dict[str, nn.Module]], dict[str, float]] | None = None) -> SearchSeed:
     """Run the allocator with the search's own pruner (:class:`compress.search.candidates.Pruner`: its
-    importance, guards, round_to and max_ratio) on the search's calibrated latency table."""
-    from ..structured.criteria import IMPORTANCES, calibrate as calibrate_criterion
+    importance, guards, round_to and max_ratio) on the search's calibrated latency table; ``cost`` as in
+    :func:`fit_latency` (sensitivity: on the pruner's calibration batches, cross-entropy). With
+    ``measure_many`` (models -> ms, interleaved with dense) the table is re-fit per group first."""
+    from ..structured.criteria import IMPORTANCES
+    from ..structured.criteria import calibrate as calibrate_criterion
 
     dense = copy.deepcopy(search_pruner.dense)
     example = search_pruner.example
@@ -166,8 +213,19 @@ def allocate_for_search(search_pruner, predictor: LatencyPredictor, budget: floa
                 out[index[g.name]] = r
         return out
 
+    def prune(w: list[int]) -> nn.Module:
+        return search_pruner.prune("per_layer", group_ratios=to_search_order(w))
+
+    if cost == "sensitivity":
+        groups, _ = measured_groups(groups, prune, lambda m: calibration_loss(m, search_pruner.calibration,
+                                                                              search_pruner.device),
+                                    sensitivity_points, log)
     latency = layer_latency(groups, predictor)
-    result = fit_to_budget(groups, latency, budget, lambda w: search_pruner.prune("per_layer", group_ratios=to_search_order(w)),
-                           measure, tolerance, refits)
+    group_refit = None
+    if measure_many is not None:
+        factors, group_refit = group_factors(groups, latency, prune, measure_many)
+        latency = corrected(latency, factors)
+        log("  per-group re-fit: " + ", ".join(f"{k} x{v['factor']:.2f}" for k, v in group_refit["groups"].items()))
+    result = fit_to_budget(groups, latency, budget, prune, measure, tolerance, refits)
     return SearchSeed(result, to_search_order(result.last.widths),
-                      {g.name: w for g, w in zip(groups, result.last.widths)})
+                      {g.name: w for g, w in zip(groups, result.last.widths)}, group_refit)

@@ -281,7 +281,12 @@ class Search:
             t = self._measure({"dense": self.dense, "allocated": m})
             return t["dense"]["p50"], t["allocated"]["p50"]
 
-        seed = allocate_for_search(self.pruner, b.predictor, self.cfg.budget, measure, self.cfg.latency_tolerance)
+        def measure_many(models: dict[str, nn.Module]) -> dict[str, float]:
+            return {k: v["p50"] for k, v in self._measure({"dense": self.dense, **models}).items()}
+
+        seed = allocate_for_search(self.pruner, b.predictor, self.cfg.budget, measure, self.cfg.latency_tolerance,
+                                   cost=self.cfg.allocator_cost, log=log,
+                                   measure_many=measure_many if self.cfg.allocator_refit_groups else None)
         a = seed.fit.last
         log(f"  allocator: {a.measured_ratio:.3f} x dense measured ({a.predicted_ratio:.3f} predicted) after "
             f"{len(seed.fit.attempts)} measurement(s)")
@@ -406,6 +411,8 @@ class Search:
                 row["group_ratios"] = seed.group_ratios
                 row["widths"] = seed.widths
                 row["allocator_attempts"] = [vars(a) for a in seed.fit.attempts]
+                if seed.group_refit is not None:
+                    row["group_refit"] = seed.group_refit
             elif name == "uniform":
                 row["ratio"] = base.uniform_ratio
             else:

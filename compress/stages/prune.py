@@ -99,12 +99,19 @@ class TargetConfig(Strict):
     tolerance: float = Field(0.05, ge=0, lt=1, description="latency: measured may exceed the target by this fraction")
     refits: int = Field(3, ge=0, le=20, description="latency: re-measure and re-fit this often before failing (exit 3)")
     grid_points: int = Field(8, ge=0, description="latency: table widths per layer side (every round_to width up to this many)")
+    cost: Literal["importance", "sensitivity"] = Field(
+        "importance", description="latency: the allocator's accuracy cost: the importance criterion's scores, or "
+                                  "the measured loss increase of each group narrowed alone (calibration_batches)")
+    sensitivity_points: int = Field(3, ge=1, le=16, description="latency, cost sensitivity: widths probed per group")
+    refit_groups: bool = Field(False, description="latency: re-fit the table per group first (each group narrowed "
+                                                  "alone, measured end to end interleaved with dense)")
 
     @model_validator(mode="after")
     def _one(self):
         require_exactly_one(self, "macs", "params", "latency")
         if self.latency is None:
             extra = [f for f in ("backend", "batch_size", "threads") if getattr(self, f) is not None]
+            extra += [f for f in ("cost", "sensitivity_points", "refit_groups") if f in self.model_fields_set]
             if extra:
                 raise ValueError(f"{', '.join(extra)} only apply to a latency target")
         elif self.backend is not None:
@@ -152,7 +159,7 @@ class Config(StageConfig):
     target: Optional[TargetConfig] = Field(None, description="reach a kept MACs/params fraction instead of a ratio")
     ignore: Optional[list[str]] = Field(None, description="module-name patterns never pruned; default: the classifier")
     max_ratio: float = Field(0.9, gt=0, le=1, description="no group loses more than this fraction (global scope)")
-    calibration_batches: int = Field(4, ge=1, description="training batches for data-aware criteria")
+    calibration_batches: int = Field(4, ge=1, description="training batches for data-aware criteria (and a latency target's sensitivity cost)")
     finetune_between: Optional[FinetuneBlock] = None
     obs_update: bool = Field(False, description="importance obs: OBS-update the surviving weights")
     obs_dampening: float = Field(0.01, gt=0, description="importance obs: Fisher dampening, relative to its mean diagonal")
@@ -394,12 +401,14 @@ def _prune_to_latency(cfg: Config, ctx, model, example, before: dict, out_shape,
 
     t = cfg.target
     setup = LatencySetup(backend=t.backend or "onnxruntime", batch_size=t.batch_size or 1, threads=t.threads or 1,
-                         tolerance=t.tolerance, refits=t.refits, grid_points=t.grid_points)
+                         tolerance=t.tolerance, refits=t.refits, grid_points=t.grid_points, refit_groups=t.refit_groups)
     try:
         fit = fit_latency(model, ctx.input_shape, example, build_importance, calibrate, budget=t.latency,
                           setup=setup, guards=kw["guards"], ignore=cfg.ignore, max_ratio=cfg.max_ratio,
                           table_path=paths.latency_table(ctx.run_dir), work_dir=Path(ctx.stage_dir) / "latency",
-                          reference=kw["reference"], log=log)
+                          reference=kw["reference"], log=log, cost=t.cost,
+                          batches=ctx.calibration_batches(cfg.calibration_batches) if t.cost == "sensitivity" else (),
+                          loss=ctx.objective.loss, sensitivity_points=t.sensitivity_points)
     except BackendUnavailable as exc:  # e.g. backend tensorrt on a machine without a GPU
         raise EnvironmentFailure(f"stages[{ctx.index}].target.backend: {setup.backend} cannot measure here: {exc}") from None
     block = fit.summary()

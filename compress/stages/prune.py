@@ -422,12 +422,13 @@ def _prune_to_latency(cfg: Config, ctx, model, example, before: dict, out_shape,
     ctx.model = pruned
     after = ctx.stats()
     achieved = {"latency": block["measured_ratio"]}
+    primary, score = next(iter(ctx.headline().items()))  # the task's metric: accuracy, mIoU, ...
     metrics = {
         "importance": cfg.importance, "scope": "latency_allocator", "ratio": 0.0, "steps": 1,
         "params_before": before["params"], "params_after": after["params"],
         "macs_before": before["macs"], "macs_after": after["macs"],
         "macs_kept": after["macs"] / max(1, before["macs"]), "params_kept": after["params"] / max(1, before["params"]),
-        "accuracy_after_prune": ctx.evaluate()["accuracy"],
+        f"{primary}_after_prune": score,
         "guards": {**vars(kw["guards"]), "bound": [{"guard": "floor", "group": g, "detail": "narrowest width the "
                                                    "guards allow"} for g in block["at_guard_floor"]]},
         "target": {"target": {"latency": t.latency}, "achieved": achieved, "latency": block},

@@ -184,3 +184,48 @@ def test_deep_partial_residual_net_is_analysed_and_left_running():
     # is reported (the same group Torch-Pruning builds, see the test above), not a hang or a traceback
     assert [s["group"] for s in gp.skipped] == ["blocks.11.conv"]
     assert "do not line up" in gp.skipped[0]["reason"]
+
+
+class _FunctionalProjection(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 16, 3, padding=1)
+        self.conv2 = nn.Conv2d(16, 16, 3, padding=1)
+        self.proj = nn.Linear(16, 16)  # applied with F.linear, as torchvision's Swin applies qkv/proj
+        self.head = nn.Linear(16, 10)
+
+    def forward(self, x):
+        x = self.conv2(torch.relu(self.conv1(x))).mean((2, 3))
+        return self.head(nn.functional.linear(x, self.proj.weight, self.proj.bias))
+
+
+def test_layers_left_whole_are_reported_with_their_cause():
+    # Torch-Pruning drops a group that cannot line up without a word, and never sees a layer forward
+    # uses through F.linear: both must appear in the stage's unpruned groups, with the reason
+    torch.manual_seed(0)
+    model = _TinySwin().eval()
+    x = torch.randn(1, 3, 32, 32)
+    gp = pruning.GuardedPruner(model, x, tp.importance.GroupMagnitudeImportance(p=2), ratio=0.5, scope="global",
+                               guards=pruning.Guards(round_to=None, min_channels=None),
+                               reference=pruning.channel_counts(model, x))
+    gp.step()
+    whole = {e["group"]: e for e in gp.whole_layers()}
+    # q/k/v output channels reach the bias table (heads) through the scores: refused, now reported
+    for b in (0, 1):
+        assert model.blocks[b]["attn"].qkv.out_features == 96
+        reason = whole[f"blocks.{b}.attn.qkv"]["reason"]
+        assert f"blocks.{b}.attn.bias_table (49, 4)" in reason and "refuses the group" in reason
+    # the residual stream was tried and rolled back: reported by the step itself, not repeated
+    assert any(s["group"].startswith("blocks.") for s in gp.skipped)
+    assert not any(set(e.get("layers", [])) & {s["group"] for s in gp.skipped} for e in whole.values())
+    assert "head" not in whole  # the classifier guard keeps it: already in gp.bound, not repeated
+
+    model = _FunctionalProjection().eval()
+    x = torch.randn(1, 3, 8, 8)
+    gp = pruning.GuardedPruner(model, x, tp.importance.GroupMagnitudeImportance(p=2), ratio=0.5, scope="uniform",
+                               guards=pruning.Guards(round_to=None, min_channels=None),
+                               reference=pruning.channel_counts(model, x))
+    gp.step()
+    assert model.conv1.out_channels == 8
+    whole = {e["group"]: e["reason"] for e in gp.whole_layers()}
+    assert "outside the traced graph" in whole["proj"] and "conv1" not in whole

@@ -346,6 +346,9 @@ def run(cfg: Config, ctx) -> StageOutput:
         pruner.check_model_runs(model, example, out_shape, gp.output_name, when=f"after pruning step {step + 1}")
         if cfg.finetune_between is not None and step < cfg.steps - 1:
             step_metrics.append(finetune(cfg.finetune_between, ctx, description=f"finetune {step + 1}"))
+    if gp is not None:  # layers left at full width that no step reported (Torch-Pruning drops them silently)
+        skipped += [dict(s, step=cfg.steps) for s in gp.whole_layers()
+                    if not any(s["group"] == k["group"] for k in skipped)]
     ratio = ratios[0] if len(ratios) == 1 else ratios
     ctx.model = model
     t0 = time.perf_counter()

@@ -275,6 +275,8 @@ class GuardedPruner:
             return p
 
         self._new_pruner = new_pruner
+        self._patterns = patterns
+        self._reference = reference or {}
         self.pruner = new_pruner()
         self._tick("graph", t0)
         self.bound: list[dict] = []
@@ -325,6 +327,73 @@ class GuardedPruner:
             self.timing["careful_mode"] = 1.0
             self._run_groups(careful=True)
         return self.bound[start:]
+
+    def whole_layers(self) -> list[dict]:
+        """Conv/Linear layers that still have every output channel while the model lost channels
+        elsewhere, one entry per coupled group, with the cause. Torch-Pruning drops such groups
+        without a word (a group whose indices overrun a coupled tensor fails its
+        ``check_pruning_group``; a group holding an ignored layer is never offered), and a layer
+        whose weight forward uses through a functional call (torchvision's Swin applies ``qkv`` and
+        ``proj`` with ``F.linear``) is outside the traced graph, so no group includes it. Layers the
+        user or the guards keep (``ignore``, the classifier guard) and groups already reported are
+        not repeated."""
+        DG = self.pruner.DG
+        names = self._names
+        param_names = {id(p): n for n, p in self.model.named_parameters()}
+        reported = {e.get("group") for e in self.skipped} | {b.get("group") for b in self.bound}
+        kept = set(self.pruner.ignored_layers) | set(getattr(DG, "IGNORED_LAYERS_IN_TRACING", []))
+        visited: set = set()
+        out: list[dict] = []
+
+        def width(mod) -> int:
+            return int(mod.out_features if isinstance(mod, nn.Linear) else mod.out_channels)
+
+        cut_somewhere = any(width(m) < self._reference[n][0] for m, n in names.items()
+                            if isinstance(m, _WEIGHTED) and n in self._reference)
+        if not cut_somewhere:
+            return out  # nothing was cut: the stage's no-op message says why
+        for mod, name in names.items():
+            if (not isinstance(mod, _WEIGHTED) or mod in visited or name in reported
+                    or match_any(name, self._patterns)):
+                continue
+            if mod not in DG.module2node:
+                out.append({"group": name, "reason": "outside the traced graph: forward uses its weight through a "
+                            "functional call (F.linear/F.conv), so no channel group includes it"})
+                continue
+            if name not in self._reference or width(mod) < self._reference[name][0]:
+                continue
+            fn = DG.get_pruner_of_module(mod)
+            if fn is None:
+                continue
+            try:
+                group = DG.get_pruning_group(mod, fn.prune_out_channels, list(range(width(mod))))
+            except Exception as exc:  # the guarded walk records failures itself; say it here too
+                out.append({"group": name, "reason": f"its group cannot be built ({_one_line(exc)})"})
+                continue
+            members = [dep.target.module for dep, _ in group if DG.is_out_channel_pruning_fn(dep.handler)]
+            layers = [names[m] for m in members if isinstance(m, _WEIGHTED) and m in names]
+            visited.update(members)
+            if any(n in reported for n in layers):
+                continue
+            blockers = [names.get(m, "?") for m in members if m in kept]
+            overrun = []
+            for dep, idxs in group:
+                t = dep.target.module
+                handler = DG.get_pruner_of_module(t) if isinstance(t, nn.Parameter) else None
+                size = handler.get_out_channels(t) if handler is not None else None
+                if size is not None and idxs and max(idxs) >= size:  # along the dim Torch-Pruning cuts
+                    overrun.append(f"{param_names.get(id(t), 'a parameter')} {tuple(t.shape)}")
+            if blockers:
+                reason = (f"coupled to {', '.join(blockers[:3])}, which is kept whole (ignore pattern or "
+                          "classifier guard)")
+            elif overrun or not DG.check_pruning_group(group):
+                what = ", ".join(overrun[:3]) or "a coupled tensor"
+                reason = (f"its channel indices reach {what}, which has fewer channels than the group "
+                          "(Torch-Pruning refuses the group)")
+            else:
+                reason = "the ranking kept every channel of its group"
+            out.append({"group": name, "layers": layers, "reason": reason})
+        return out
 
     def _tick(self, phase: str, t0: float) -> None:
         self.timing[phase] = self.timing.get(phase, 0.0) + time.perf_counter() - t0

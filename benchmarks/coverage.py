@@ -29,7 +29,6 @@ Writes benchmarks/results/coverage.md and coverage.json.
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import os
 import subprocess

@@ -112,7 +112,6 @@ def probe_model(model_cfg: ModelConfig, checkpoint: bool = True) -> ModelProbe:
                                       model_cfg.checkpoint if checkpoint else None)
         if shape is None:  # dict / tuple inputs: check_fit runs a real batch instead
             return ModelProbe(model.eval(), None, None)
-        g = torch.Generator().manual_seed(0)
         try:
             x = example_input(model, shape, 1, seed=0)  # token ids for a token-id model
         except (RuntimeError, MemoryError) as exc:

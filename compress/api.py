@@ -36,6 +36,7 @@ from . import paths
 from .errors import GateError, InputError
 from .metrics import count_macs, count_params
 from .model_io import ORIGIN_ATTR, load_portable, read_json_file, save_portable
+from .modules import device_of
 from .sparsity import masks as _masks
 from .tasks import build_objective
 
@@ -208,11 +209,6 @@ def _example(example_inputs, field: str = "example_inputs") -> torch.Tensor:
     return example_inputs
 
 
-def _device_of(model: nn.Module) -> torch.device:
-    p = next(itertools.chain(model.parameters(), model.buffers()), None)
-    return p.device if p is not None else torch.device("cpu")
-
-
 def _stage_config(kind: str, settings: dict[str, Any]):
     """The stage's own pydantic config: the same validation (and one-line errors) as a recipe."""
     from pydantic import ValidationError
@@ -260,7 +256,7 @@ def prune(model: nn.Module, example_inputs: torch.Tensor, *, importance: str = "
             settings[key] = dict(value) if isinstance(value, Mapping) else list(value)
     train_loader = settings.pop("train_loader", None)
     spec, cfg = _stage_config("prune", settings)
-    ctx = _CallerContext(model, example, _device_of(model), calibration=calibration, train_loader=train_loader)
+    ctx = _CallerContext(model, example, device_of(model), calibration=calibration, train_loader=train_loader)
     out = spec.run(cfg, ctx)
     m = out.metrics
     return PruneResult(model=ctx.model, params_before=m["params_before"], params_after=m["params_after"],
@@ -283,7 +279,7 @@ def sparsify(model: nn.Module, pattern: str = "2:4", method: str = "magnitude", 
         settings["ignore"] = list(ignore)
     spec, cfg = _stage_config("sparsify", settings)
     example = torch.zeros(1)  # sparsify reads no example input
-    ctx = _CallerContext(model, example, _device_of(model), calibration=calibration)
+    ctx = _CallerContext(model, example, device_of(model), calibration=calibration)
     m = spec.run(cfg, ctx).metrics
     return SparsifyResult(model=ctx.model, pattern=m["pattern"], method=m["method"], layers=m["layers_sparsified"],
                           skipped=m["layers_skipped"], sparsity=m["sparsity_in_sparsified_layers"])
@@ -315,7 +311,7 @@ def finetune(model: nn.Module, teacher: nn.Module | None, train_loader: Iterable
         raise InputError(err["msg"].removeprefix("Value error, "), field=str(err["loc"][-1])) from None
     if not hasattr(train_loader, "__len__"):
         raise InputError("must have a length (a DataLoader or a list of (x, y) batches)", field="train_loader")
-    dev = torch.device(device) if device is not None else _device_of(model)
+    dev = torch.device(device) if device is not None else device_of(model)
     res = train(model, train_loader, block, dev, teacher=teacher, distill=block.distill, description="finetune")
     return FinetuneResult(model=model, steps=res.steps, epochs=res.epochs_run,
                           train_loss=res.history[-1]["train_loss"] if res.history else None, history=res.history)

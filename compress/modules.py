@@ -9,6 +9,7 @@ names it or one of its parents exactly (``layer1`` matches ``layer1.0.conv1`` an
 from __future__ import annotations
 
 import fnmatch
+import itertools
 from typing import Iterable
 
 import torch
@@ -19,6 +20,17 @@ from torch import nn
 # Face model's config instead of its directory), so ``compress.save(model, dir)`` and the run
 # directory's arch.json can name the factory without being told again
 ORIGIN_ATTR = "_compress_origin"
+
+
+def device_of(model: nn.Module) -> torch.device:
+    """Where ``model`` lives: its first parameter's (or buffer's) device, the CPU for an empty module."""
+    p = next(itertools.chain(model.parameters(), model.buffers()), None)
+    return p.device if p is not None else torch.device("cpu")
+
+
+def out_width(layer: nn.Module) -> int:
+    """Output channels of a Conv layer, output features of a Linear."""
+    return int(layer.out_features if isinstance(layer, nn.Linear) else layer.out_channels)
 
 
 def matches(name: str, pattern: str) -> bool:

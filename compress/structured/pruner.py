@@ -19,7 +19,7 @@ from torch import nn
 
 from ..errors import InputError, ModelBreakError
 from ..metrics import call_model, logits_of
-from ..modules import match_any, output_layer
+from ..modules import match_any, out_width, output_layer
 from . import attention, tp_compat, tp_extensions
 
 tp_extensions.install_graph_guards()
@@ -200,6 +200,11 @@ def check_model_runs(model: nn.Module, example: torch.Tensor, expected_shape: tu
                               f"or list it in 'ignore')")
 
 
+def _patch_value(new):
+    """A patch's new value in a form that can be compared and hashed (split-size lists as tuples)."""
+    return tuple(new) if isinstance(new, list) else new
+
+
 def channel_counts(model: nn.Module, example: torch.Tensor) -> dict[str, tuple[int, int]]:
     """(out, in) channels of every prunable module by name: the reference the guards and
     ``max_ratio`` are measured against when a model is pruned over several pruner instances."""
@@ -344,11 +349,7 @@ class GuardedPruner:
         kept = set(self.pruner.ignored_layers) | set(getattr(DG, "IGNORED_LAYERS_IN_TRACING", []))
         visited: set = set()
         out: list[dict] = []
-
-        def width(mod) -> int:
-            return int(mod.out_features if isinstance(mod, nn.Linear) else mod.out_channels)
-
-        cut_somewhere = any(width(m) < self._reference[n][0] for m, n in names.items()
+        cut_somewhere = any(out_width(m) < self._reference[n][0] for m, n in names.items()
                             if isinstance(m, _WEIGHTED) and n in self._reference)
         if not cut_somewhere:
             return out  # nothing was cut: the stage's no-op message says why
@@ -360,13 +361,13 @@ class GuardedPruner:
                 out.append({"group": name, "reason": "outside the traced graph: forward uses its weight through a "
                             "functional call (F.linear/F.conv), so no channel group includes it"})
                 continue
-            if name not in self._reference or width(mod) < self._reference[name][0]:
+            if name not in self._reference or out_width(mod) < self._reference[name][0]:
                 continue
             fn = DG.get_pruner_of_module(mod)
             if fn is None:
                 continue
             try:
-                group = DG.get_pruning_group(mod, fn.prune_out_channels, list(range(width(mod))))
+                group = DG.get_pruning_group(mod, fn.prune_out_channels, list(range(out_width(mod))))
             except Exception as exc:  # the guarded walk records failures itself; say it here too
                 out.append({"group": name, "reason": f"its group cannot be built ({_one_line(exc)})"})
                 continue
@@ -562,7 +563,7 @@ class GuardedPruner:
         for cands in pending:
             for owner, attr, old, new, root in cands:
                 key = (owner, attr)
-                claims.setdefault(key, {}).setdefault(tuple(new) if isinstance(new, list) else new, root)
+                claims.setdefault(key, {}).setdefault(_patch_value(new), root)
                 olds[key] = old
         return {k: (olds[k], v) for k, v in claims.items() if len(v) > 1}
 
@@ -590,7 +591,7 @@ class GuardedPruner:
         for owner, attr, old, new, *_ in contested:
             mine = getattr(modules[owner], attr)
             for value in self._contested[(owner, attr)][1]:
-                if value == (tuple(new) if isinstance(new, list) else new):
+                if value == _patch_value(new):
                     continue
                 setattr(modules[owner], attr, type(old)(value) if isinstance(old, (list, tuple)) else value)
                 if self._runs()[0]:
@@ -662,7 +663,7 @@ class GuardedPruner:
         olds = {}
         for cands in per_group:
             for owner, attr, old, new, *_ in cands:
-                wanted.setdefault((owner, attr), set()).add(tuple(new) if isinstance(new, list) else new)
+                wanted.setdefault((owner, attr), set()).add(_patch_value(new))
                 olds[(owner, attr)] = old
         modules = dict(self.model.named_modules())
         patches = []

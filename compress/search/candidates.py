@@ -19,6 +19,7 @@ from ..deploy.timing import time_interleaved
 from .latency_table import LatencyPredictor
 from ..data import make_loader
 from ..example_inputs import example_input
+from ..modules import out_width
 from ..metrics import batch_inputs, call_model, count_macs, count_params, evaluate, to_device
 from ..deploy.onnx_io import export_onnx
 
@@ -76,8 +77,7 @@ class Pruner:
         mods = dict(model.named_modules())
         out = []
         for names in self.group_layers:
-            p = mods[names[0]]
-            out.append(int(p.out_channels if isinstance(p, nn.Conv2d) else p.out_features))
+            out.append(out_width(mods[names[0]]))
         return out
 
     def group_ratios_of(self, model: nn.Module) -> list[float]:
@@ -86,10 +86,7 @@ class Pruner:
         out = []
         for names in self.group_layers:
             n = names[0]
-            d, p = mods_d[n], mods_p[n]
-            dc = d.out_channels if isinstance(d, nn.Conv2d) else d.out_features
-            pc = p.out_channels if isinstance(p, nn.Conv2d) else p.out_features
-            out.append(1.0 - pc / dc)
+            out.append(1.0 - out_width(mods_p[n]) / out_width(mods_d[n]))
         return out
 
 

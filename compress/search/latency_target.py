@@ -11,6 +11,7 @@ from typing import Callable, Iterable, Sequence
 import torch
 from torch import nn
 
+from ..modules import device_of
 from ..structured import pruner as structured
 from .allocator import (
     ChannelGroup,
@@ -138,7 +139,7 @@ def fit_latency(model: nn.Module, input_shape, example: torch.Tensor, build_impo
     sensitivity = None
     if cost == "sensitivity":
         groups, sensitivity = measured_groups(
-            groups, apply, lambda m: calibration_loss(m, batches, _device_of(model), loss), sensitivity_points, log)
+            groups, apply, lambda m: calibration_loss(m, batches, device_of(model), loss), sensitivity_points, log)
     latency = layer_latency(groups, predictor)
 
     def measure_many(models: dict[str, nn.Module]) -> dict[str, float]:
@@ -148,16 +149,12 @@ def fit_latency(model: nn.Module, input_shape, example: torch.Tensor, build_impo
 
     group_refit = None
     if setup.refit_groups:
-        factors, group_refit = group_factors(groups, latency, apply, measure_many)
-        latency = corrected(latency, factors)
-        log("  per-group re-fit: " + ", ".join(f"{k} x{v['factor']:.2f}" for k, v in group_refit["groups"].items()))
+        latency, group_refit = refit_per_group(groups, latency, apply, measure_many, log)
 
     def measure(m: nn.Module) -> tuple[float, float]:
-        t = measure_models({"dense": model, "pruned": m}, input_shape, work_dir, setup.backend, setup.batch_size,
-                           setup.threads, setup.warmup, setup.iters, setup.rounds)
-        log(f"  measured: pruned {t['pruned']['p50']:.3f} ms, dense {t['dense']['p50']:.3f} ms "
-            f"({t['pruned']['p50'] / t['dense']['p50']:.3f} x)")
-        return t["dense"]["p50"], t["pruned"]["p50"]
+        t = measure_many({"pruned": m})
+        log(f"  measured: pruned {t['pruned']:.3f} ms, dense {t['dense']:.3f} ms ({t['pruned'] / t['dense']:.3f} x)")
+        return t["dense"], t["pruned"]
 
     result = fit_to_budget(groups, latency, budget, apply, measure, setup.tolerance, setup.refits, setup.lookahead)
     table.save()
@@ -165,8 +162,14 @@ def fit_latency(model: nn.Module, input_shape, example: torch.Tensor, build_impo
     return LatencyFit(result, groups, latency, predictor, table, block, sensitivity, group_refit)
 
 
-def _device_of(model: nn.Module) -> torch.device:
-    return next(model.parameters(), torch.empty(0)).device
+def refit_per_group(groups: Sequence[ChannelGroup], latency: LayerLatency, narrow: Callable[[list[int]], nn.Module],
+                    measure_many: Callable[[dict[str, nn.Module]], dict[str, float]],
+                    log: Callable[[str], None]) -> tuple[LayerLatency, dict]:
+    """The table with each group's saving corrected by its end-to-end measurement
+    (:func:`compress.search.allocator.group_factors`), and the report of the factors."""
+    factors, report = group_factors(groups, latency, narrow, measure_many)
+    log("  per-group re-fit: " + ", ".join(f"{k} x{v['factor']:.2f}" for k, v in report["groups"].items()))
+    return corrected(latency, factors), report
 
 
 @dataclass
@@ -223,9 +226,7 @@ def allocate_for_search(search_pruner, predictor: LatencyPredictor, budget: floa
     latency = layer_latency(groups, predictor)
     group_refit = None
     if measure_many is not None:
-        factors, group_refit = group_factors(groups, latency, prune, measure_many)
-        latency = corrected(latency, factors)
-        log("  per-group re-fit: " + ", ".join(f"{k} x{v['factor']:.2f}" for k, v in group_refit["groups"].items()))
+        latency, group_refit = refit_per_group(groups, latency, prune, measure_many, log)
     result = fit_to_budget(groups, latency, budget, prune, measure, tolerance, refits)
     return SearchSeed(result, to_search_order(result.last.widths),
                       {g.name: w for g, w in zip(groups, result.last.widths)}, group_refit)

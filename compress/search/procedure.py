@@ -277,12 +277,12 @@ class Search:
         if self.cfg.budget_metric != "latency":
             return None
 
-        def measure(m: nn.Module) -> tuple[float, float]:
-            t = self._measure({"dense": self.dense, "allocated": m})
-            return t["dense"]["p50"], t["allocated"]["p50"]
-
         def measure_many(models: dict[str, nn.Module]) -> dict[str, float]:
             return {k: v["p50"] for k, v in self._measure({"dense": self.dense, **models}).items()}
+
+        def measure(m: nn.Module) -> tuple[float, float]:
+            t = measure_many({"allocated": m})
+            return t["dense"], t["allocated"]
 
         seed = allocate_for_search(self.pruner, b.predictor, self.cfg.budget, measure, self.cfg.latency_tolerance,
                                    cost=self.cfg.allocator_cost, log=log,

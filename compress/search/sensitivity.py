@@ -27,6 +27,7 @@ from torch import nn
 
 from ..metrics import call_model, to_device
 from .allocator import ChannelGroup
+from .candidates import recalibrate_batchnorm
 
 
 def probe_widths(group: ChannelGroup, points: int) -> list[int]:
@@ -72,14 +73,7 @@ def calibration_loss(model: nn.Module, batches: Sequence, device, loss: Callable
 
     loss_fn = loss or classification_loss
     m = copy.deepcopy(model)
-    bns = [x for x in m.modules() if isinstance(x, nn.modules.batchnorm._BatchNorm)]
-    if bns:
-        for bn in bns:
-            bn.reset_running_stats()
-            bn.momentum = None
-        m.train()
-        for xb, _ in batches:
-            call_model(m, to_device(xb, device))
+    recalibrate_batchnorm(m, batches, len(batches), device)
     m.eval()
     total, n = 0.0, 0
     for xb, yb in batches:

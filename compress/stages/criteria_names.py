@@ -10,3 +10,10 @@ from __future__ import annotations
 
 CRITERION_NAMES: tuple[str, ...] = (
     "bn_scale", "fpgm", "hessian", "kfac", "l1", "l2", "lamp", "obs", "random", "taylor")
+
+
+def known_criterion(name: str, what: str = "criterion") -> str:
+    """``name`` if it is a criterion's name, else a ValueError naming the known ones (a field validator's)."""
+    if name not in CRITERION_NAMES:
+        raise ValueError(f"unknown {what} {name!r} (known: {', '.join(sorted(CRITERION_NAMES))})")
+    return name

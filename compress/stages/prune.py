@@ -48,7 +48,7 @@ from ..config import Strict, require_exactly_one
 from ..metrics import call_model, count_macs, count_params, logits_of
 from .artifacts import MASKS, TEACHER
 from .base import StageOutput, register_stage
-from .criteria_names import CRITERION_NAMES
+from .criteria_names import known_criterion
 from .finetune import FinetuneBlock, finetune
 from ..errors import EnvironmentFailure, GateError, InputError
 from ..io import atomic_write_json
@@ -186,9 +186,7 @@ class Config(StageConfig):
     @field_validator("importance")
     @classmethod
     def _importance(cls, v: str) -> str:
-        if v not in CRITERION_NAMES:
-            raise ValueError(f"unknown criterion {v!r} (known: {', '.join(sorted(CRITERION_NAMES))})")
-        return v
+        return known_criterion(v)
 
     @model_validator(mode="after")
     def _early_bird_ranks_by_bn(self):

@@ -19,7 +19,7 @@ from ..errors import InputError
 from ..search.config import SearchConfig
 from .artifacts import MASKS
 from .base import StageConfig, StageOutput, register_stage
-from .criteria_names import CRITERION_NAMES
+from .criteria_names import known_criterion
 
 
 class Config(SearchConfig, StageConfig):  # this base order keeps kind and optional first in the schema
@@ -38,10 +38,7 @@ class Config(SearchConfig, StageConfig):  # this base order keeps kind and optio
     @field_validator("importance")
     @classmethod
     def _criterion(cls, v: str) -> str:
-        # the names only: the criteria (Torch-Pruning) are imported when the search runs
-        if v not in CRITERION_NAMES:
-            raise ValueError(f"unknown importance {v!r} (known: {', '.join(sorted(CRITERION_NAMES))})")
-        return v
+        return known_criterion(v, "importance")  # the names only: the criteria are imported when the search runs
 
     def conflicts(self) -> dict[str, str]:
         return {MASKS: "searching channel widths after weight masks were set drops the masks; search before "

@@ -199,16 +199,20 @@ class _FunctionalProjection(nn.Module):
         return self.head(nn.functional.linear(x, self.proj.weight, self.proj.bias))
 
 
+def _pruned_half(model: nn.Module, x: torch.Tensor, scope: str) -> pruning.GuardedPruner:
+    gp = pruning.GuardedPruner(model, x, tp.importance.GroupMagnitudeImportance(p=2), ratio=0.5, scope=scope,
+                               guards=pruning.Guards(round_to=None, min_channels=None),
+                               reference=pruning.channel_counts(model, x))
+    gp.step()
+    return gp
+
+
 def test_layers_left_whole_are_reported_with_their_cause():
     # Torch-Pruning drops a group that cannot line up without a word, and never sees a layer forward
     # uses through F.linear: both must appear in the stage's unpruned groups, with the reason
     torch.manual_seed(0)
     model = _TinySwin().eval()
-    x = torch.randn(1, 3, 32, 32)
-    gp = pruning.GuardedPruner(model, x, tp.importance.GroupMagnitudeImportance(p=2), ratio=0.5, scope="global",
-                               guards=pruning.Guards(round_to=None, min_channels=None),
-                               reference=pruning.channel_counts(model, x))
-    gp.step()
+    gp = _pruned_half(model, torch.randn(1, 3, 32, 32), "global")
     whole = {e["group"]: e for e in gp.whole_layers()}
     # q/k/v output channels reach the bias table (heads) through the scores: refused, now reported
     for b in (0, 1):
@@ -221,11 +225,7 @@ def test_layers_left_whole_are_reported_with_their_cause():
     assert "head" not in whole  # the classifier guard keeps it: already in gp.bound, not repeated
 
     model = _FunctionalProjection().eval()
-    x = torch.randn(1, 3, 8, 8)
-    gp = pruning.GuardedPruner(model, x, tp.importance.GroupMagnitudeImportance(p=2), ratio=0.5, scope="uniform",
-                               guards=pruning.Guards(round_to=None, min_channels=None),
-                               reference=pruning.channel_counts(model, x))
-    gp.step()
+    gp = _pruned_half(model, torch.randn(1, 3, 8, 8), "uniform")
     assert model.conv1.out_channels == 8
     whole = {e["group"]: e["reason"] for e in gp.whole_layers()}
     assert "outside the traced graph" in whole["proj"] and "conv1" not in whole

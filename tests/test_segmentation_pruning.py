@@ -41,42 +41,36 @@ def test_data_aware_criteria_calibrate_with_the_segmentation_loss(name):
         torch.testing.assert_close(model.head.weight.grad, expected)
 
 
-def test_taylor_prunes_a_quarter_resolution_segmenter_through_the_pipeline(tmp_path):
+def _run_segmenter(tmp_path, name: str, train_size: int, stages: list[dict]) -> list[dict]:
+    """Run a recipe on the quarter-resolution segmenter; the summary's stage entries."""
     recipe = {
-        "name": "seg-taylor", "seed": 0, "device": "cpu", "task": {"name": "segmentation"},
+        "name": name, "seed": 0, "device": "cpu", "task": {"name": "segmentation"},
         "model": {"factory": "tests.seg_models:segmenter", "kwargs": {"num_classes": 11, "width": 16},
                   "input_shape": [1, 64, 64]},
-        "data": {"dataset": "digit_scenes", "train_size": 64, "val_size": 16, "batch_size": 16},
-        "stages": [{"kind": "train", "epochs": 1, "optimizer": {"name": "adam", "lr": 0.01}},
-                   {"kind": "prune", "importance": "taylor", "ratio": 0.5, "ignore": ["head"],
-                    "calibration_batches": 2}],
+        "data": {"dataset": "digit_scenes", "train_size": train_size, "val_size": 16, "batch_size": 16},
+        "stages": stages,
         "gates": {"max_metric_drop": None},
     }
     path = tmp_path / "r.yaml"
     path.write_text(yaml.safe_dump(recipe))
     res = cli("run", str(path), "--out", str(tmp_path / "run"), "-q", cwd=REPO)
     assert res.returncode == 0, res.stderr
-    s = json.loads((tmp_path / "run" / "summary.json").read_text())
-    prune = s["stages"][1]
+    return json.loads((tmp_path / "run" / "summary.json").read_text())["stages"]
+
+
+def test_taylor_prunes_a_quarter_resolution_segmenter_through_the_pipeline(tmp_path):
+    stages = _run_segmenter(tmp_path, "seg-taylor", 64, [
+        {"kind": "train", "epochs": 1, "optimizer": {"name": "adam", "lr": 0.01}},
+        {"kind": "prune", "importance": "taylor", "ratio": 0.5, "ignore": ["head"], "calibration_batches": 2}])
+    prune = stages[1]
     assert prune["importance"] == "taylor" and prune["params_after"] < prune["params_before"]
     assert 0 <= prune["miou_after_prune"] <= 100
 
 
 def test_a_latency_target_on_a_segmenter_reports_the_task_metric(tmp_path):
     # the latency allocator's path reported ctx.evaluate()["accuracy"], a KeyError for a task scored by mIoU
-    recipe = {
-        "name": "seg-latency", "seed": 0, "device": "cpu", "task": {"name": "segmentation"},
-        "model": {"factory": "tests.seg_models:segmenter", "kwargs": {"num_classes": 11, "width": 16},
-                  "input_shape": [1, 64, 64]},
-        "data": {"dataset": "digit_scenes", "train_size": 32, "val_size": 16, "batch_size": 16},
-        "stages": [{"kind": "prune", "importance": "l2", "ignore": ["head"],
-                    "target": {"latency": 0.8, "tolerance": 0.5, "refits": 1, "batch_size": 1, "threads": 1}}],
-        "gates": {"max_metric_drop": None},
-    }
-    path = tmp_path / "r.yaml"
-    path.write_text(yaml.safe_dump(recipe))
-    res = cli("run", str(path), "--out", str(tmp_path / "run"), "-q", cwd=REPO)
-    assert res.returncode == 0, res.stderr
-    prune = json.loads((tmp_path / "run" / "summary.json").read_text())["stages"][0]
+    prune = _run_segmenter(tmp_path, "seg-latency", 32, [
+        {"kind": "prune", "importance": "l2", "ignore": ["head"],
+         "target": {"latency": 0.8, "tolerance": 0.5, "refits": 1, "batch_size": 1, "threads": 1}}])[0]
     assert prune["scope"] == "latency_allocator" and prune["params_after"] < prune["params_before"]
     assert 0 <= prune["miou_after_prune"] <= 100 and "accuracy_after_prune" not in prune

@@ -8,6 +8,7 @@ import os
 import shutil
 import tempfile
 import warnings
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,6 +17,7 @@ import torch
 from torch import nn
 
 from ..errors import InputError
+from .inputs import InputSpec, read_inputs
 from ..example_inputs import example_input
 from ..io import temp_name
 from ..metrics import call_model, logits_of
@@ -38,8 +40,6 @@ class _LogitsOnly(nn.Module):
 def input_arrays(inputs) -> list[tuple[str | None, torch.Tensor]]:
     """A batch's inputs as (name, tensor) pairs in ONNX input order: a tensor -> ``input``; a
     tuple -> ``input_0``, ``input_1``...; a dict -> its keys."""
-    from collections.abc import Mapping
-
     if isinstance(inputs, torch.Tensor):
         return [("input", inputs)]
     if isinstance(inputs, Mapping):
@@ -47,17 +47,26 @@ def input_arrays(inputs) -> list[tuple[str | None, torch.Tensor]]:
     return [(f"input_{i}", v) for i, v in enumerate(inputs)]
 
 
-def _feed(sess, inputs) -> dict[str, np.ndarray]:
-    """ONNX Runtime feeds for ``inputs`` (by position: the file's input names are what export wrote)."""
-    arrays = [t.detach().cpu().numpy() for _, t in input_arrays(inputs)]
-    out = {}
-    for spec, a in zip(sess.get_inputs(), arrays):
-        if spec.type == "tensor(float)":
-            a = a.astype(np.float32)
-        elif spec.type == "tensor(int64)":  # token ids: the graph takes the dtype of its example
-            a = a.astype(np.int64)
-        out[spec.name] = a
-    return out
+def graph_feed(specs: Sequence[InputSpec], inputs) -> dict[str, np.ndarray]:
+    """ONNX Runtime's feed for one batch of the graph inputs ``specs``
+    (:func:`~compress.deploy.inputs.read_inputs`). ``inputs``: an array or tensor (one-input model), a
+    tuple/list of them or a dict (several inputs); a dict keyed by the graph's input names is matched
+    by name, anything else by position (the order :func:`input_arrays` gives them for export). Each is
+    cast to its graph input's element type (int64 token ids stay int64, float inputs become float32).
+    Parity, ONNX metrics and int8 calibration all feed through here."""
+    names = [s.name for s in specs]
+    if isinstance(inputs, Mapping) and set(map(str, inputs)) == set(names):
+        parts = [inputs[n] for n in names]  # the graph's names: matched by name, whatever the dict's order
+    else:
+        parts = [inputs] if isinstance(inputs, np.ndarray) else [a for _, a in input_arrays(inputs)]
+    if len(parts) != len(specs):
+        raise ValueError(f"a batch has {len(parts)} input(s); the ONNX graph takes "
+                         f"{len(specs)} ({', '.join(names)})")
+    feed = {}
+    for spec, a in zip(specs, parts):
+        a = a.detach().cpu().numpy() if hasattr(a, "detach") else np.asarray(a)
+        feed[spec.name] = np.ascontiguousarray(a, dtype=spec.dtype)
+    return feed
 
 
 def add_metadata(proto, metadata: dict | None) -> None:
@@ -132,7 +141,7 @@ def _check_file(path: Path, wrapped: nn.Module, tensors: tuple) -> tuple[float, 
     with torch.no_grad():
         ref = wrapped(*tensors).float().numpy()
     sess = ort_session(path)
-    got = sess.run(None, _feed(sess, tensors))[0].astype(np.float32)
+    got = sess.run(None, graph_feed(read_inputs(path), tensors))[0].astype(np.float32)
     if got.shape != ref.shape:
         return float("inf"), float(np.abs(ref).max(initial=0.0))
     return float(np.abs(ref - got).max(initial=0.0)), float(np.abs(ref).max(initial=0.0))
@@ -334,7 +343,7 @@ def parity(model: nn.Module, onnx_path: str | Path, x: torch.Tensor, threads: in
     ``reference`` (``torch_logits(model, x)``) saves the torch pass when several files are compared."""
     ref = torch_logits(model, x) if reference is None else reference
     sess = ort_session(onnx_path, threads)
-    got = sess.run(None, _feed(sess, x))[0].astype(np.float32)
+    got = sess.run(None, graph_feed(read_inputs(onnx_path), x))[0].astype(np.float32)
     err = np.abs(ref - got)
     scale = float(np.abs(ref).max(initial=0.0))
     return {
@@ -353,9 +362,9 @@ def parity(model: nn.Module, onnx_path: str | Path, x: torch.Tensor, threads: in
 def onnx_metrics(onnx_path: str | Path, loader, meter, threads: int = 1) -> dict[str, float]:
     """The task's metrics (``meter``: e.g. ``objective.meter()``) of an ONNX model over ``loader``'s
     ``(inputs, targets)`` batches with ONNX Runtime's CPU provider: what the deployed file scores."""
-    sess = ort_session(onnx_path, threads)
+    sess, specs = ort_session(onnx_path, threads), read_inputs(onnx_path)
     for inputs, targets in loader:
-        meter.update(torch.from_numpy(sess.run(None, _feed(sess, inputs))[0].astype(np.float32)), targets)
+        meter.update(torch.from_numpy(sess.run(None, graph_feed(specs, inputs))[0].astype(np.float32)), targets)
     return meter.result()
 
 

@@ -32,37 +32,16 @@ import logging
 import shutil
 import tempfile
 from pathlib import Path
-from collections.abc import Mapping
-from typing import Iterable, Sequence
+from typing import Iterable
 
 import numpy as np
 
-from .inputs import InputSpec, read_inputs
-from .onnx_io import input_arrays, save_onnx
+from .inputs import read_inputs
+from .onnx_io import graph_feed, save_onnx
 
 # recipe name -> ONNX Runtime's CalibrationMethod member
 CALIBRATION_METHODS = {"minmax": "MinMax", "entropy": "Entropy", "percentile": "Percentile"}
 QUANTIZED_OPS = ("Conv", "Gemm", "MatMul")
-
-
-def calibration_feed(specs: Sequence[InputSpec], inputs) -> dict[str, np.ndarray]:
-    """ONNX Runtime's feed for one calibration batch: ``inputs`` is an array or tensor (one-input
-    model), a tuple/list of them or a dict (several inputs: a dict keyed by the graph's input names
-    by name, anything else by position, the order :func:`~compress.deploy.onnx_io.input_arrays`
-    gives them for export), each cast to its graph input's element type (int64 token ids stay int64, float inputs become float32)."""
-    names = [s.name for s in specs]
-    if isinstance(inputs, Mapping) and set(map(str, inputs)) == set(names):
-        parts = [inputs[n] for n in names]  # the graph's names: matched by name, whatever the dict's order
-    else:
-        parts = [inputs] if isinstance(inputs, np.ndarray) else [a for _, a in input_arrays(inputs)]
-    if len(parts) != len(specs):
-        raise ValueError(f"int8 calibration batch has {len(parts)} input(s); the ONNX graph takes "
-                         f"{len(specs)} ({', '.join(names)})")
-    feed = {}
-    for spec, a in zip(specs, parts):
-        a = a.detach().cpu().numpy() if hasattr(a, "detach") else np.asarray(a)
-        feed[spec.name] = np.ascontiguousarray(a, dtype=spec.dtype)
-    return feed
 
 
 def unquantized_inputs(path: str | Path) -> dict[str, str]:
@@ -102,7 +81,7 @@ def export_int8_onnx(src: str | Path, dst: str | Path, calibration: Iterable,
                      method: str = "minmax", per_channel: bool = True) -> Path:
     """Write ``dst``: ``src`` with int8 Q/DQ around every Conv/Gemm/MatMul, activation ranges from
     ``calibration`` (batches of model inputs: an array or tensor for a one-input model, a tuple or
-    dict of them for several; see :func:`calibration_feed`). Atomic: ``dst`` appears complete or not
+    dict of them for several; see :func:`~compress.deploy.onnx_io.graph_feed`). Atomic: ``dst`` appears complete or not
     at all; the weights go to ``<dst>.data`` when ``src`` keeps its own weights externally."""
     import onnx
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
@@ -112,7 +91,7 @@ def export_int8_onnx(src: str | Path, dst: str | Path, calibration: Iterable,
         raise ValueError(f"unknown calibration method {method!r} (known: {', '.join(CALIBRATION_METHODS)})")
     src, dst = Path(src), Path(dst)
     specs = read_inputs(src)
-    feeds = [calibration_feed(specs, inputs) for inputs in calibration]
+    feeds = [graph_feed(specs, inputs) for inputs in calibration]
     if not feeds:
         raise ValueError("int8 calibration needs at least one batch")
     external = (src.parent / (src.name + ".data")).exists()

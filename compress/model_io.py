@@ -18,7 +18,7 @@ from . import zoo
 from .errors import EnvironmentFailure, InputError, first_line, is_out_of_memory
 from .extras import install_hint
 from .io import atomic_write_bytes, atomic_write_json
-from .modules import ORIGIN_ATTR
+from .modules import ORIGIN_ATTR, replace_submodule
 from .registry import import_callable
 from .sparsity.masks import install_mask_hooks
 
@@ -204,8 +204,7 @@ def _replace_modules(model: nn.Module, attrs: dict[str, dict[str, Any]]) -> None
         original, convert = known[kind]
         mod = model.get_submodule(name) if name in dict(model.named_modules()) else None
         if isinstance(mod, original):
-            parent, _, leaf = name.rpartition(".")
-            setattr(model.get_submodule(parent) if parent else model, leaf, convert(mod))
+            replace_submodule(model, name, convert(mod))
 
 
 def _restore_attrs(model: nn.Module, attrs: dict[str, dict[str, Any]]) -> None:

@@ -48,6 +48,12 @@ def tensor_owner(model: nn.Module, name: str) -> tuple[nn.Module, str]:
     return model.get_submodule(mname), pname
 
 
+def replace_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
+    """Put ``new`` where the submodule ``name`` (dotted) of ``model`` is."""
+    owner, leaf = tensor_owner(model, name)
+    setattr(owner, leaf, new)
+
+
 def get_tensor(model: nn.Module, name: str) -> torch.Tensor:
     mod, pname = tensor_owner(model, name)
     return getattr(mod, pname)

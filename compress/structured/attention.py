@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ModelBreakError
+from ..modules import replace_submodule
 
 _QKV_NAMES = (("q_proj", "k_proj", "v_proj"), ("query", "key", "value"))
 _HEAD_COUNT = ("num_attention_heads", "num_heads")
@@ -223,8 +224,6 @@ def split_multihead_attention(model: nn.Module) -> list[dict]:
         except ValueError as exc:
             done.append({"module": name, "replaced": False, "reason": str(exc)})
             continue
-        parent_name, _, leaf = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, leaf, new)
+        replace_submodule(model, name, new)
         done.append({"module": name, "replaced": True, "heads": new.num_heads})
     return done
